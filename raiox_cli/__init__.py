@@ -1,0 +1,3 @@
+"""raiox: identify the dental implant system in a radiograph."""
+
+__version__ = "0.1.0"

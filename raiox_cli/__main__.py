@@ -1,0 +1,3 @@
+from raiox_cli.cli import main
+
+main()

@@ -1,0 +1,116 @@
+"""The one place settings are resolved: command-line option > RAIOX_* env > default."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raiox_cli.errors import UsageError
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _default_home() -> str:
+    import platformdirs
+
+    return platformdirs.user_data_dir("raiox", appauthor=False)
+
+
+def _int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"{name}={value!r} is not an integer") from None
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings. Field metadata names the environment variable."""
+
+    home: Path = field(metadata={"env": "RAIOX_HOME"})
+    database_url: str | None = field(default=None, metadata={"env": "RAIOX_DATABASE_URL"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"env": "RAIOX_MODEL"})
+    pretrained: str = field(default=DEFAULT_PRETRAINED, metadata={"env": "RAIOX_PRETRAINED"})
+    weights: Path | None = field(default=None, metadata={"env": "RAIOX_WEIGHTS"})
+    device: str = field(default="auto", metadata={"env": "RAIOX_DEVICE"})
+    batch_size: int = field(default=32, metadata={"env": "RAIOX_BATCH_SIZE"})
+    workers: int = field(default=0, metadata={"env": "RAIOX_WORKERS"})
+    max_pixels: int = field(default=80_000_000, metadata={"env": "RAIOX_MAX_PIXELS"})
+    max_bytes: int = field(default=100 * 1024 * 1024, metadata={"env": "RAIOX_MAX_BYTES"})
+    ef_search: int = field(default=100, metadata={"env": "RAIOX_EF_SEARCH"})
+    min_score: float = field(default=0.8, metadata={"env": "RAIOX_MIN_SCORE"})
+    s3_bucket: str | None = field(default=None, metadata={"env": "RAIOX_S3_BUCKET"})
+    s3_endpoint: str | None = field(default=None, metadata={"env": "RAIOX_S3_ENDPOINT"})
+    s3_region: str | None = field(default=None, metadata={"env": "RAIOX_S3_REGION"})
+    debug: bool = field(default=False, metadata={"env": "RAIOX_DEBUG"})
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.home / "objects"
+
+    @property
+    def pgdata_dir(self) -> Path:
+        return self.home / "pgdata"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _convert(f: dataclasses.Field, raw: Any) -> Any:
+    name = f.metadata["env"]
+    kind = f.type if isinstance(f.type, str) else str(f.type)
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        if "Path" in kind:
+            return Path(raw).expanduser()
+        if kind == "int":
+            return _int(name, raw)
+        if kind == "float":
+            try:
+                return float(raw)
+            except ValueError:
+                raise UsageError(f"{name}={raw!r} is not a number") from None
+        if kind == "bool":
+            return _bool(raw)
+    return raw
+
+
+def resolve(env: Mapping[str, str] | None = None, **options: Any) -> Settings:
+    """Build Settings. `options` are command-line values; None means "not given"."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        option = options.pop(f.name, None)
+        if option is not None:
+            values[f.name] = _convert(f, option) if isinstance(option, str) else option
+        elif env.get(f.metadata["env"], "") != "":
+            values[f.name] = _convert(f, env[f.metadata["env"]])
+    if options:
+        raise TypeError(f"unknown settings: {sorted(options)}")
+    values.setdefault("home", Path(_default_home()))
+    settings = Settings(**values)
+    if settings.device not in DEVICES:
+        raise UsageError(f"device {settings.device!r} is not one of {', '.join(DEVICES)}")
+    if settings.batch_size < 1:
+        raise UsageError("batch size must be at least 1 (--batch-size / RAIOX_BATCH_SIZE)")
+    return settings
+
+
+def env_table() -> list[tuple[str, str, str]]:
+    """(variable, setting, default) rows for docs and --help."""
+    rows = []
+    for f in dataclasses.fields(Settings):
+        default = "platform user data dir" if f.name == "home" else repr(f.default)
+        rows.append((f.metadata["env"], f.name, default))
+    return rows

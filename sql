@@ -1,0 +1,1 @@
+raiox_cli/sql

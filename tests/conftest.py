@@ -1,0 +1,75 @@
+"""Shared fixtures: one embedded PostgreSQL per test session, a fresh database per
+test that needs one, and the tiny open_clip model (random weights, same code path)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from raiox_cli import config, db
+
+TINY_ENV = {
+    "RAIOX_MODEL": "raiox-tiny",
+    "RAIOX_PRETRAINED": "none",
+    "RAIOX_DEVICE": "cpu",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The session's embedded server (stopped by pgserver when the process exits)."""
+    return db.embedded_url(tmp_path_factory.mktemp("pg") / "data")
+
+
+def _database_url(server_url: str, name: str) -> str:
+    base, _, query = server_url.partition("?")
+    return f"{base.rsplit('/', 1)[0]}/{name}?{query}"
+
+
+@pytest.fixture
+def database_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh, empty database on the session server."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield _database_url(pg_server_url, name)
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def raiox_env(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> config.Settings:
+    """Environment for a raiox process: its own home and database, the tiny model."""
+    monkeypatch.setenv("RAIOX_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAIOX_DATABASE_URL", database_url)
+    for key, value in TINY_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("RAIOX_WEIGHTS", raising=False)
+    return config.resolve()
+
+
+@pytest.fixture
+def migrated(raiox_env: config.Settings) -> config.Settings:
+    db.migrate(raiox_env)
+    return raiox_env
+
+
+@pytest.fixture
+def conn(migrated: config.Settings) -> Iterator[psycopg.Connection]:
+    with db.connect(migrated) as connection:
+        yield connection
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder():
+    from raiox_cli import embedding
+
+    return embedding.load_embedder(embedding.ModelSpec("raiox-tiny", "none", None, "cpu"))

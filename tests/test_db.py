@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from raiox_cli import config, db, queries
+from raiox_cli.errors import DatabaseUnavailable, SchemaError
+
+
+def _tables(settings: config.Settings) -> set[str]:
+    with db.connect(settings) as conn:
+        rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        return {r[0] for r in rows}
+
+
+def test_migrate_fresh_database_creates_schema(raiox_env: config.Settings) -> None:
+    report = db.migrate(raiox_env)
+    assert report.applied == ["001_init"]
+    assert {
+        "implants",
+        "implant_images",
+        "image_embeddings",
+        "models",
+        "settings",
+        "analyses",
+        "analysis_matches",
+        "schema_migrations",
+    } <= _tables(raiox_env)
+    with db.connect(raiox_env) as conn:
+        db.check_schema(conn)
+        ext = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+        assert ext.fetchone() is not None
+
+
+def test_migrate_again_is_a_no_op(migrated: config.Settings) -> None:
+    with db.connect(migrated) as conn:
+        before = conn.execute("SELECT version, applied_at FROM schema_migrations").fetchall()
+    assert db.migrate(migrated).applied == []
+    with db.connect(migrated) as conn:
+        after = conn.execute("SELECT version, applied_at FROM schema_migrations").fetchall()
+    assert before == after
+
+
+def test_newer_database_is_refused(migrated: config.Settings) -> None:
+    with db.connect(migrated) as conn:
+        queries.record_migration(conn, 999, "from_the_future")
+        conn.commit()
+        with pytest.raises(SchemaError, match="version 999"):
+            db.check_schema(conn)
+    with pytest.raises(SchemaError, match="upgrade raiox"):
+        db.migrate(migrated)
+
+
+def test_missing_schema_says_run_init_db(raiox_env: config.Settings) -> None:
+    with (
+        psycopg.connect(raiox_env.database_url) as conn,
+        pytest.raises(SchemaError, match="init-db"),
+    ):
+        db.check_schema(conn)
+
+
+def test_external_url_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second embedded server stands in for an external PostgreSQL."""
+    other = db.embedded_url(tmp_path / "other-pg")
+    settings = config.resolve(
+        env={"RAIOX_HOME": str(tmp_path / "home"), "RAIOX_DATABASE_URL": other}
+    )
+    assert db.migrate(settings).applied == ["001_init"]
+    assert not (tmp_path / "home" / "pgdata").exists()  # the embedded default stayed untouched
+    with psycopg.connect(other) as conn:
+        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (1,)
+
+
+def test_unreachable_database_is_one_clear_error(tmp_path: Path) -> None:
+    settings = config.resolve(
+        env={
+            "RAIOX_HOME": str(tmp_path),
+            "RAIOX_DATABASE_URL": "postgresql://u:secret@127.0.0.1:1/x",
+        }
+    )
+    with pytest.raises(DatabaseUnavailable) as info:
+        db.connect(settings)
+    assert "secret" not in str(info.value)
+    assert "RAIOX_DATABASE_URL" in str(info.value)
+
+
+def test_migrations_are_numbered_and_ordered() -> None:
+    versions = [m.version for m in db.load_migrations()]
+    assert versions == sorted(set(versions))
+    assert versions[0] == 1
+
+
+def test_register_model_creates_valid_hnsw_index(conn: psycopg.Connection) -> None:
+    model = queries.register_model(conn, "raiox-tiny:none", 32, 1)
+    conn.commit()
+    assert queries.model_index_valid(conn, model)
+    definition = conn.execute(
+        "SELECT indexdef FROM pg_indexes WHERE indexname = %s", (model.index_name,)
+    ).fetchone()[0]
+    assert "hnsw" in definition and "vector_cosine_ops" in definition
