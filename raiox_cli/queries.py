@@ -338,3 +338,103 @@ def count_implants(conn: psycopg.Connection) -> int:
 def implant_ids_by_key(conn: psycopg.Connection, keys: Sequence[str]) -> dict[str, int]:
     rows = conn.execute("SELECT key, id FROM implants WHERE key = ANY(%(k)s)", {"k": list(keys)})
     return {key: id_ for key, id_ in rows}
+
+
+# --- analyses (submitted X-rays; also the server's job queue) ------------------
+
+
+def create_analysis(
+    conn: psycopg.Connection,
+    *,
+    source: str,
+    client_id: str | None = None,
+    idempotency_key: str | None = None,
+    image_url: str | None = None,
+    image_sha256: str | None = None,
+    storage_key: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    status: str = "pending",
+) -> tuple[int, bool]:
+    """Record a submitted X-ray; returns (id, created). A repeated idempotency key
+    returns the existing analysis with created=False."""
+    params = {
+        "source": source,
+        "client_id": client_id,
+        "key": idempotency_key,
+        "image_url": image_url,
+        "sha": image_sha256,
+        "storage_key": storage_key,
+        "metadata": psycopg.types.json.Jsonb(metadata or {}),
+        "status": status,
+    }
+    row = conn.execute(
+        """INSERT INTO analyses (source, client_id, idempotency_key, image_url, image_sha256,
+                                 storage_key, metadata, status)
+           VALUES (%(source)s, %(client_id)s, %(key)s, %(image_url)s, %(sha)s,
+                   %(storage_key)s, %(metadata)s, %(status)s)
+           ON CONFLICT (idempotency_key) DO NOTHING
+           RETURNING id""",
+        params,
+    ).fetchone()
+    if row is not None:
+        return int(row[0]), True
+    existing = conn.execute(
+        "SELECT id FROM analyses WHERE idempotency_key = %(key)s", params
+    ).fetchone()
+    assert existing is not None
+    return int(existing[0]), False
+
+
+def finish_analysis(
+    conn: psycopg.Connection,
+    analysis_id: int,
+    *,
+    model_id: str,
+    matches: Sequence[Any],
+) -> None:
+    """Store the ranked matches (objects with rank, implant_id, image_id, key, score)
+    and mark the analysis done, replacing matches of an earlier attempt."""
+    conn.execute("DELETE FROM analysis_matches WHERE analysis_id = %(a)s", {"a": analysis_id})
+    with conn.cursor() as cur:
+        cur.executemany(
+            """INSERT INTO analysis_matches (analysis_id, rank, implant_id, image_id,
+                                             implant_key, score)
+               VALUES (%(a)s, %(rank)s, %(implant)s, %(image)s, %(key)s, %(score)s)""",
+            [
+                {
+                    "a": analysis_id,
+                    "rank": m.rank,
+                    "implant": m.implant_id,
+                    "image": m.image_id,
+                    "key": m.key,
+                    "score": m.score,
+                }
+                for m in matches
+            ],
+        )
+    conn.execute(
+        """UPDATE analyses SET status = 'done', model_id = %(m)s, error = NULL,
+                  updated_at = now(), finished_at = now(), locked_until = NULL
+           WHERE id = %(a)s""",
+        {"a": analysis_id, "m": model_id},
+    )
+
+
+def get_analysis(conn: psycopg.Connection, analysis_id: int) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute("SELECT * FROM analyses WHERE id = %(a)s", {"a": analysis_id})
+        return cur.fetchone()
+
+
+def analysis_matches(conn: psycopg.Connection, analysis_id: int) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            """SELECT m.rank, m.implant_id, m.image_id, m.implant_key, m.score,
+                      i.name, i.manufacturer, i.system, im.storage_key
+               FROM analysis_matches m
+               LEFT JOIN implants i ON i.id = m.implant_id
+               LEFT JOIN implant_images im ON im.id = m.image_id
+               WHERE m.analysis_id = %(a)s ORDER BY m.rank""",
+            {"a": analysis_id},
+        )
+        return list(cur.fetchall())
