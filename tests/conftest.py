@@ -73,3 +73,42 @@ def tiny_embedder():
     from raiox_cli import embedding
 
     return embedding.load_embedder(embedding.ModelSpec("raiox-tiny", "none", None, "cpu"))
+
+
+# --- S3 (moto in server mode: a real HTTP endpoint on loopback) ---------------------
+
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """The session's moto S3 server; yields its endpoint URL (http://127.0.0.1:PORT)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh private bucket on the moto server, with RAIOX_S3_* and fake AWS
+    credentials in the environment (so config.resolve() picks S3 storage)."""
+    import boto3
+
+    for key, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    name = "raiox-" + uuid.uuid4().hex[:12]
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    monkeypatch.setenv("RAIOX_S3_BUCKET", name)
+    monkeypatch.setenv("RAIOX_S3_ENDPOINT", s3_server)
+    monkeypatch.setenv("RAIOX_S3_REGION", "us-east-1")
+    return name
