@@ -121,9 +121,11 @@ def migrate(settings: Settings) -> MigrationReport:
     latest = migrations[-1].version
     applied: list[str] = []
     with _connect_raw(url) as conn:
-        _ensure_pgvector(conn)
-        # One migrator at a time, even when several raiox processes start together.
+        # One migrator at a time, even when several raiox processes start together
+        # (CREATE EXTENSION itself races otherwise).
         queries.lock_migrations(conn)
+        conn.commit()
+        _ensure_pgvector(conn)
         queries.create_migrations_table(conn)
         done = queries.applied_migrations(conn)
         if done and max(done) > latest:

@@ -17,7 +17,7 @@ def _tables(settings: config.Settings) -> set[str]:
 
 def test_migrate_fresh_database_creates_schema(raiox_env: config.Settings) -> None:
     report = db.migrate(raiox_env)
-    assert report.applied == ["001_init"]
+    assert report.applied == [f"{m.version:03d}_{m.name}" for m in db.load_migrations()]
     assert {
         "implants",
         "implant_images",
@@ -67,10 +67,13 @@ def test_external_url_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     settings = config.resolve(
         env={"RAIOX_HOME": str(tmp_path / "home"), "RAIOX_DATABASE_URL": other}
     )
-    assert db.migrate(settings).applied == ["001_init"]
+    assert db.migrate(settings).applied == [
+        f"{m.version:03d}_{m.name}" for m in db.load_migrations()
+    ]
     assert not (tmp_path / "home" / "pgdata").exists()  # the embedded default stayed untouched
     with psycopg.connect(other) as conn:
-        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (1,)
+        latest = db.load_migrations()[-1].version
+        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (latest,)
 
 
 def test_unreachable_database_is_one_clear_error(tmp_path: Path) -> None:
@@ -100,3 +103,31 @@ def test_register_model_creates_valid_hnsw_index(conn: psycopg.Connection) -> No
         "SELECT indexdef FROM pg_indexes WHERE indexname = %s", (model.index_name,)
     ).fetchone()[0]
     assert "hnsw" in definition and "vector_cosine_ops" in definition
+
+
+def test_concurrent_processes_share_the_embedded_server(tmp_path: Path) -> None:
+    """Several raiox processes at once on a fresh home: one server, one schema."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAIOX_DATABASE_URL"}
+    env["RAIOX_HOME"] = str(tmp_path / "home")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "raiox_cli", "init-db"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert [code for code, _, _ in results] == [0, 0, 0], results
+    applied = [out for _, out, _ in results if "applied" in out]
+    assert len(applied) == 1, results  # exactly one process migrated; the others found it done
+    latest = db.load_migrations()[-1].version
+    settings = config.resolve(env={"RAIOX_HOME": str(tmp_path / "home")})
+    with db.connect(settings) as conn:
+        assert queries.schema_version(conn) == latest
