@@ -2,7 +2,7 @@
 
 Exit codes: 0 ok; 1 some inputs failed or another error; 2 usage error;
 3 database problem; 4 model weights unavailable; 5 catalogue built with another
-model; 6 empty catalogue; 75 another ingest/reindex is running.
+model; 6 empty catalogue; 7 query image unreadable; 75 another ingest/reindex is running.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from raiox_cli.errors import RaioxError
 
 EXIT_CODES = """Exit codes: 0 ok, 1 some inputs failed, 2 usage error, 3 database problem,
 4 model weights unavailable, 5 catalogue built with another model, 6 empty catalogue,
-75 another ingest/reindex holds the lock."""
+7 the query image cannot be read, 75 another ingest/reindex holds the lock."""
 
 app = typer.Typer(
     name="raiox",
@@ -223,21 +223,59 @@ def embed(
 def search(
     image: Annotated[Path, typer.Argument(help="the query radiograph")],
     k: Annotated[int, typer.Option("-k", min=1, max=100, help="distinct implants to return")] = 3,
+    crop: Annotated[
+        str | None,
+        typer.Option(help="search only this region: x,y,w,h in pixels or fractions (0.5,0,0.5,1)"),
+    ] = None,
     manufacturer: Annotated[
         str | None, typer.Option(help="only implants of this manufacturer")
     ] = None,
+    tta: Annotated[
+        bool,
+        typer.Option(
+            "--tta/--no-tta", help="also search the image mirrored and upside down (upper jaw)"
+        ),
+    ] = False,
+    min_score: Annotated[
+        float | None,
+        typer.Option(
+            help="below this best score say 'no confident match' [env RAIOX_MIN_SCORE]",
+            show_default=False,
+        ),
+    ] = None,
+    ef_search: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=1000, help="HNSW search breadth [env RAIOX_EF_SEARCH]", show_default=False
+        ),
+    ] = None,
     json_out: JsonOut = False,
+    sheet: Annotated[
+        Path | None, typer.Option(help="also write a contact sheet PNG here", show_default=False)
+    ] = None,
+    save: Annotated[bool, typer.Option("--save", help="record the analysis in the database")] = (
+        False
+    ),
+    client_id: Annotated[
+        str | None, typer.Option(help="client id stored with --save", show_default=False)
+    ] = None,
     database_url: DatabaseUrl = None,
     model: Model = None,
     pretrained: Pretrained = None,
     weights: Weights = None,
     device: Device = None,
 ) -> None:
-    """Print the top implants for a radiograph, best first.
+    """Print the top distinct implants for a radiograph, best first.
 
-    Example: raiox search xray.jpg -k 5 --json
+    Each match: implant, manufacturer, system, size, similarity score (cosine, 1 =
+    identical) and margin to the next implant. Below --min-score the answer is "no
+    confident match" (the matches are still listed). --json prints one object
+    (schema in the README). Exit codes: 3 no database, 5 catalogue built with another
+    model, 6 empty catalogue, 7 unreadable image.
+
+    Example: raiox search pano.jpg --crop 820,400,300,420 -k 5 --tta --sheet out.png
     """
-    from raiox_cli import db, embedding, images
+    from raiox_cli import images
     from raiox_cli import search as core
 
     settings = config.resolve(
@@ -246,40 +284,114 @@ def search(
         pretrained=pretrained,
         weights=weights,
         device=device,
+        min_score=min_score,
+        ef_search=ef_search,
     )
-    spec = embedding.ModelSpec.from_settings(settings)
-    loaded = images.load_image(image, max_pixels=settings.max_pixels, max_bytes=settings.max_bytes)
-    with db.connect(settings) as conn:
-        db.check_schema(conn)
-        core.catalogue_model(conn, embedding.model_id(spec))  # refuse before loading the model
-        result = core.search_image(
-            conn,
-            embedding.load_embedder(spec),
-            loaded,
-            k=k,
-            manufacturer=manufacturer,
-            ef_search=settings.ef_search,
-            min_score=settings.min_score,
-        )
+    result = core.search_file(
+        settings,
+        image,
+        k=k,
+        crop=images.parse_crop(crop) if crop else None,
+        manufacturer=manufacturer,
+        tta=tta,
+        save=save,
+        client_id=client_id,
+        sheet_path=sheet,
+    )
+    for note in result.notes:
+        err.print(f"warning: {note}", style="yellow", markup=False, highlight=False)
+    if sheet is not None:
+        err.print(f"contact sheet: {sheet}", markup=False, highlight=False)
     if json_out:
-        _print_json(
-            {
-                "query": str(image),
-                "model_id": result.model_id,
-                "confident": result.confident,
-                "matches": [m.to_dict() for m in result.matches],
-            }
-        )
-        return
-    table = Table(title=f"{image} ({result.model_id})")
-    for column in ("#", "implant", "manufacturer", "system", "score", "margin"):
-        table.add_column(column)
+        _print_json(_search_json(image, k, result))
+    else:
+        _print_matches(f"{image} ({result.model_id})", result)
+
+
+def _search_json(image: Path, k: int, result: Any) -> dict[str, Any]:
+    return {
+        "query": str(image),
+        "model_id": result.model_id,
+        "k": k,
+        "crop": list(result.crop_box) if result.crop_box else None,
+        "tta": len(result.orientations) > 1,
+        "orientations": list(result.orientations),
+        "confident": result.confident,
+        "min_score": result.min_score,
+        "exact": result.exact,
+        "analysis_id": result.analysis_id,
+        "matches": [m.to_dict() for m in result.matches],
+    }
+
+
+def _print_matches(title: str, result: Any) -> None:
+    table = Table(title=title)
+    for column in ("#", "implant", "manufacturer", "system", "size mm", "score", "margin"):
+        table.add_column(column, justify="right" if column in {"score", "margin"} else "left")
+    tta = len(result.orientations) > 1
+    if tta:
+        table.add_column("seen")
     for m in result.matches:
+        size = f"{m.diameter_mm:g}x{m.length_mm:g}" if m.diameter_mm and m.length_mm else ""
         margin = "" if m.margin is None else f"{m.margin:.3f}"
-        table.add_row(str(m.rank), m.name, m.manufacturer, m.system or "", f"{m.score:.3f}", margin)
+        row = [str(m.rank), m.name, m.manufacturer, m.system or "", size, f"{m.score:.3f}", margin]
+        table.add_row(*row, *([m.orientation] if tta else []))
     out.print(table)
-    if not result.confident:
-        out.print(f"no confident match (best score below {result.min_score})")
+    if not result.matches:
+        out.print("no implants found")
+    elif not result.confident:
+        out.print(
+            f"no confident match: best score {result.matches[0].score:.3f} is below "
+            f"{result.min_score:g} (--min-score); treat the list as suggestions"
+        )
+    if result.analysis_id is not None:
+        out.print(f"saved as analysis {result.analysis_id}")
+
+
+@command("serve-webhook-minimal")
+def serve_webhook_minimal(
+    host: Annotated[str, typer.Option(help="address to bind (put nginx in front)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    workers_threads: Annotated[
+        int, typer.Option("--workers-threads", min=1, max=64, help="job worker threads")
+    ] = 2,
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-auth",
+            help="start without RAIOX_WEBHOOK_TOKEN / RAIOX_WEBHOOK_SECRET (closed networks only)",
+        ),
+    ] = False,
+    database_url: DatabaseUrl = None,
+    model: Model = None,
+    pretrained: Pretrained = None,
+    weights: Weights = None,
+    device: Device = None,
+) -> None:
+    """Receive X-rays from Jotform or any client over HTTP; answer with implants.
+
+    Jobs are kept in PostgreSQL and survive restarts. Authentication comes from
+    RAIOX_WEBHOOK_TOKEN (header or ?token=) and/or RAIOX_WEBHOOK_SECRET (Standard
+    Webhooks signatures); see README "Webhook server". Logs: JSON lines on stderr.
+
+    Example: RAIOX_WEBHOOK_TOKEN=... raiox serve-webhook-minimal --port 8000 --workers-threads 2
+    """
+    from raiox_cli.server import app as server
+
+    settings = config.resolve(
+        database_url=database_url,
+        model=model,
+        pretrained=pretrained,
+        weights=weights,
+        device=device,
+    )
+    server.serve(
+        settings,
+        host=host,
+        port=port,
+        worker_threads=workers_threads,
+        insecure_no_auth=insecure_no_auth,
+    )
 
 
 def main() -> None:

@@ -3,7 +3,8 @@
 Exit codes (documented in `raiox --help` and the README):
   0 ok, 1 some inputs failed / other error, 2 usage error,
   3 database problem, 4 model weights unavailable, 5 catalogue built with
-  another model, 6 empty catalogue, 75 another writer holds the lock.
+  another model, 6 empty catalogue, 7 the query image cannot be read,
+  75 another writer holds the lock.
 """
 
 
@@ -37,6 +38,12 @@ class ModelMismatch(RaioxError):
 
 class EmptyCatalogue(RaioxError):
     exit_code = 6
+
+
+class UnreadableQuery(RaioxError):
+    """The one image a search was asked about cannot be decoded."""
+
+    exit_code = 7
 
 
 class Busy(RaioxError):

@@ -261,19 +261,62 @@ def count_embeddings(conn: psycopg.Connection, model_id: str) -> int:
 
 
 # --- search ------------------------------------------------------------------
+# The nearest-image scan must read `(embedding::vector(D)) <=> q` with
+# `WHERE model_id = <literal>`: exactly the model's partial HNSW index expression,
+# or PostgreSQL cannot use the index. D and the literal come from `models` rows.
+
+
+def iterative_scan_supported(conn: psycopg.Connection) -> bool:
+    """pgvector >= 0.8: an HNSW scan can go on past ef_search until LIMIT is met."""
+    row = conn.execute("SELECT current_setting('hnsw.iterative_scan', true)").fetchone()
+    return bool(row and row[0] is not None)
+
+
+def configure_search(
+    conn: psycopg.Connection, *, ef_search: int, iterative: bool, max_scan_tuples: int
+) -> None:
+    """Session settings for nearest-neighbour scans. Sequential scans are disabled
+    for the session's searches: on a small or freshly ANALYZEd catalogue the planner
+    may otherwise prefer a seq scan + sort, which grows linearly with the catalogue."""
+    conn.execute(
+        "SELECT set_config('hnsw.ef_search', %(ef)s, false), "
+        "set_config('enable_seqscan', 'off', false)",
+        {"ef": str(ef_search)},
+    )
+    if iterative:
+        conn.execute(
+            "SELECT set_config('hnsw.iterative_scan', 'relaxed_order', false), "
+            "set_config('hnsw.max_scan_tuples', %(mst)s, false)",
+            {"mst": str(max_scan_tuples)},
+        )
+
+
+def _manufacturer_filter(manufacturer: bool) -> sql.SQL:
+    # Wrapped in IS TRUE so it stays a hashed SubPlan, a plain condition checked on
+    # each row the HNSW scan yields (iterative scans keep it fed), rather than a
+    # semi-join or `image_id = ANY` that the planner would answer with the primary
+    # key and a sort: exact but linear in the manufacturer's images.
+    if not manufacturer:
+        return sql.SQL("")
+    return sql.SQL(
+        " AND (e.image_id IN (SELECT im2.id FROM implant_images im2 "
+        "JOIN implants i2 ON i2.id = im2.implant_id "
+        "WHERE lower(i2.manufacturer) = lower(%(manufacturer)s))) IS TRUE"
+    )
+
+
+_IMPLANT_COLUMNS = sql.SQL(
+    """i.id, i.key, i.name, i.manufacturer, i.system, i.diameter_mm, i.length_mm,
+       i.connection, best.image_id, im.storage_key, im.source_path, r.path AS root_path,
+       1 - best.distance AS score"""
+)
 
 
 def _nearest_sql(model: ModelRow, manufacturer: bool) -> sql.Composed:
-    """Nearest images by cosine distance through the model's HNSW index, then the
-    best image per implant. The cast and the model literal must match the partial
-    index expression exactly, or PostgreSQL cannot use the index."""
+    """The `candidates` nearest images through the model's HNSW index, then the best
+    image per implant, best implants first. `fetched` tells the caller whether the
+    index had more to give (fetched == candidates)."""
     distance = sql.SQL("(e.embedding::vector({dim})) <=> %(q)s").format(dim=sql.Literal(model.dim))
-    filter_ = sql.SQL(
-        " AND e.image_id IN (SELECT im2.id FROM implant_images im2 JOIN implants i2 "
-        "ON i2.id = im2.implant_id WHERE lower(i2.manufacturer) = lower(%(manufacturer)s))"
-        if manufacturer
-        else ""
-    )
     return sql.SQL(
         """WITH nn AS MATERIALIZED (
                SELECT e.image_id, {distance} AS distance
@@ -285,14 +328,18 @@ def _nearest_sql(model: ModelRow, manufacturer: bool) -> sql.Composed:
                SELECT DISTINCT ON (im.implant_id) im.implant_id, nn.image_id, nn.distance
                FROM nn JOIN implant_images im ON im.id = nn.image_id
                ORDER BY im.implant_id, nn.distance)
-           SELECT i.id, i.key, i.name, i.manufacturer, i.system, i.diameter_mm,
-                  i.length_mm, i.connection, best.image_id, im.storage_key,
-                  im.source_path, 1 - best.distance AS score
+           SELECT {columns}, (SELECT count(*) FROM nn) AS fetched
            FROM best JOIN implants i ON i.id = best.implant_id
                      JOIN implant_images im ON im.id = best.image_id
+                     LEFT JOIN catalogue_roots r ON r.id = im.root_id
            ORDER BY best.distance, i.id
            LIMIT %(k)s"""
-    ).format(distance=distance, model=sql.Literal(model.model_id), filter=filter_)
+    ).format(
+        distance=distance,
+        model=sql.Literal(model.model_id),
+        filter=_manufacturer_filter(manufacturer),
+        columns=_IMPLANT_COLUMNS,
+    )
 
 
 def nearest_implants(
@@ -303,8 +350,9 @@ def nearest_implants(
     k: int,
     candidates: int,
     manufacturer: str | None = None,
-) -> list[dict[str, Any]]:
-    """The k implants whose best image is nearest the query, best first."""
+) -> tuple[list[dict[str, Any]], int]:
+    """Up to k implants whose best image is among the `candidates` nearest images,
+    best first, and how many images the index returned."""
     params = {
         "q": np.asarray(query, dtype=np.float32),
         "k": k,
@@ -313,17 +361,81 @@ def nearest_implants(
     }
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(_nearest_sql(model, manufacturer is not None), params)
+        rows = list(cur.fetchall())
+    fetched = int(rows[0].pop("fetched")) if rows else 0
+    for row in rows[1:]:
+        row.pop("fetched")
+    return rows, fetched
+
+
+def exact_nearest_implants(
+    conn: psycopg.Connection,
+    model: ModelRow,
+    query: np.ndarray,
+    *,
+    k: int,
+    manufacturer: str | None = None,
+) -> list[dict[str, Any]]:
+    """The exact answer: every image of the model compared (no index). The fallback
+    when an index scan ran out before k implants, and the benchmarks' ground truth."""
+    statement = sql.SQL(
+        """WITH best AS (
+               SELECT DISTINCT ON (im.implant_id) im.implant_id, e.image_id,
+                      e.embedding <=> %(q)s AS distance
+               FROM image_embeddings e JOIN implant_images im ON im.id = e.image_id
+               WHERE e.model_id = %(m)s{filter}
+               ORDER BY im.implant_id, distance)
+           SELECT {columns}
+           FROM best JOIN implants i ON i.id = best.implant_id
+                     JOIN implant_images im ON im.id = best.image_id
+                     LEFT JOIN catalogue_roots r ON r.id = im.root_id
+           ORDER BY best.distance, i.id
+           LIMIT %(k)s"""
+    ).format(filter=_manufacturer_filter(manufacturer is not None), columns=_IMPLANT_COLUMNS)
+    params = {
+        "q": np.asarray(query, dtype=np.float32),
+        "m": model.model_id,
+        "k": k,
+        "manufacturer": manufacturer,
+    }
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(statement, params)
         return list(cur.fetchall())
 
 
+def count_searchable_implants(
+    conn: psycopg.Connection, model: ModelRow, manufacturer: str | None = None
+) -> int:
+    """Implants with at least one embedding of this model (of this manufacturer)."""
+    row = conn.execute(
+        """SELECT count(DISTINCT im.implant_id)
+           FROM image_embeddings e JOIN implant_images im ON im.id = e.image_id
+                                   JOIN implants i ON i.id = im.implant_id
+           WHERE e.model_id = %(m)s
+             AND (%(manufacturer)s::text IS NULL
+                  OR lower(i.manufacturer) = lower(%(manufacturer)s::text))""",
+        {"m": model.model_id, "manufacturer": manufacturer},
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def explain_nearest(
-    conn: psycopg.Connection, model: ModelRow, query: np.ndarray, *, k: int, candidates: int
+    conn: psycopg.Connection,
+    model: ModelRow,
+    query: np.ndarray,
+    *,
+    k: int,
+    candidates: int,
+    manufacturer: str | None = None,
 ) -> str:
-    plan = sql.SQL("EXPLAIN ") + _nearest_sql(model, False)
-    rows = conn.execute(
-        plan, {"q": np.asarray(query, dtype=np.float32), "k": k, "candidates": candidates}
-    )
-    return "\n".join(r[0] for r in rows)
+    plan = sql.SQL("EXPLAIN ") + _nearest_sql(model, manufacturer is not None)
+    params = {
+        "q": np.asarray(query, dtype=np.float32),
+        "k": k,
+        "candidates": candidates,
+        "manufacturer": manufacturer,
+    }
+    return "\n".join(r[0] for r in conn.execute(plan, params))
 
 
 def set_ef_search(conn: psycopg.Connection, ef_search: int) -> None:
