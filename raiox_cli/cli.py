@@ -171,6 +171,14 @@ def embed(
         Path | None,
         typer.Option("--out", help="write an (N, D) float32 .npy instead of JSON lines"),
     ] = None,
+    crop: Annotated[
+        str | None,
+        typer.Option(
+            help="embed only this region of each image: x,y,w,h in pixels (100,50,400,300) "
+            "or fractions (0.5,0,0.5,1.0), after EXIF orientation",
+            show_default=False,
+        ),
+    ] = None,
     model: Model = None,
     pretrained: Pretrained = None,
     weights: Weights = None,
@@ -180,10 +188,12 @@ def embed(
     """Print one JSON line per image: path, model_id and its embedding.
 
     Bad files get one line each on stderr and exit code 1; the good ones are still
-    output. Example: raiox embed xray1.jpg xray2.dcm --out vectors.npy
+    output. Example: raiox embed xray1.jpg xray2.dcm --crop 0.5,0,0.5,1.0 --out vectors.npy
     """
     from raiox_cli import embedding
+    from raiox_cli.images import parse_crop
 
+    region = parse_crop(crop) if crop is not None else None
     settings = config.resolve(
         model=model, pretrained=pretrained, weights=weights, device=device, batch_size=batch_size
     )
@@ -194,6 +204,7 @@ def embed(
         batch_size=settings.batch_size,
         max_pixels=settings.max_pixels,
         max_bytes=settings.max_bytes,
+        crop=region,
     )
     for failure in failed:
         err.print(f"{failure.path}: {failure.reason}", markup=False, highlight=False)

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from raiox_cli.images import Crop
+
 log = logging.getLogger(__name__)
 
 # Bump when preprocessing changes in a way that changes embeddings.
@@ -282,6 +284,7 @@ def embed_files(
     batch_size: int = 32,
     max_pixels: int | None = None,
     max_bytes: int | None = None,
+    crop: Crop | None = None,
 ) -> tuple[list[EmbeddedFile], list[FailedFile]]:
     """Decode (through images.load_image) and embed files; bad files are reported,
     never fatal. Decoding is chunked so memory stays bounded for long lists."""
@@ -300,7 +303,7 @@ def embed_files(
         names, tensors = [], []
         for path in paths[start : start + batch_size]:
             try:
-                loaded = images.load_image(path, **limits)
+                loaded = images.load_image(path, crop=crop, **limits)
             except images.ImageError as exc:
                 failed.append(FailedFile(str(path), str(exc)))
                 continue

@@ -129,7 +129,7 @@ def parse_crop(text: str) -> Crop:
             f"crop {text!r}: fractions must all lie in [0, 1]; for pixels use whole numbers"
         )
     if w <= 0 or h <= 0 or x + w > 1.0 + 1e-9 or y + h > 1.0 + 1e-9:
-        raise BadCrop(f"crop {text!r}: w,h must be > 0 with x+w <= 1 and y+h <= 1")
+        raise BadCrop(f"crop {text!r}: fractions need w,h > 0, x+w <= 1 and y+h <= 1")
     return Crop(x, y, w, h, fractional=True)
 
 
@@ -432,14 +432,19 @@ def _decode_dicom(data: bytes, max_pixels: int) -> _Decoded:
         bits = int(ds.get("BitsStored") or ds.BitsAllocated)
     except _DICOM_ERRORS:
         rows = columns = 0
+    if preamble and len(ds) == 0 and not getattr(ds, "file_meta", None):
+        raise CorruptImage("DICOM file has no readable elements after its DICM marker")
     if "PixelData" not in ds or rows <= 0 or columns <= 0:
         if not preamble and len(ds) < 2:  # forced read of something that only resembled DICOM
             raise UnsupportedImage(
                 f"not a supported image: looks like {_describe(data)} (supported: {SUPPORTED})"
             )
-        raise UnsupportedImage("DICOM file holds no image (no Pixel Data, Rows or Columns)")
+        raise UnsupportedImage(
+            "DICOM file holds no image (no Pixel Data, Rows or Columns): a report, or truncated"
+        )
     if rows * columns > max_pixels:
         raise ImageTooLarge(_pixels_message(columns, rows, max_pixels))
+    _set_transfer_syntax(ds)
     _require_decoder(ds)
     notes: list[str] = []
     if frames > 1:
@@ -477,12 +482,27 @@ def _hint(ds: Dataset) -> str:
     return f"; a fuller decoder may read it: {COMPRESSED_DICOM_HINT}"
 
 
+def _set_transfer_syntax(ds: Dataset) -> None:
+    """Files without a meta header: record the encoding pydicom found, for the decoder."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if "TransferSyntaxUID" in getattr(ds, "file_meta", {}):
+        return
+    implicit, little = ds.original_encoding
+    if implicit:
+        syntax = ImplicitVRLittleEndian
+    else:
+        syntax = ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    meta.TransferSyntaxUID = syntax
+    ds.file_meta = meta
+
+
 def _require_decoder(ds: Dataset) -> None:
     from pydicom.pixels import get_decoder
-    from pydicom.uid import ExplicitVRLittleEndian
 
-    meta = getattr(ds, "file_meta", None)
-    syntax = getattr(meta, "TransferSyntaxUID", None) or ExplicitVRLittleEndian
+    syntax = ds.file_meta.TransferSyntaxUID
     try:
         decoder = get_decoder(syntax)
     except (NotImplementedError, ValueError):
