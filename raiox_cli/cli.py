@@ -405,5 +405,72 @@ def serve_webhook_minimal(
     )
 
 
+@command("eval")
+def eval_(
+    queries: Annotated[
+        Path, typer.Argument(help="labelled queries: <Manufacturer>/<Implant>/*.png or a CSV")
+    ],
+    tta: Annotated[
+        bool, typer.Option("--tta/--no-tta", help="search each query in three orientations")
+    ] = False,
+    json_out: JsonOut = False,
+    database_url: DatabaseUrl = None,
+    model: Model = None,
+    pretrained: Pretrained = None,
+    weights: Weights = None,
+    device: Device = None,
+) -> None:
+    """Measure the catalogue on labelled queries: top-1/3/5 accuracy, mean reciprocal
+    rank, the most confused implant pairs and every query whose implant was not first.
+
+    QUERIES is a folder laid out like a catalogue (<Manufacturer>/<Implant name>/
+    images) or a CSV of path,expected_key (key: manufacturer/system/name or
+    manufacturer/name). Example: raiox eval ./labelled-xrays --json
+    """
+    from raiox_cli import evaluate
+
+    settings = config.resolve(
+        database_url=database_url,
+        model=model,
+        pretrained=pretrained,
+        weights=weights,
+        device=device,
+    )
+    report = evaluate.evaluate_source(settings, queries, tta=tta)
+    for skipped in report.skipped:
+        err.print(f"skipped {skipped.path}: {skipped.error}", markup=False, highlight=False)
+    if json_out:
+        _print_json(report.to_dict())
+    else:
+        _print_eval(report)
+
+
+def _print_eval(report: Any) -> None:
+    summary = Table(title=f"eval ({report.model_id}{', tta' if report.tta else ''})")
+    for column in ("queries", "top-1", "top-3", "top-5", "MRR"):
+        summary.add_column(column, justify="right")
+    summary.add_row(
+        str(report.queries),
+        *(f"{v:.3f}" for v in (report.top1, report.top3, report.top5, report.mrr)),
+    )
+    out.print(summary)
+    if report.confused:
+        confused = Table(title="most confused (expected -> ranked first)")
+        for column in ("expected", "ranked first", "times"):
+            confused.add_column(column)
+        for pair in report.confused:
+            confused.add_row(pair["expected"], pair["predicted"], str(pair["count"]))
+        out.print(confused)
+    if report.failures:
+        failures = Table(title="queries whose implant was not first")
+        for column in ("query", "expected", "rank", "ranked first", "score"):
+            failures.add_column(column)
+        for o in report.failures:
+            first, score = o.top[0] if o.top else ("", 0.0)
+            rank = str(o.rank) if o.rank else f">{report.depth}"
+            failures.add_row(o.path, o.expected_key or o.label, rank, first, f"{score:.3f}")
+        out.print(failures)
+
+
 def main() -> None:
     app()

@@ -438,6 +438,11 @@ def explain_nearest(
     return "\n".join(r[0] for r in conn.execute(plan, params))
 
 
+def implant_keys(conn: psycopg.Connection) -> list[str]:
+    """Every implant key, for matching evaluation labels."""
+    return [row[0] for row in conn.execute("SELECT key FROM implants ORDER BY key")]
+
+
 def set_ef_search(conn: psycopg.Connection, ef_search: int) -> None:
     conn.execute("SELECT set_config('hnsw.ef_search', %(v)s, false)", {"v": str(ef_search)})
 

@@ -262,3 +262,22 @@ def test_cli_exit_codes(migrated, conn, tiny_embedder, tmp_path, monkeypatch) ->
     monkeypatch.setenv("RAIOX_DATABASE_URL", "postgresql://x@127.0.0.1:1/db")
     no_db = runner.invoke(app, ["search", str(image)])
     assert no_db.exit_code == 3 and "cannot connect" in no_db.stderr
+
+
+def test_cli_contact_sheet(conn, catalogue, tmp_path) -> None:
+    from raiox_cli import sheet
+
+    out = tmp_path / "sheet.png"
+    query = catalogue.implants[0].queries[0]
+    result = runner.invoke(
+        app, ["search", str(query), "--crop", "0,0,0.9,0.9", "--sheet", str(out), "-k", "3"]
+    )
+    assert result.exit_code == 0, result.output
+    assert str(out) in result.stderr
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.size == sheet.sheet_size(3)
+        pixels = np.asarray(img.convert("L"), dtype=np.float32)
+    for column in range(4):  # the query and each reference image were drawn
+        left = sheet.GAP + column * (sheet.TILE_W + sheet.GAP)
+        tile = pixels[sheet.HEADER_H : sheet.HEADER_H + sheet.TILE_H, left : left + sheet.TILE_W]
+        assert tile.std() > 10, f"tile {column} is blank"

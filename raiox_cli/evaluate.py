@@ -1,0 +1,231 @@
+"""Measure a catalogue: labelled queries -> top-1/3/5 accuracy, MRR, confusions.
+
+Labelled queries come as a folder laid out like a catalogue
+(`<Manufacturer>/<Implant name>/*.png`) or as a CSV of `path,expected_key`
+(paths relative to the CSV; the key is an implant key `manufacturer/system/name`
+or just `manufacturer/name`). Labels match implants case- and space-insensitively.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from raiox_cli import queries, search
+from raiox_cli.catalogue import IMAGE_SUFFIXES, implant_key
+from raiox_cli.config import Settings
+from raiox_cli.embedding import Embedder
+from raiox_cli.errors import UsageError
+
+DEPTH = 10  # implants ranked per query; MRR counts a label found deeper as 0
+BATCH = 32
+
+
+class NoLabelledQueries(UsageError):
+    """The query folder or CSV holds no usable labelled image."""
+
+
+@dataclass(frozen=True)
+class LabelledQuery:
+    path: Path
+    label: str  # as given: a key, or manufacturer/name
+
+
+@dataclass(frozen=True)
+class Outcome:
+    path: str
+    label: str
+    expected_key: str | None  # None: the label names no implant of the catalogue
+    rank: int | None  # 1-based rank of the expected implant, None if not in the top DEPTH
+    top: list[tuple[str, float]]  # (key, score) of the first matches
+    error: str | None = None  # unreadable image
+
+    @property
+    def correct(self) -> bool:
+        return self.rank == 1
+
+
+@dataclass
+class EvalReport:
+    model_id: str
+    tta: bool
+    queries: int  # evaluated: readable and labelled with a catalogue implant
+    top1: float
+    top3: float
+    top5: float
+    mrr: float
+    confused: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[Outcome] = field(default_factory=list)  # expected implant not first
+    skipped: list[Outcome] = field(default_factory=list)  # unreadable or unknown label
+    depth: int = DEPTH
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _image_files(folder: Path) -> Iterator[Path]:
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and path.suffix:
+            yield path
+
+
+def labelled_queries(source: Path) -> list[LabelledQuery]:
+    """Read a labelled query folder (<Manufacturer>/<Implant name>/images) or CSV."""
+    if source.is_file():
+        with source.open(newline="", encoding="utf-8-sig") as fh:
+            rows = [row for row in csv.reader(fh) if row and not row[0].startswith("#")]
+        if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "expected_key"]:
+            rows = rows[1:]
+        found = [
+            LabelledQuery(source.parent / row[0].strip(), row[1].strip())
+            for row in rows
+            if len(row) >= 2
+        ]
+    elif source.is_dir():
+        found = [
+            LabelledQuery(path, f"{manufacturer.name}/{implant.name}")
+            for manufacturer in sorted(p for p in source.iterdir() if p.is_dir())
+            for implant in sorted(p for p in manufacturer.iterdir() if p.is_dir())
+            for path in _image_files(implant)
+        ]
+    else:
+        raise NoLabelledQueries(f"{source} is neither a folder nor a CSV file")
+    if not found:
+        raise NoLabelledQueries(
+            f"no labelled queries in {source}: expected <Manufacturer>/<Implant name>/*.png "
+            "folders or a CSV of path,expected_key"
+        )
+    return found
+
+
+def _label_index(conn: psycopg.Connection) -> dict[str, str]:
+    """Every spelling a label may use -> implant key: the key itself and
+    manufacturer/name (dropped when two systems share that pair)."""
+    index: dict[str, str] = {}
+    short: dict[str, set[str]] = {}
+    for key in queries.implant_keys(conn):
+        index[key] = key
+        manufacturer, _, name = key.split("/")
+        short.setdefault(f"{manufacturer}/{name}", set()).add(key)
+    index.update({label: keys.pop() for label, keys in short.items() if len(keys) == 1})
+    return index
+
+
+def _normalise(label: str) -> str:
+    parts = label.split("/")
+    if len(parts) == 3:
+        return implant_key(*parts)
+    if len(parts) == 2:
+        manufacturer, _, name = implant_key(parts[0], None, parts[1]).split("/")
+        return f"{manufacturer}/{name}"
+    return label
+
+
+def _vectors(
+    embedder: Embedder, paths: Sequence[Path], settings: Settings, tta: bool
+) -> Iterator[tuple[Path, np.ndarray | None, str | None]]:
+    """(path, one vector per orientation or None, error), embedded in batches."""
+    for start in range(0, len(paths), BATCH):
+        batch, pictures, errors = [], [], {}
+        for path in paths[start : start + BATCH]:
+            try:
+                image = search.load_query(path, settings).image
+            except search.UnreadableQuery as exc:
+                errors[path] = str(exc)
+                continue
+            views, _ = search.oriented(image, tta)
+            batch.append((path, len(pictures), len(views)))
+            pictures.extend(views)
+        vectors = embedder.embed_images(pictures, batch_size=BATCH) if pictures else None
+        done = {path: vectors[i : i + n] for path, i, n in batch if vectors is not None}
+        for path in paths[start : start + BATCH]:
+            yield path, done.get(path), errors.get(path)
+
+
+def evaluate(
+    conn: psycopg.Connection,
+    embedder: Embedder,
+    labelled: Sequence[LabelledQuery],
+    settings: Settings,
+    *,
+    tta: bool = False,
+) -> EvalReport:
+    model = search.catalogue_model(conn, embedder.model_id)
+    index = _label_index(conn)
+    orientations = search.ORIENTATIONS if tta else search.ORIENTATIONS[:1]
+    by_path = {q.path: q for q in labelled}
+    outcomes: list[Outcome] = []
+    skipped: list[Outcome] = []
+    for path, vectors, error in _vectors(embedder, list(by_path), settings, tta):
+        label = by_path[path].label
+        expected = index.get(_normalise(label))
+        if vectors is None or expected is None:
+            reason = error or f"label {label!r} names no implant in the catalogue"
+            skipped.append(Outcome(str(path), label, expected, None, [], reason))
+            continue
+        result = search.search_vectors(
+            conn,
+            model,
+            vectors,
+            k=DEPTH,
+            ef_search=settings.ef_search,
+            min_score=settings.min_score,
+            orientations=orientations,
+        )
+        keys = [m.key for m in result.matches]
+        rank = keys.index(expected) + 1 if expected in keys else None
+        top = [(m.key, round(m.score, 4)) for m in result.matches[:3]]
+        outcomes.append(Outcome(str(path), label, expected, rank, top))
+    if not outcomes:
+        raise NoLabelledQueries(
+            "no query could be evaluated: " + "; ".join(f"{o.path}: {o.error}" for o in skipped[:3])
+        )
+    return _report(model.model_id, tta, outcomes, skipped)
+
+
+def _report(
+    model_id: str, tta: bool, outcomes: list[Outcome], skipped: list[Outcome]
+) -> EvalReport:
+    n = len(outcomes)
+
+    def within(k: int) -> float:
+        return sum(1 for o in outcomes if o.rank is not None and o.rank <= k) / n
+
+    failures = [o for o in outcomes if not o.correct]
+    pairs = Counter((o.expected_key, o.top[0][0]) for o in failures if o.top)
+    confused = [
+        {"expected": expected, "predicted": predicted, "count": count}
+        for (expected, predicted), count in pairs.most_common(10)
+    ]
+    return EvalReport(
+        model_id=model_id,
+        tta=tta,
+        queries=n,
+        top1=within(1),
+        top3=within(3),
+        top5=within(5),
+        mrr=sum(1 / o.rank for o in outcomes if o.rank) / n,
+        confused=confused,
+        failures=failures,
+        skipped=skipped,
+    )
+
+
+def evaluate_source(settings: Settings, source: Path, *, tta: bool = False) -> EvalReport:
+    """`raiox eval`: read the labelled queries, refuse a mismatched catalogue before
+    loading the model, then evaluate."""
+    from raiox_cli import db, embedding
+
+    labelled = labelled_queries(source)
+    spec = embedding.ModelSpec.from_settings(settings)
+    with db.connect(settings) as conn:
+        db.check_schema(conn)
+        search.catalogue_model(conn, embedding.model_id(spec))
+        return evaluate(conn, embedding.load_embedder(spec), labelled, settings, tta=tta)
