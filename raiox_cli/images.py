@@ -343,12 +343,14 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> _Decoded:
             reason = f"truncated file ({reason})"
         raise CorruptImage(f"cannot decode {fmt}: {reason}") from None
     except MemoryError:
-        raise ImageTooLarge(f"out of memory decoding {width}x{height} {fmt}") from None
+        raise ImageTooLarge(f"out of memory decoding this {fmt}") from None
     mode = img.mode
     rgb = _to_rgb(img)
     if orientation in _ORIENTATION:
         rgb = rgb.transpose(_ORIENTATION[orientation])
-    return _Decoded(rgb, mode, _BIT_DEPTH.get(mode, 8))
+    frames = getattr(img, "n_frames", 1)
+    notes = (f"{frames} frames/pages: used the first",) if frames > 1 else ()
+    return _Decoded(rgb, mode, _BIT_DEPTH.get(mode, 8), notes)
 
 
 def _orientation(img: Image.Image) -> int:
@@ -364,7 +366,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return img
     if mode in _BIT_DEPTH and mode != "1":  # 16/32-bit integer or float grey
         return _grey_to_rgb(_window(np.asarray(img)))
-    if mode in ("P", "PA") or "A" in mode or "a" in mode:
+    if img.has_transparency_data:
         # Transparent areas of an X-ray are background: composite them onto black.
         rgba = img.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
@@ -374,22 +376,54 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def _window(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
     """Scale to uint8 between lo and hi (default: robust percentiles); never wraps."""
-    values = arr.astype(np.float32, copy=False)
+    distinct = _distinct(arr)
+    if distinct is not None:
+        domain, index, counts = distinct
+        if lo is None or hi is None:
+            lo, hi = _robust_range(domain, counts)
+        return _window(domain.astype(np.float64), lo, hi)[index]
     if lo is None or hi is None:
-        finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
-        sample = finite.ravel()
-        if sample.size > _PERCENTILE_SAMPLE:
-            sample = sample[:: sample.size // _PERCENTILE_SAMPLE + 1]
-        if sample.size == 0:
-            return np.zeros(arr.shape, dtype=np.uint8)
-        lo, hi = (float(v) for v in np.percentile(sample, WINDOW_PERCENTILES))
-        if hi <= lo:  # nearly flat image: fall back to the full range
-            lo, hi = float(sample.min()), float(sample.max())
+        lo, hi = _robust_range(arr)
     if hi <= lo:
         return np.zeros(arr.shape, dtype=np.uint8)
-    scaled = (values - lo) * (255.0 / (hi - lo))
+    scaled = (arr.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
     np.clip(scaled, 0.0, 255.0, out=scaled)
     return np.nan_to_num(scaled, nan=0.0).round().astype(np.uint8)
+
+
+def _distinct(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """For <=16-bit integers: (every value from min to max, each pixel's index into it,
+    how often each occurs). Per-pixel maps then run once per value, not per pixel."""
+    if arr.dtype.kind not in "iu" or arr.dtype.itemsize > 2 or arr.size == 0:
+        return None
+    low = int(arr.min())
+    index = arr.astype(np.int32)
+    index -= low
+    domain = np.arange(low, int(arr.max()) + 1, dtype=np.int64)
+    return domain, index, np.bincount(index.ravel(), minlength=domain.size)
+
+
+def _robust_range(values: np.ndarray, counts: np.ndarray | None = None) -> tuple[float, float]:
+    """The WINDOW_PERCENTILES of the values (weighted by counts when given); the full
+    range when those coincide (a nearly flat image)."""
+    flat = values.ravel()
+    if counts is None and flat.size > _PERCENTILE_SAMPLE:
+        flat = flat[:: flat.size // _PERCENTILE_SAMPLE + 1]
+    flat = flat.astype(np.float64)
+    weights = np.ones(flat.size) if counts is None else counts.ravel().astype(np.float64)
+    keep = np.isfinite(flat) & (weights > 0)
+    flat, weights = flat[keep], weights[keep]
+    if flat.size == 0:
+        return 0.0, 0.0
+    order = np.argsort(flat, kind="stable")
+    flat, cdf = flat[order], np.cumsum(weights[order])
+    lo, hi = (
+        float(flat[min(int(np.searchsorted(cdf, q / 100 * cdf[-1])), flat.size - 1)])
+        for q in WINDOW_PERCENTILES
+    )
+    if hi <= lo:
+        lo, hi = float(flat[0]), float(flat[-1])
+    return lo, hi
 
 
 def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
@@ -529,24 +563,35 @@ def _first_frame(ds: Dataset) -> np.ndarray:
 
 def _dicom_grey(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
     """Modality LUT/rescale -> VOI LUT or first window -> 8 bits -> polarity, once."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    values = apply_modality_lut(arr, ds)
-    probe = _voi_probe(ds)
-    if probe is None:
-        grey = _window(values)
+    distinct = _distinct(arr)
+    if distinct is None:
+        grey = _grey_levels(arr, ds, None)
     else:
-        if probe.dtype.kind == "i" and values.dtype.kind == "f":
-            values = np.rint(values).astype(np.int64)  # a VOI LUT indexes integers
-        # Map the VOI output's own range (what its lowest and highest input give) to 0..255.
-        ends = apply_voi_lut(probe, ds, index=0)
-        grey = _window(apply_voi_lut(values, ds, index=0), float(ends.min()), float(ends.max()))
+        # Every step is per pixel: run pydicom's transforms once per stored value.
+        domain, index, counts = distinct
+        grey = _grey_levels(domain, ds, counts)[index]
     # MONOCHROME1 shows low values bright; Presentation LUT Shape INVERSE asks the same.
     # Either (or both, as DX files often say) means one inversion, never two.
     shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
     if photometric == "MONOCHROME1" or shape == "INVERSE":
         grey = 255 - grey
     return grey
+
+
+def _grey_levels(stored: np.ndarray, ds: Dataset, counts: np.ndarray | None) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = apply_modality_lut(stored, ds)
+    probe = _voi_probe(ds)
+    if probe is None:
+        lo, hi = _robust_range(values, counts)
+        return _window(np.asarray(values, dtype=np.float64), lo, hi)
+    if probe.dtype.kind == "i":  # a VOI LUT indexes integers within its own domain
+        values = np.clip(np.rint(values), probe[0], probe[-1]).astype(np.int64)
+    # Map the VOI output's own range (what its lowest and highest input give) to 0..255.
+    ends = apply_voi_lut(probe, ds, index=0)
+    voi = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
+    return _window(voi, float(ends.min()), float(ends.max()))
 
 
 def _voi_probe(ds: Dataset) -> np.ndarray | None:

@@ -605,3 +605,12 @@ def test_dicom_reads_back_with_pydicom() -> None:
     """The fixture writer produces files pydicom itself accepts (guards the tests above)."""
     ds = pydicom.dcmread(io.BytesIO(_dicom(_phantom(), photometric="MONOCHROME1")))
     assert ds.PhotometricInterpretation == "MONOCHROME1" and ds.Rows == 64
+
+
+def test_multi_page_tiff_uses_first_page_and_warns() -> None:
+    pages = [Image.fromarray(np.full((8, 8), v, dtype=np.uint8)) for v in (200, 10)]
+    buf = io.BytesIO()
+    pages[0].save(buf, "TIFF", save_all=True, append_images=pages[1:])
+    loaded = load_image(buf.getvalue())
+    assert loaded.warnings == ("2 frames/pages: used the first",)
+    assert _grey(loaded).min() == 200
