@@ -7,12 +7,13 @@ model; 6 empty catalogue; 7 query image unreadable; 75 another ingest/reindex is
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -162,6 +163,200 @@ def init_db(database_url: DatabaseUrl = None) -> None:
         out.print(f"applied {', '.join(report.applied)} on {report.url}", highlight=False)
     else:
         out.print(f"schema already at version {report.version}; nothing to do", highlight=False)
+
+
+# --- ingest and reindex -------------------------------------------------------------
+
+Workers = Annotated[
+    int | None,
+    typer.Option(
+        help="decode workers [env RAIOX_WORKERS; default 0 = CPU count]", show_default=False
+    ),
+]
+Wait = Annotated[
+    bool, typer.Option("--wait", help="wait for a running ingest/reindex instead of exit 75")
+]
+ShowProgress = Annotated[
+    bool, typer.Option("--progress", help="progress bar on stderr even when it is not a terminal")
+]
+NoStore = Annotated[
+    bool, typer.Option("--no-store", help="do not copy the original images into the image store")
+]
+
+
+@contextlib.contextmanager
+def _progress_bar(force: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A rich progress bar on stderr (images/s, ETA) when stderr is a terminal or
+    --progress asks; otherwise nothing, so cron mails only problems."""
+    if not (force or err.is_terminal):
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total, rate="")
+            task = bar.tasks[tasks[phase]]
+            speed = task.speed
+            rate = f"{speed:.1f} img/s" if speed else ""
+            bar.update(tasks[phase], completed=done, total=total, rate=rate)
+
+        yield update
+
+
+def _ingest_rows(report: Any) -> list[tuple[str, str]]:
+    return [
+        ("new", str(report.new)),
+        ("updated", str(report.updated)),
+        ("unchanged", str(report.unchanged)),
+        ("removed", str(report.removed)),
+        ("duplicates", str(report.duplicates)),
+        ("failed", str(len(report.failed))),
+        ("embedded", str(report.embedded)),
+        (
+            "implants new/updated/removed",
+            f"{report.implants_new}/{report.implants_updated}/{report.implants_removed}",
+        ),
+        ("images/s", f"{report.images_per_s:.1f}"),
+        ("elapsed", f"{report.elapsed_s:.2f} s"),
+    ]
+
+
+def _print_failures(failures: Any) -> None:
+    for failure in failures:
+        err.print(str(failure), markup=False, highlight=False)
+
+
+@command("ingest")
+def ingest(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="catalogue root: <Manufacturer>/<Implant name>/<images>, optional catalogue.csv",
+            exists=True,
+            file_okay=False,
+        ),
+    ],
+    prune: Annotated[
+        bool, typer.Option(help="remove images (and emptied implants) that left this folder")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="count what would change; write nothing")
+    ] = False,
+    no_store: NoStore = False,
+    wait: Wait = False,
+    progress: ShowProgress = False,
+    json_out: JsonOut = False,
+    workers: Workers = None,
+    batch_size: BatchSize = None,
+    device: Device = None,
+    database_url: DatabaseUrl = None,
+    model: Model = None,
+    pretrained: Pretrained = None,
+    weights: Weights = None,
+) -> None:
+    """Embed a catalogue folder into the database; unchanged files are skipped.
+
+    Safe to interrupt and run again. Exit 1 when some files failed (listed on
+    stderr), 75 when another ingest/reindex is running.
+    Example: raiox ingest ./catalogue --prune --json
+    """
+    from raiox_cli import ingest as core
+
+    settings = config.resolve(
+        database_url=database_url,
+        model=model,
+        pretrained=pretrained,
+        weights=weights,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+    )
+    options = core.IngestOptions(prune=prune, dry_run=dry_run, store=not no_store, wait=wait)
+    with _progress_bar(progress) as bar:
+        report = core.ingest_catalogue(settings, path, options, progress=bar)
+    _print_failures(report.failed)
+    if json_out:
+        _print_json(report.to_dict())
+    else:
+        table = Table(title=f"{'dry run: ' if dry_run else ''}{report.root} ({report.model_id})")
+        table.add_column("images")
+        table.add_column("count", justify="right")
+        for name, value in _ingest_rows(report):
+            table.add_row(name, value)
+        out.print(table)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@command("reindex")
+def reindex(
+    model: Model = None,
+    pretrained: Pretrained = None,
+    weights: Weights = None,
+    no_store: NoStore = False,
+    wait: Wait = False,
+    progress: ShowProgress = False,
+    json_out: JsonOut = False,
+    workers: Workers = None,
+    batch_size: BatchSize = None,
+    device: Device = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Nightly upkeep: re-ingest every catalogue folder with --prune, embed images
+    missing the active model's embedding, keep the index valid.
+
+    --model/--pretrained/--weights switch the catalogue to that model: search keeps
+    answering from the old one until every image has the new embedding, then the
+    switch is one transaction. Silent on success when not on a terminal (cron);
+    problems go to stderr with exit 1; 75 when another writer runs.
+    Example (crontab): 17 3 * * * raiox reindex --json >> /var/log/raiox-reindex.log
+    """
+    from raiox_cli import reindex as core
+
+    switch = any(option is not None for option in (model, pretrained, weights))
+    settings = config.resolve(
+        database_url=database_url,
+        model=model,
+        pretrained=pretrained,
+        weights=weights,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+    )
+    with _progress_bar(progress) as bar:
+        report = core.reindex(settings, switch=switch, wait=wait, store=not no_store, progress=bar)
+    for root in report.roots:
+        _print_failures(root.failed)
+    _print_failures(report.failed)
+    if json_out:
+        _print_json(report.to_dict())
+    elif out.is_terminal:
+        switched = f", switched from {report.previous_model_id}" if report.switched else ""
+        out.print(
+            f"reindexed {len(report.roots)} catalogue folder(s) with {report.model_id}"
+            f"{switched}: {sum(r.embedded for r in report.roots) + report.reembedded} embedded, "
+            f"{sum(r.removed for r in report.roots)} removed in {report.elapsed_s:.1f} s",
+            highlight=False,
+        )
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @command("embed")

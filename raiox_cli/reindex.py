@@ -1,0 +1,251 @@
+"""The nightly job: sync every recorded catalogue folder, fill in missing
+embeddings, and switch the catalogue to another model safely.
+
+A model switch embeds every image with the new model *beside* the old rows
+(image_embeddings holds one row per image and model, each model with its own
+partial HNSW index), so search keeps answering from the old model. Only when
+no image lacks a new embedding does `settings.active_model` flip, in one
+transaction; then the old model's rows and index are dropped. A killed switch
+resumes where it stopped when the same command runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from raiox_cli import embedding, images, queries, storage
+from raiox_cli.config import Settings
+from raiox_cli.errors import ModelMismatch, RaioxError
+from raiox_cli.ingest import (
+    Failure,
+    IngestOptions,
+    IngestReport,
+    ModelHandle,
+    Prepared,
+    Progress,
+    RootIngest,
+    Writer,
+    embed_batch,
+    run_pipeline,
+    worker_count,
+    writer_lock,
+)
+
+PAGE = 1000  # images fetched per query when filling in missing embeddings
+
+
+@dataclass
+class ReindexReport:
+    model_id: str
+    previous_model_id: str | None
+    roots: list[IngestReport] = field(default_factory=list)
+    reembedded: int = 0
+    switched: bool = False
+    removed_models: list[str] = field(default_factory=list)
+    removed_embeddings: int = 0
+    pending: int = 0  # images still without an embedding from model_id
+    failed: list[Failure] = field(default_factory=list)
+    model_loaded: bool = False
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and all(r.ok for r in self.roots)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["roots"] = [r.to_dict() for r in self.roots]
+        data["failed"] = [asdict(f) for f in self.failed]
+        data["elapsed_s"] = round(self.elapsed_s, 3)
+        return data
+
+
+def target_spec(
+    settings: Settings, active: queries.ModelRow | None, switch: bool
+) -> embedding.ModelSpec:
+    """The model to reindex with: the requested one when switching, else the
+    catalogue's active model (so a cron job's environment cannot switch by accident)."""
+    spec = embedding.ModelSpec.from_settings(settings)
+    if switch or active is None or embedding.model_id(spec) == active.model_id:
+        return spec
+    name, _, tag = active.model_id.partition(":")
+    if tag.startswith("file:"):
+        raise ModelMismatch(
+            f"the catalogue's model {active.model_id} was loaded from a local file; set "
+            f"RAIOX_MODEL={name} and RAIOX_WEIGHTS to that file, or switch models with "
+            '"raiox reindex --model ..."'
+        )
+    return embedding.ModelSpec(name, tag, None, settings.device)
+
+
+def reindex(
+    settings: Settings,
+    *,
+    switch: bool = False,
+    wait: bool = False,
+    store: bool = True,
+    progress: Progress | None = None,
+) -> ReindexReport:
+    """Re-ingest (with prune) every catalogue root recorded in the database, embed
+    every image that lacks the target model's embedding, then make the target
+    model active if it is not already and drop the models it replaced."""
+    start = time.perf_counter()
+    with writer_lock(settings, wait=wait, command="reindex") as conn:
+        active = queries.active_model(conn)
+        model = ModelHandle(target_spec(settings, active, switch), activate=active is None)
+        report = ReindexReport(model.model_id, active.model_id if active else None)
+        options = IngestOptions(prune=True, store=store)
+        for path in queries.catalogue_root_paths(conn):
+            if not Path(path).is_dir():
+                # An unmounted share must not look like an emptied catalogue.
+                report.failed.append(
+                    Failure(path, "catalogue folder is missing; skipped, its images are kept")
+                )
+                continue
+            report.roots.append(
+                RootIngest(conn, settings, Path(path), model, options, progress).run()
+            )
+        report.reembedded = _embed_missing(conn, settings, model, report, progress)
+        _switch(conn, model, active, report)
+        report.model_loaded = model.loaded
+    report.elapsed_s = time.perf_counter() - start
+    return report
+
+
+def _switch(
+    conn: psycopg.Connection,
+    model: ModelHandle,
+    active: queries.ModelRow | None,
+    report: ReindexReport,
+) -> None:
+    if active is not None and active.model_id == model.model_id:
+        report.pending = queries.count_images_missing_embedding(conn, model.model_id)
+        return
+    with conn.transaction():
+        queries.lock_settings(conn)
+        if queries.get_model(conn, model.model_id) is None:
+            model.ensure_registered(conn)  # an empty catalogue: nothing was embedded
+        report.pending = queries.count_images_missing_embedding(conn, model.model_id)
+        if report.pending:
+            report.failed.append(
+                Failure(
+                    model.model_id,
+                    f"{report.pending} images still lack an embedding from this model; search "
+                    "stays on the previous model; fix the failures above and run reindex again",
+                )
+            )
+            return
+        queries.activate_model(conn, model.model_id)
+        report.switched = True
+    for old in queries.other_models(conn, model.model_id):
+        with conn.transaction():
+            report.removed_embeddings += queries.delete_model(conn, old)
+            report.removed_models.append(old.model_id)
+    queries.analyze_embeddings(conn)
+
+
+def _embed_missing(
+    conn: psycopg.Connection,
+    settings: Settings,
+    model: ModelHandle,
+    report: ReindexReport,
+    progress: Progress | None,
+) -> int:
+    """Embed, with the target model, images that still lack it (a model switch, or
+    images whose folder is gone): bytes from the source file when it still has the
+    same content, else from the image store."""
+    total = queries.count_images_missing_embedding(conn, model.model_id)
+    if total == 0:
+        return 0
+    store = storage.open_store(settings)
+    done = embedded = 0
+    batch: list[Prepared] = []
+    writer = Writer(settings, lambda c, b: _write(c, model, b))
+    writer.start()
+
+    def flush() -> None:
+        nonlocal embedded
+        if batch:
+            writer.put(
+                ([p.item["id"] for p in batch], embed_batch(model, [p.tensor for p in batch]))
+            )
+            embedded += len(batch)
+            batch.clear()
+
+    def handle(p: Prepared) -> None:
+        nonlocal done
+        done += 1
+        if p.kind == "failed":
+            report.failed.append(Failure(_describe(p.item), p.reason))
+        else:
+            batch.append(p)
+            if len(batch) >= settings.batch_size:
+                flush()
+        if progress and (done % 16 == 0 or done == total):
+            progress("re-embed", done, total)
+
+    try:
+        after = 0
+        while rows := queries.images_missing_embedding(
+            conn, model.model_id, after_id=after, limit=PAGE
+        ):
+            after = rows[-1]["id"]
+            run_pipeline(
+                rows,
+                lambda row: _prepare(row, settings, model, store),
+                handle,
+                workers=worker_count(settings),
+                batch_size=settings.batch_size,
+            )
+        flush()
+    finally:
+        writer.close()
+    return embedded
+
+
+def _describe(row: dict[str, Any]) -> str:
+    if row.get("root_path") and row.get("source_path"):
+        return str(Path(row["root_path"]) / row["source_path"])
+    return f"image {row['id']} ({row['sha256'][:12]})"
+
+
+def _prepare(
+    row: dict[str, Any], settings: Settings, model: ModelHandle, store: storage.Store
+) -> Prepared:
+    try:
+        data = _original_bytes(row, settings, store)
+        loaded = images.load_image(
+            data, max_pixels=settings.max_pixels, max_bytes=settings.max_bytes
+        )
+        return Prepared("embed", row, row["sha256"], model.get().preprocess(loaded.image))
+    except RaioxError as exc:
+        return Prepared("failed", row, reason=str(exc))
+
+
+def _original_bytes(row: dict[str, Any], settings: Settings, store: storage.Store) -> bytes:
+    if row.get("root_path") and row.get("source_path"):
+        path = Path(row["root_path"]) / row["source_path"]
+        if path.is_file():
+            data = images.read_bytes(path, settings.max_bytes)
+            if hashlib.sha256(data).hexdigest() == row["sha256"]:
+                return data
+    if row.get("storage_key"):
+        data = store.get(row["storage_key"])
+        if hashlib.sha256(data).hexdigest() == row["sha256"]:
+            return data
+    raise storage.StorageError(
+        "the original bytes are neither in the catalogue folder (changed or gone) nor in "
+        "the image store; run raiox ingest on its folder (with --prune to drop it)"
+    )
+
+
+def _write(conn: psycopg.Connection, model: ModelHandle, batch: tuple[list[int], Any]) -> None:
+    ids, vectors = batch
+    model.ensure_registered(conn)
+    queries.copy_embeddings(conn, model.model_id, zip(ids, vectors, strict=True))
