@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from raiox_cli.errors import RaioxError, UsageError
 
@@ -328,6 +328,8 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> _Decoded:
             raise ImageTooLarge(_pixels_message(width, height, max_pixels))
         img.load()
         orientation = _orientation(img)
+        rgb = _to_rgb(img)
+        frames = getattr(img, "n_frames", 1)  # TIFF walks its page chain here
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -337,18 +339,18 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> _Decoded:
             f"{count} is over the {max_pixels}-pixel limit (RAIOX_MAX_PIXELS) and Pillow's "
             f"hard limit of {2 * (Image.MAX_IMAGE_PIXELS or 0)}"
         ) from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
+    except UnidentifiedImageError:
+        raise CorruptImage(f"cannot decode {fmt}: its header is damaged or not {fmt}") from None
+    except MemoryError:
+        raise ImageTooLarge(f"out of memory decoding this {fmt}") from None
+    except Exception as exc:  # Pillow's plugins raise many types on hostile input
         reason = _one_line(exc)
         if "truncated" in reason.lower():
             reason = f"truncated file ({reason})"
-        raise CorruptImage(f"cannot decode {fmt}: {reason}") from None
-    except MemoryError:
-        raise ImageTooLarge(f"out of memory decoding this {fmt}") from None
+        raise CorruptImage(f"cannot decode {fmt}: {reason}") from exc
     mode = img.mode
-    rgb = _to_rgb(img)
     if orientation in _ORIENTATION:
         rgb = rgb.transpose(_ORIENTATION[orientation])
-    frames = getattr(img, "n_frames", 1)
     notes = (f"{frames} frames/pages: used the first",) if frames > 1 else ()
     return _Decoded(rgb, mode, _BIT_DEPTH.get(mode, 8), notes)
 
@@ -432,43 +434,37 @@ def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
 
 # --- DICOM ------------------------------------------------------------------------
 
-_DICOM_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,
-    TypeError,
-    KeyError,
-    AttributeError,
-    IndexError,
-    EOFError,
-    OSError,
-    RuntimeError,
-    NotImplementedError,
-    OverflowError,
-)
-
 
 def _decode_dicom(data: bytes, max_pixels: int) -> _Decoded:
+    """pydicom parses lazily, so damage can surface at any element access: every
+    exception past this boundary is the file's fault and becomes one ImageError."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     preamble = data[128:132] == b"DICM"
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=not preamble)
-    except (InvalidDicomError, *_DICOM_ERRORS) as exc:
+    except Exception as exc:
         if not preamble:
             raise UnsupportedImage(
                 f"not a supported image: looks like {_describe(data)} (supported: {SUPPORTED})"
-            ) from None
-        raise CorruptImage(f"cannot read DICOM: {_one_line(exc)}") from None
+            ) from exc
+        raise CorruptImage(f"cannot read DICOM: {_one_line(exc)}") from exc
     try:
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames") or 1)
-        photometric = str(ds.PhotometricInterpretation).strip().upper()
-        bits = int(ds.get("BitsStored") or ds.BitsAllocated)
-    except _DICOM_ERRORS:
-        rows = columns = 0
+        return _dicom_pixels(ds, preamble, data, max_pixels)
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageTooLarge("out of memory decoding this DICOM") from None
+    except Exception as exc:
+        hint = _hint(ds)
+        error = UnsupportedImage if hint else CorruptImage  # a decoder's gap, not bad bytes
+        raise error(f"cannot decode DICOM: {_one_line(exc)}{hint}") from exc
+
+
+def _dicom_pixels(ds: Dataset, preamble: bool, data: bytes, max_pixels: int) -> _Decoded:
     if preamble and len(ds) == 0 and not getattr(ds, "file_meta", None):
         raise CorruptImage("DICOM file has no readable elements after its DICM marker")
-    if "PixelData" not in ds or rows <= 0 or columns <= 0:
+    if "PixelData" not in ds or not ds.get("Rows") or not ds.get("Columns"):
         if not preamble and len(ds) < 2:  # forced read of something that only resembled DICOM
             raise UnsupportedImage(
                 f"not a supported image: looks like {_describe(data)} (supported: {SUPPORTED})"
@@ -476,42 +472,32 @@ def _decode_dicom(data: bytes, max_pixels: int) -> _Decoded:
         raise UnsupportedImage(
             "DICOM file holds no image (no Pixel Data, Rows or Columns): a report, or truncated"
         )
+    rows, columns = int(ds.Rows), int(ds.Columns)
     if rows * columns > max_pixels:
         raise ImageTooLarge(_pixels_message(columns, rows, max_pixels))
+    frames = int(ds.get("NumberOfFrames") or 1)
+    photometric = str(ds.PhotometricInterpretation).strip().upper()
+    bits = int(ds.get("BitsStored") or ds.BitsAllocated)
     _set_transfer_syntax(ds)
     _require_decoder(ds)
-    notes: list[str] = []
-    if frames > 1:
-        notes.append(f"multi-frame DICOM ({frames} frames): used the first")
-    try:
-        arr = _first_frame(ds)
-        if photometric in ("MONOCHROME1", "MONOCHROME2"):
-            grey = _dicom_grey(arr, ds, photometric)
-            rgb = _grey_to_rgb(grey)
-        else:
-            rgb = _dicom_colour(arr, ds, bits)
-    except ImageError:
-        raise
-    except MemoryError:
-        raise ImageTooLarge(f"out of memory decoding {columns}x{rows} DICOM") from None
-    except _DICOM_ERRORS as exc:
-        hint = _hint(ds)
-        error = UnsupportedImage if hint else CorruptImage  # a decoder's gap, not bad bytes
-        raise error(f"cannot decode DICOM pixels: {_one_line(exc)}{hint}") from None
-    return _Decoded(rgb, photometric, bits, tuple(notes))
+    arr = _first_frame(ds)
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        rgb = _grey_to_rgb(_dicom_grey(arr, ds, photometric))
+    else:
+        rgb = _dicom_colour(arr, ds, bits)
+    notes = (f"multi-frame DICOM ({frames} frames): used the first",) if frames > 1 else ()
+    return _Decoded(rgb, photometric, bits, notes)
 
 
 def _hint(ds: Dataset) -> str:
     """For compressed pixels that failed without pylibjpeg: say how to add it."""
     from pydicom.pixels import get_decoder
 
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is None or not syntax.is_compressed:
-        return ""
     try:
-        if "pylibjpeg" in get_decoder(syntax).available_plugins:
+        syntax = ds.file_meta.TransferSyntaxUID
+        if not syntax.is_compressed or "pylibjpeg" in get_decoder(syntax).available_plugins:
             return ""
-    except (NotImplementedError, ValueError):
+    except Exception:  # a damaged meta header: no hint to give
         return ""
     return f"; a fuller decoder may read it: {COMPRESSED_DICOM_HINT}"
 

@@ -614,3 +614,34 @@ def test_multi_page_tiff_uses_first_page_and_warns() -> None:
     loaded = load_image(buf.getvalue())
     assert loaded.warnings == ("2 frames/pages: used the first",)
     assert _grey(loaded).min() == 200
+
+
+def test_damaged_files_never_escape_as_other_exceptions() -> None:
+    """Random truncations and byte flips of every format: a result or an ImageError."""
+    rng = np.random.default_rng(7)
+    small = Image.fromarray(_phantom((20, 120, 240)).astype(np.uint8))
+    originals = [
+        _save(small, "JPEG"),
+        _save(small, "PNG"),
+        _save(small, "BMP"),
+        _save(small, "WEBP"),
+        _save(Image.fromarray(_phantom((300, 9000, 60000)).astype(np.uint16)), "TIFF"),
+        _dicom(_phantom((100, 1500, 4000)), WindowCenter=2000, WindowWidth=1000),
+        _dicom(_phantom((100, 1500, 4000)), preamble=False),
+    ]
+    outcomes = {"loaded": 0, "refused": 0}
+    for original in originals:
+        for _ in range(25):
+            data = bytearray(original)
+            if rng.random() < 0.5:
+                data = data[: int(rng.integers(1, len(data)))]
+            else:
+                for position in rng.integers(0, len(data), size=int(rng.integers(1, 8))):
+                    data[position] = int(rng.integers(0, 256))
+            try:
+                load_image(bytes(data))
+                outcomes["loaded"] += 1
+            except ImageError as exc:
+                assert "\n" not in str(exc)
+                outcomes["refused"] += 1
+    assert outcomes["refused"] > 0
