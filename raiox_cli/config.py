@@ -53,6 +53,38 @@ class Settings:
     s3_endpoint: str | None = field(default=None, metadata={"env": "RAIOX_S3_ENDPOINT"})
     s3_region: str | None = field(default=None, metadata={"env": "RAIOX_S3_REGION"})
     debug: bool = field(default=False, metadata={"env": "RAIOX_DEBUG"})
+    # --- webhook server (serve-webhook-minimal). Secrets: no defaults, never in repr.
+    webhook_token: str | None = field(
+        default=None, repr=False, metadata={"env": "RAIOX_WEBHOOK_TOKEN"}
+    )
+    webhook_secret: str | None = field(
+        default=None, repr=False, metadata={"env": "RAIOX_WEBHOOK_SECRET"}
+    )
+    notify_url: str | None = field(default=None, repr=False, metadata={"env": "RAIOX_NOTIFY_URL"})
+    notify_secret: str | None = field(
+        default=None, repr=False, metadata={"env": "RAIOX_NOTIFY_SECRET"}
+    )
+    jotform_form_ids: str | None = field(default=None, metadata={"env": "RAIOX_JOTFORM_FORM_IDS"})
+    jotform_client_field: str = field(
+        default="clientId", metadata={"env": "RAIOX_JOTFORM_CLIENT_FIELD"}
+    )
+    jotform_upload_field: str | None = field(
+        default=None, metadata={"env": "RAIOX_JOTFORM_UPLOAD_FIELD"}
+    )
+    download_allow_loopback: bool = field(
+        default=False, metadata={"env": "RAIOX_DOWNLOAD_ALLOW_LOOPBACK"}
+    )
+    download_allow_hosts: str | None = field(
+        default=None, metadata={"env": "RAIOX_DOWNLOAD_ALLOW_HOSTS"}
+    )
+    download_deadline_s: float = field(default=30.0, metadata={"env": "RAIOX_DOWNLOAD_DEADLINE_S"})
+    server_max_bytes: int = field(
+        default=25 * 1024 * 1024, metadata={"env": "RAIOX_SERVER_MAX_BYTES"}
+    )
+    job_max_attempts: int = field(default=5, metadata={"env": "RAIOX_JOB_MAX_ATTEMPTS"})
+    job_lease_s: float = field(default=300.0, metadata={"env": "RAIOX_JOB_LEASE_S"})
+    job_retry_base_s: float = field(default=2.0, metadata={"env": "RAIOX_JOB_RETRY_BASE_S"})
+    link_expires_s: int = field(default=3600, metadata={"env": "RAIOX_LINK_EXPIRES_S"})
 
     @property
     def storage_dir(self) -> Path:

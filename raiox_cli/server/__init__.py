@@ -1,0 +1,1 @@
+"""The webhook server: HTTP app, Jotform parsing, safe downloads, the job worker."""

@@ -1,0 +1,473 @@
+"""The HTTP app (FastAPI on uvicorn) and `serve`, which the CLI command calls.
+
+Requests only validate, authenticate and record; the work happens in the
+worker threads (server/worker.py) so a slow download or model never holds a
+connection from Jotform open, and nothing accepted is lost when the process is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from pgvector.psycopg import register_vector
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, Headers, UploadFile
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
+
+from raiox_cli import __version__, db, images, queries, search
+from raiox_cli.config import Settings
+from raiox_cli.embedding import Embedder
+from raiox_cli.errors import DatabaseUnavailable, RaioxError, UsageError
+from raiox_cli.server import auth, jotform, logs, results
+from raiox_cli.server.worker import CONTENT_TYPES, Store, Worker
+
+MAX_WAIT_S = 60
+MAX_PAGE = 100
+SHUTDOWN_GRACE_S = 20.0
+
+
+@dataclass
+class ServerConfig:
+    settings: Settings
+    embedder: Embedder
+    store: Store
+    insecure_no_auth: bool = False
+    worker_threads: int = 2
+    pool_size: int = 8
+    poll_s: float = 1.0
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S
+
+
+class TooLarge(RaioxError):
+    pass
+
+
+def check_auth_configured(settings: Settings, insecure_no_auth: bool) -> None:
+    if not (settings.webhook_token or settings.webhook_secret or insecure_no_auth):
+        raise UsageError(
+            "no authentication configured: set RAIOX_WEBHOOK_TOKEN (and/or "
+            "RAIOX_WEBHOOK_SECRET), or pass --insecure-no-auth for a closed test network"
+        )
+    if settings.notify_url and not (settings.notify_secret or settings.webhook_secret):
+        raise UsageError(
+            "RAIOX_NOTIFY_URL is set but nothing to sign notifications with: "
+            "set RAIOX_NOTIFY_SECRET (or RAIOX_WEBHOOK_SECRET)"
+        )
+    if settings.webhook_secret:
+        auth.secret_key(settings.webhook_secret)  # a malformed whsec_ fails now, not per request
+
+
+def _provided_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return request.headers.get("x-raiox-token") or request.query_params.get("token")
+
+
+def authenticate(request: Request, body: bytes, *, signed_delivery: bool) -> str | None:
+    """Check what the settings ask for; returns the verified webhook-id, if any.
+
+    The token, when set, is needed on every API request. A signature, when a
+    secret is set, is needed on JSON webhook deliveries, and stands in for the
+    token elsewhere when no token is set. Jotform can send neither headers nor
+    signatures: it carries the token in the URL (?token=).
+    """
+    config: ServerConfig = request.app.state.config
+    settings = config.settings
+    if config.insecure_no_auth:
+        return None
+    if settings.webhook_token and not auth.token_matches(
+        settings.webhook_token, _provided_token(request)
+    ):
+        raise auth.Unauthorized("missing or wrong token")
+    if settings.webhook_secret and (signed_delivery or not settings.webhook_token):
+        return auth.verify_signature(settings.webhook_secret, request.headers, body)
+    return None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"body of {declared} bytes is over the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_form(headers: Headers, body: bytes) -> FormData:
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    content_type = headers.get("content-type", "")
+    try:
+        if content_type.startswith("multipart/form-data"):
+            return await MultiPartParser(headers, stream(), max_files=4, max_fields=500).parse()
+        return await FormParser(headers, stream()).parse()
+    except MultiPartException as exc:
+        raise jotform.BadSubmission(f"malformed form data: {exc.message}") from None
+
+
+def _is_form(request: Request) -> bool:
+    content_type = request.headers.get("content-type", "")
+    return content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded"))
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status)
+
+
+ERROR_STATUS: list[tuple[type[Exception], int]] = [
+    (auth.Unauthorized, 401),
+    (jotform.FormNotAllowed, 403),
+    (TooLarge, 413),
+    (jotform.BadSubmission, 400),
+    (images.ImageError, 422),
+    (DatabaseUnavailable, 503),
+    (search.EmptyCatalogue, 503),
+    (search.ModelMismatch, 503),
+]
+
+
+def _with_db(request: Request, fn: Callable[[psycopg.Connection], Any]) -> Any:
+    pool: psycopg_pool.ConnectionPool = request.app.state.pool
+    try:
+        with pool.connection(timeout=10) as conn:
+            return fn(conn)
+    except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
+        raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    settings = config.settings
+    url = db.database_url(settings)
+    logs.setup(settings.debug)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = psycopg_pool.ConnectionPool(
+            url,
+            min_size=1,
+            max_size=config.pool_size,
+            configure=register_vector,
+            kwargs={"connect_timeout": 5},
+            open=False,
+        )
+        pool.open(wait=False)
+        worker = Worker(
+            settings,
+            config.embedder,
+            config.store,
+            threads=config.worker_threads,
+            poll_s=config.poll_s,
+        )
+        app.state.pool, app.state.worker = pool, worker
+        worker.start()
+        logs.event("server ready", model_id=config.embedder.model_id, workers=config.worker_threads)
+        try:
+            yield
+        finally:
+            released = await run_in_threadpool(worker.stop, config.shutdown_grace_s)
+            pool.close()
+            logs.event("server stopped", released=len(released))
+
+    app = FastAPI(
+        title="raiox",
+        version=__version__,
+        summary="Identify the dental implant system in a radiograph.",
+        lifespan=lifespan,
+    )
+    app.state.config = config
+
+    @app.middleware("http")
+    async def access_log(request: Request, call_next: Callable) -> Any:
+        started = time.monotonic()
+        request.state.analysis_id = None
+        try:
+            response = await call_next(request)
+        except Exception:
+            logs.event(
+                "request crashed",
+                logging.ERROR,
+                method=request.method,
+                path=request.url.path,
+                exc_info=True,
+            )
+            raise
+        logs.event(
+            "request",
+            method=request.method,
+            path=request.url.path,  # never the query string: it may hold ?token=
+            status=response.status_code,
+            ms=round((time.monotonic() - started) * 1000, 1),
+            analysis_id=request.state.analysis_id,
+        )
+        return response
+
+    for error_class, status in ERROR_STATUS:
+        app.add_exception_handler(
+            error_class, lambda _req, exc, status=status: _error(status, str(exc))
+        )
+
+    @app.post(
+        "/webhook",
+        status_code=202,
+        summary="Submit an X-ray by URL (JSON, or Jotform's multipart webhook)",
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["image_url"],
+                            "properties": {
+                                "image_url": {"type": "string"},
+                                "client_id": {"type": "string"},
+                                "metadata": {"type": "object"},
+                            },
+                        }
+                    },
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                k: {"type": "string"}
+                                for k in ("formID", "submissionID", "formTitle", "rawRequest")
+                            },
+                        }
+                    },
+                }
+            }
+        },
+    )
+    async def webhook(request: Request, wait: int = Query(0, ge=0, le=MAX_WAIT_S)) -> JSONResponse:
+        """Record the submission (status pending) and answer 202 with its id; the
+        same delivery again (Jotform submissionID or webhook-id) answers the same id.
+        `?wait=N` waits up to N seconds for the result."""
+        body = await read_body(request, settings.server_max_bytes)
+        is_form = _is_form(request)
+        delivery_id = authenticate(request, body, signed_delivery=not is_form)
+        if is_form:
+            form = await parse_form(request.headers, body)
+            submission = jotform.parse_jotform(
+                {k: v for k, v in form.items() if isinstance(v, str)},
+                allowed_form_ids=frozenset(
+                    f.strip() for f in (settings.jotform_form_ids or "").split(",") if f.strip()
+                ),
+                client_field=settings.jotform_client_field,
+                upload_field=settings.jotform_upload_field,
+            )
+        else:
+            delivery_id = delivery_id or request.headers.get("webhook-id")
+            submission = jotform.parse_json(body, delivery_id)
+
+        def record(conn: psycopg.Connection) -> tuple[int, bool]:
+            created = queries.create_analysis(
+                conn,
+                source="webhook",
+                client_id=submission.client_id,
+                idempotency_key=submission.idempotency_key,
+                image_url=submission.image_url,
+                metadata=submission.metadata,
+            )
+            conn.commit()
+            return created
+
+        analysis_id, created = await run_in_threadpool(_with_db, request, record)
+        request.state.analysis_id = analysis_id
+        if created:
+            request.app.state.worker.wake()
+        logs.event(
+            "accepted" if created else "replayed",
+            analysis_id=analysis_id,
+            client_id=submission.client_id,
+        )
+        answer: dict[str, Any] = {
+            "id": analysis_id,
+            "status": "pending",
+            "url": str(request.url_for("get_analysis", analysis_id=analysis_id)),
+            "replayed": not created,
+        }
+        if wait or not created:
+            view = await run_in_threadpool(_wait_for, request, analysis_id, wait)
+            answer.update(status=view["status"])
+            if view["status"] in ("done", "failed"):
+                return JSONResponse({**answer, **_json(view)}, status_code=200)
+        return JSONResponse(answer, status_code=202)
+
+    @app.post("/upload", summary="Identify an uploaded X-ray now (multipart field 'file')")
+    async def upload(request: Request, k: int = Query(3, ge=1, le=MAX_PAGE)) -> JSONResponse:
+        """The old synchronous API: answers with the top-k implants."""
+        body = await read_body(request, settings.server_max_bytes)
+        authenticate(request, body, signed_delivery=False)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise jotform.BadSubmission("send the image as multipart/form-data field 'file'")
+        form = await parse_form(request.headers, body)
+        part = form.get("file") or form.get("image")
+        if not isinstance(part, UploadFile):
+            raise jotform.BadSubmission("no file in multipart field 'file'")
+        data = await part.read()
+        view = await run_in_threadpool(_analyse_now, request, data, k)
+        request.state.analysis_id = view["id"]
+        return JSONResponse(_json(view))
+
+    @app.get("/analyses/{analysis_id}", name="get_analysis", summary="An analysis and its result")
+    async def get_analysis(request: Request, analysis_id: int) -> JSONResponse:
+        authenticate(request, b"", signed_delivery=False)
+        request.state.analysis_id = analysis_id
+        view = await run_in_threadpool(
+            _with_db,
+            request,
+            lambda conn: results.analysis(conn, config.store, analysis_id, settings.link_expires_s),
+        )
+        if view is None:
+            raise HTTPException(404, f"no analysis {analysis_id}")
+        return JSONResponse(_json(view))
+
+    @app.get("/implants", summary="The catalogue, a page at a time")
+    async def list_implants(
+        request: Request,
+        skip: int = Query(0, ge=0),
+        limit: int = Query(20, ge=1, le=MAX_PAGE),
+    ) -> JSONResponse:
+        authenticate(request, b"", signed_delivery=False)
+
+        def page(conn: psycopg.Connection) -> dict[str, Any]:
+            items = queries.list_implants(conn, skip=skip, limit=limit)
+            return {
+                "total": queries.count_implants(conn),
+                "skip": skip,
+                "limit": limit,
+                "items": items,
+            }
+
+        return JSONResponse(_json(await run_in_threadpool(_with_db, request, page)))
+
+    @app.get("/implants/{implant_id}", summary="One implant and its reference images")
+    async def get_implant(request: Request, implant_id: int) -> JSONResponse:
+        authenticate(request, b"", signed_delivery=False)
+        view = await run_in_threadpool(
+            _with_db,
+            request,
+            lambda conn: results.implant(conn, config.store, implant_id, settings.link_expires_s),
+        )
+        if view is None:
+            raise HTTPException(404, f"no implant {implant_id}")
+        return JSONResponse(_json(view))
+
+    @app.get("/healthcheck", summary="Version, database, model and queue state")
+    async def healthcheck(request: Request) -> JSONResponse:
+        def state(conn: psycopg.Connection) -> int:
+            queries.ping(conn)
+            return queries.count_pending_jobs(conn)
+
+        answer: dict[str, Any] = {"version": __version__, "model_id": config.embedder.model_id}
+        try:
+            pending = await run_in_threadpool(_with_db, request, state)
+        except DatabaseUnavailable:
+            return JSONResponse({**answer, "status": "error", "database": False}, 503)
+        return JSONResponse({**answer, "status": "ok", "database": True, "pending": pending})
+
+    return app
+
+
+def _json(data: dict[str, Any]) -> dict[str, Any]:
+    from fastapi.encoders import jsonable_encoder
+
+    return jsonable_encoder(data)
+
+
+def _wait_for(request: Request, analysis_id: int, wait_s: float) -> dict[str, Any]:
+    config: ServerConfig = request.app.state.config
+    expires = config.settings.link_expires_s
+    latest: dict[str, Any] = {}
+
+    def ended() -> bool:
+        view = _with_db(
+            request, lambda conn: results.analysis(conn, config.store, analysis_id, expires)
+        )
+        latest.update(view or {})
+        return latest.get("status") in ("done", "failed")
+
+    request.app.state.worker.wait(analysis_id, wait_s, ended)
+    return latest
+
+
+def _analyse_now(request: Request, data: bytes, k: int) -> dict[str, Any]:
+    config: ServerConfig = request.app.state.config
+    settings = config.settings
+    loaded = images.load_image(
+        data, max_pixels=settings.max_pixels, max_bytes=settings.server_max_bytes
+    )
+
+    def run(conn: psycopg.Connection) -> dict[str, Any]:
+        search.catalogue_model(conn, config.embedder.model_id)
+        key = config.store.put(loaded.sha256, data, content_type=CONTENT_TYPES.get(loaded.format))
+        analysis_id, _ = queries.create_analysis(
+            conn, source="upload", image_sha256=loaded.sha256, storage_key=key, status="running"
+        )
+        result = search.search_image(
+            conn,
+            config.embedder,
+            loaded,
+            k=k,
+            ef_search=settings.ef_search,
+            min_score=settings.min_score,
+        )
+        queries.finish_analysis(conn, analysis_id, model_id=result.model_id, matches=result.matches)
+        conn.commit()
+        view = results.analysis(conn, config.store, analysis_id, settings.link_expires_s)
+        assert view is not None
+        return {**view, "confident": result.confident}
+
+    return _with_db(request, run)
+
+
+def serve(
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    worker_threads: int = 2,
+    insecure_no_auth: bool = False,
+) -> None:
+    """Load everything, then open the port; returns when the server has stopped."""
+    import uvicorn
+
+    from raiox_cli import embedding, storage
+
+    check_auth_configured(settings, insecure_no_auth)
+    if worker_threads < 1:
+        raise UsageError("--workers-threads must be at least 1")
+    with db.connect(settings) as conn:
+        db.check_schema(conn)
+    embedder = embedding.load_embedder(embedding.ModelSpec.from_settings(settings))
+    store = storage.open_store(settings)
+    if insecure_no_auth:
+        logs.event("AUTHENTICATION DISABLED (--insecure-no-auth)", logging.WARNING)
+    app = create_app(ServerConfig(settings, embedder, store, insecure_no_auth, worker_threads))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,  # ours (above) leaves out query strings, which may hold ?token=
+            proxy_headers=True,
+            timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
+        )
+    )
+    logs.event("listening", host=host, port=port, model_id=embedder.model_id)
+    server.run()

@@ -1,0 +1,137 @@
+"""Turn a webhook delivery (Jotform's multipart form or the old JSON API) into a
+submission: the image URL, who sent it, and the key that makes replays harmless.
+
+Jotform posts `multipart/form-data` with `formID`, `submissionID`, `formTitle`,
+`rawRequest` (the answers, as a JSON string), `pretty` (a human summary: never
+parsed, its format is not stable) and `ip`. Inside rawRequest, answers are
+`q<N>_<field>` keys; uploads are listed under `temp_upload` as `q<N>_<field>`
+and their URLs sit under the bare `<field>` key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from raiox_cli.errors import RaioxError
+
+ANSWER_KEY = re.compile(r"^q\d+_(.+)$")
+
+
+class BadSubmission(RaioxError):
+    """The delivery is malformed: answered with 400 and never queued."""
+
+
+class FormNotAllowed(RaioxError):
+    """A Jotform form that is not in RAIOX_JOTFORM_FORM_IDS: answered with 403."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    image_url: str
+    client_id: str | None
+    idempotency_key: str | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _text(value: Any) -> str | None:
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, list) and len(value) == 1:
+        return _text(value[0])
+    return json.dumps(value, sort_keys=True)  # e.g. a full-name answer {"first", "last"}
+
+
+def parse_json(body: bytes, delivery_id: str | None) -> Submission:
+    """The old API: {"image_url": ..., "client_id": ..., "metadata": {...}}."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadSubmission(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadSubmission("body must be a JSON object")
+    image_url = data.get("image_url")
+    if not isinstance(image_url, str) or not image_url.strip():
+        raise BadSubmission('"image_url" (a string) is required')
+    metadata = data.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise BadSubmission('"metadata" must be an object')
+    client_id = data.get("client_id")
+    return Submission(
+        image_url=image_url.strip(),
+        client_id=None if client_id is None else str(client_id),
+        idempotency_key=f"webhook-id:{delivery_id}" if delivery_id else None,
+        metadata=metadata,
+    )
+
+
+def _answer(raw: Mapping[str, Any], name: str) -> Any:
+    """An answer by its field name, whatever its q<N>_ prefix."""
+    for key, value in raw.items():
+        match = ANSWER_KEY.match(key)
+        if match and match[1] == name:
+            return value
+    return raw.get(name)
+
+
+def _upload_urls(raw: Mapping[str, Any], upload_field: str | None) -> tuple[str, list[str]]:
+    uploads = raw.get("temp_upload") or {}
+    if not isinstance(uploads, dict):
+        uploads = {}
+    names = [m[1] for m in (ANSWER_KEY.match(k) for k in uploads) if m]
+    if upload_field:
+        names = [upload_field]
+    elif not names:
+        raise BadSubmission(
+            "rawRequest lists no uploaded file (temp_upload); set RAIOX_JOTFORM_UPLOAD_FIELD"
+        )
+    for name in names:
+        urls = raw.get(name)
+        if isinstance(urls, str):
+            urls = [urls]
+        if isinstance(urls, list) and urls and all(isinstance(u, str) for u in urls):
+            return name, urls
+    raise BadSubmission(f"rawRequest has no file URL under the upload field {names[0]!r}")
+
+
+def parse_jotform(
+    form: Mapping[str, str],
+    *,
+    allowed_form_ids: frozenset[str],
+    client_field: str,
+    upload_field: str | None,
+) -> Submission:
+    form_id = (form.get("formID") or "").strip()
+    submission_id = (form.get("submissionID") or "").strip()
+    if not form_id or not submission_id:
+        raise BadSubmission("a Jotform delivery needs formID and submissionID")
+    if allowed_form_ids and form_id not in allowed_form_ids:
+        raise FormNotAllowed(f"form {form_id} is not in RAIOX_JOTFORM_FORM_IDS")
+    try:
+        raw = json.loads(form.get("rawRequest") or "")
+    except json.JSONDecodeError as exc:
+        raise BadSubmission(f"rawRequest is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise BadSubmission("rawRequest must be a JSON object")
+    field_name, urls = _upload_urls(raw, upload_field)
+    metadata: dict[str, Any] = {
+        "jotform": {
+            "form_id": form_id,
+            "submission_id": submission_id,
+            "form_title": form.get("formTitle"),
+            "upload_field": field_name,
+        }
+    }
+    if len(urls) > 1:  # one X-ray per analysis; the others are kept for the record
+        metadata["jotform"]["other_files"] = urls[1:]
+    return Submission(
+        image_url=urls[0],
+        client_id=_text(_answer(raw, client_field)),
+        idempotency_key=f"jotform:{form_id}:{submission_id}",
+        metadata=metadata,
+    )

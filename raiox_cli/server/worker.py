@@ -1,0 +1,303 @@
+"""The job worker: threads that claim analyses from PostgreSQL and run them.
+
+Durability comes from the table, not from memory: a job is claimed with
+`FOR UPDATE SKIP LOCKED` under a lease (`locked_until`); if this process dies,
+the lease runs out and any server claims the job again. Transient failures
+(network, storage, database) retry with exponential backoff up to
+`job_max_attempts`; permanent ones (refused URL, not an image) fail at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psycopg
+
+from raiox_cli import db, images, queries, search
+from raiox_cli.config import Settings
+from raiox_cli.embedding import Embedder
+from raiox_cli.errors import EmptyCatalogue, ModelMismatch, RaioxError
+from raiox_cli.server import download, logs, notify, results
+
+TOP_K = 3
+POLL_S = 1.0
+MAX_BACKOFF_S = 600.0
+NOTIFY_MAX_ATTEMPTS = 8
+NOTIFY_LEASE_S = 60.0
+
+CONTENT_TYPES = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "TIFF": "image/tiff",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+    "DICOM": "application/dicom",
+}
+
+
+class Store(Protocol):
+    def put(self, sha256: str, data: bytes, *, content_type: str | None = None) -> str: ...
+    def get(self, key: str) -> bytes: ...
+    def url(self, key: str, expires_s: int = 3600) -> str: ...
+
+
+class JobFailed(RaioxError):
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+def backoff_s(attempt: int, base_s: float) -> float:
+    return min(MAX_BACKOFF_S, base_s * 2 ** max(0, attempt - 1))
+
+
+def _classify(exc: Exception) -> JobFailed:
+    """A job error, told apart into worth-retrying and final."""
+    if isinstance(exc, JobFailed):
+        return exc
+    if isinstance(exc, download.UnsafeURL):
+        return JobFailed(f"download refused: {exc}", transient=False)
+    if isinstance(exc, download.DownloadError):
+        return JobFailed(f"download failed: {exc}", transient=exc.transient)
+    if isinstance(exc, images.ImageError):
+        return JobFailed(f"not a usable image: {exc}", transient=False)
+    if isinstance(exc, (EmptyCatalogue, ModelMismatch)):
+        return JobFailed(str(exc), transient=False)
+    if isinstance(exc, psycopg.Error):
+        return JobFailed(f"database error: {type(exc).__name__}", transient=True)
+    # Storage clients raise many classes (botocore, OSError); all worth a retry.
+    return JobFailed(f"{type(exc).__name__}: {exc}", transient=True)
+
+
+@dataclass
+class _Claim:
+    analysis_id: int
+    attempt: int
+
+
+class Worker:
+    """N threads running jobs and notifications; `wait` serves ?wait=N requests."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        embedder: Embedder,
+        store: Store,
+        *,
+        threads: int = 2,
+        poll_s: float = POLL_S,
+        connect: Callable[[], psycopg.Connection] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.embedder = embedder
+        self.store = store
+        self.threads = threads
+        self.poll_s = poll_s
+        self.policy = download.DownloadPolicy.from_settings(settings)
+        self._connect = connect or (lambda: db.connect(settings))
+        self._notify_secret = settings.notify_secret or settings.webhook_secret
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._finished = threading.Condition()
+        self._running: dict[int, _Claim] = {}  # thread ident -> the job it holds
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        for n in range(self.threads):
+            thread = threading.Thread(target=self._loop, name=f"raiox-worker-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, grace_s: float = 20.0) -> list[int]:
+        """Stop claiming, let running jobs finish for grace_s, give the rest back."""
+        self._stopping.set()
+        self._wake.set()
+        deadline = time.monotonic() + grace_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            leftover = list(self._running.values())
+        released = []
+        if leftover:
+            with self._connect() as conn:
+                for claim in leftover:
+                    if queries.release_job(conn, claim.analysis_id, claim.attempt):
+                        released.append(claim.analysis_id)
+                conn.commit()
+            for analysis_id in released:
+                logs.event("job released", analysis_id=analysis_id)
+        return released
+
+    def wait(self, analysis_id: int, timeout_s: float, is_final: Callable[[], bool]) -> bool:
+        """Block until the analysis ended (here or in another process) or timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if is_final():
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with self._finished:
+                self._finished.wait(min(left, 0.5))  # 0.5 s: jobs other servers finish
+
+    # --- the loop --------------------------------------------------------------
+
+    def _loop(self) -> None:
+        conn: psycopg.Connection | None = None
+        while not self._stopping.is_set():
+            try:
+                if conn is None or conn.closed:
+                    conn = self._connect()
+                worked = self.run_one_job(conn)
+                if not worked and self.settings.notify_url:
+                    worked = self.send_one_notification(conn)
+            except (psycopg.Error, RaioxError) as exc:
+                logs.event("worker database error", logging.WARNING, error=str(exc)[:200])
+                if conn is not None:
+                    conn.close()
+                conn = None
+                worked = False
+                self._stopping.wait(self.poll_s)
+            if not worked:
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+        if conn is not None:
+            conn.close()
+
+    def run_one_job(self, conn: psycopg.Connection) -> bool:
+        """Claim and run one due job; False when none was due."""
+        job = queries.claim_next_job(conn, lease_s=self.settings.job_lease_s)
+        conn.commit()
+        if job is None:
+            return False
+        claim = _Claim(job["id"], job["attempts"])
+        with self._lock:
+            self._running[threading.get_ident()] = claim
+        started = time.monotonic()
+        logs.event("job started", analysis_id=claim.analysis_id, attempt=claim.attempt)
+        try:
+            if claim.attempt > self.settings.job_max_attempts:
+                raise JobFailed(
+                    f"gave up after {claim.attempt - 1} attempts (the last one never finished)",
+                    transient=False,
+                )
+            self._process(conn, job, claim)
+            status = "done"
+        except Exception as exc:
+            conn.rollback()
+            status = self._record_failure(conn, claim, _classify(exc))
+        finally:
+            with self._lock:
+                self._running.pop(threading.get_ident(), None)
+        with self._finished:
+            self._finished.notify_all()
+        logs.event(
+            "job " + status,
+            analysis_id=claim.analysis_id,
+            attempt=claim.attempt,
+            ms=round((time.monotonic() - started) * 1000),
+        )
+        return True
+
+    def _process(self, conn: psycopg.Connection, job: dict[str, Any], claim: _Claim) -> None:
+        limits = {"max_pixels": self.settings.max_pixels, "max_bytes": self.policy.max_bytes}
+        if job["storage_key"]:
+            loaded = images.load_image(self.store.get(job["storage_key"]), **limits)
+        else:
+            fetched = download.download(job["image_url"], self.policy)
+            loaded = images.load_image(fetched.data, **limits)
+            key = self.store.put(
+                loaded.sha256, fetched.data, content_type=CONTENT_TYPES.get(loaded.format)
+            )
+            queries.record_analysis_image(
+                conn, claim.analysis_id, sha256=loaded.sha256, storage_key=key
+            )
+            conn.commit()  # a retry reads the stored copy instead of downloading again
+        result = search.search_image(
+            conn,
+            self.embedder,
+            loaded,
+            k=TOP_K,
+            ef_search=self.settings.ef_search,
+            min_score=self.settings.min_score,
+        )
+        if not queries.lock_claimed_job(conn, claim.analysis_id, claim.attempt):
+            conn.rollback()
+            raise JobFailed("lease lost to another worker", transient=True)
+        queries.finish_analysis(
+            conn, claim.analysis_id, model_id=result.model_id, matches=result.matches
+        )
+        if self.settings.notify_url:
+            queries.request_notification(conn, claim.analysis_id)
+        conn.commit()
+
+    def _record_failure(self, conn: psycopg.Connection, claim: _Claim, error: JobFailed) -> str:
+        message = str(error)[:1000]
+        if error.transient and claim.attempt < self.settings.job_max_attempts:
+            delay = backoff_s(claim.attempt, self.settings.job_retry_base_s)
+            queries.retry_job(conn, claim.analysis_id, claim.attempt, error=message, delay_s=delay)
+            conn.commit()
+            logs.event(
+                "job will retry",
+                logging.WARNING,
+                analysis_id=claim.analysis_id,
+                attempt=claim.attempt,
+                delay_s=delay,
+                error=message,
+            )
+            return "retrying"
+        failed = queries.fail_job(conn, claim.analysis_id, claim.attempt, error=message)
+        if failed and self.settings.notify_url:
+            queries.request_notification(conn, claim.analysis_id)
+        conn.commit()
+        logs.event("job error", logging.WARNING, analysis_id=claim.analysis_id, error=message)
+        return "failed"
+
+    def send_one_notification(self, conn: psycopg.Connection) -> bool:
+        url, secret = self.settings.notify_url, self._notify_secret
+        if not url or not secret:
+            return False
+        due = queries.claim_next_notification(conn, lease_s=NOTIFY_LEASE_S)
+        conn.commit()
+        if due is None:
+            return False
+        analysis_id, attempt = due["id"], due["notify_attempts"]
+        view = results.analysis(conn, self.store, analysis_id, self.settings.link_expires_s)
+        conn.commit()
+        try:
+            notify.send(
+                url,
+                secret,
+                analysis_id,
+                notify.payload(view or {"id": analysis_id, "status": "failed"}),
+            )
+        except notify.NotifyFailed as exc:
+            if exc.transient and attempt < NOTIFY_MAX_ATTEMPTS:
+                delay = backoff_s(attempt, self.settings.job_retry_base_s)
+                queries.notification_retry(conn, analysis_id, error=str(exc), delay_s=delay)
+            else:
+                queries.notification_failed(conn, analysis_id, error=str(exc))
+            conn.commit()
+            logs.event(
+                "notify error",
+                logging.WARNING,
+                analysis_id=analysis_id,
+                attempt=attempt,
+                error=str(exc),
+            )
+            return True
+        queries.notification_sent(conn, analysis_id)
+        conn.commit()
+        logs.event("notify sent", analysis_id=analysis_id, attempt=attempt)
+        return True

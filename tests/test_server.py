@@ -1,0 +1,585 @@
+"""The webhook server over real HTTP: uvicorn on a loopback port, the embedded
+PostgreSQL, moto's S3 server, test images served by a local HTTP server."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import uvicorn
+from psycopg import sql
+from typer.testing import CliRunner
+
+from raiox_cli import config, db, images, queries, storage, synth
+from raiox_cli.cli import app as cli_app
+from raiox_cli.server import auth
+from raiox_cli.server.app import ServerConfig, create_app
+
+TOKEN = "tok-" + uuid.uuid4().hex
+SECRET = "whsec_" + base64.b64encode(uuid.uuid4().bytes * 2).decode()
+FORM_ID = "241234567890123"
+
+
+# --- a local web site: test images, redirects, and a notification receiver ----------
+
+
+@dataclass
+class Site:
+    base: str
+    routes: dict[str, tuple[int, bytes, dict[str, str]]]
+    hits: list[str] = field(default_factory=list)
+    notifications: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    delays: dict[str, float] = field(default_factory=dict)  # path -> delay of its first hit
+    failures: dict[str, int] = field(default_factory=dict)  # path -> 503s before success
+
+
+def _handler(site: Site) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            site.hits.append(path)
+            if site.delays.pop(path, 0):
+                time.sleep(4.0)
+            if site.failures.get(path, 0) > 0:
+                site.failures[path] -= 1
+                return self._send(503, b"busy", {})
+            status, body, headers = site.routes.get(path, (404, b"no", {}))
+            self._send(status, body, headers)
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            body = self.rfile.read(length)
+            site.notifications.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            self._send(204, b"", {})
+
+        def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+            with contextlib.suppress(OSError):  # a killed client is not our problem
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+    return Handler
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    info = Site(f"http://127.0.0.1:{server.server_address[1]}", {})
+    server.RequestHandlerClass = _handler(info)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield info
+    server.shutdown()
+    server.server_close()
+
+
+# --- a small catalogue built with the tiny model, images in moto's S3 --------------
+
+
+@dataclass
+class Catalogue:
+    settings: config.Settings
+    store: storage.Store
+    query_png: bytes
+    implant_ids: list[int]
+
+
+@pytest.fixture
+def catalogue(
+    migrated: config.Settings, s3_bucket: str, tiny_embedder, tmp_path: Path
+) -> Catalogue:
+    settings = config.resolve()  # now with RAIOX_S3_* from s3_bucket
+    store = storage.open_store(settings)
+    info = synth.make_catalogue(tmp_path / "synth", systems=4, views=2, queries=1, size=(96, 120))
+    implant_ids = []
+    with db.connect(settings) as conn:
+        model = queries.register_model(
+            conn, tiny_embedder.model_id, tiny_embedder.dim, tiny_embedder.preprocess_version
+        )
+        vectors = []
+        for implant in info.implants:
+            d = implant.design
+            implant_id = queries.upsert_implant(
+                conn,
+                {
+                    "key": implant.key,
+                    "name": d.name,
+                    "manufacturer": d.manufacturer,
+                    "system": d.system,
+                    "diameter_mm": d.diameter_mm,
+                    "length_mm": d.length_mm,
+                    "connection": d.connection,
+                },
+            )
+            implant_ids.append(implant_id)
+            for path in implant.views:
+                data = path.read_bytes()
+                loaded = images.load_image(data)
+                key = store.put(loaded.sha256, data, content_type="image/png")
+                image_id = queries.upsert_image(
+                    conn,
+                    {"implant_id": implant_id, "sha256": loaded.sha256, "storage_key": key},
+                )
+                vectors.append((image_id, tiny_embedder.embed_images([loaded.image])[0]))
+        queries.copy_embeddings(conn, model.model_id, vectors)
+        queries.activate_model(conn, model.model_id)
+        conn.commit()
+    return Catalogue(settings, store, info.query_files[0].read_bytes(), implant_ids)
+
+
+# --- the server in a thread -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def running(cat: Catalogue, embedder: Any, **changes: Any) -> Iterator[str]:
+    options = {k: changes.pop(k) for k in ("insecure_no_auth", "shutdown_grace_s") if k in changes}
+    settings = cat.settings.replace(**{"job_retry_base_s": 0.2, **changes})
+    app = create_app(ServerConfig(settings, embedder, cat.store, poll_s=0.2, **options))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def poll(url: str, *, timeout: float = 30, **kw: Any) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = httpx.get(url, **kw).json()
+        if answer["status"] in ("done", "failed") or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.1)
+
+
+def jotform_fields(image_url: str, submission_id: str, form_id: str = FORM_ID) -> list:
+    """A Jotform webhook POST as Jotform sends it: multipart fields, answers in the
+    rawRequest JSON string, the upload listed in temp_upload, its URL under the bare key."""
+    raw = {
+        "slug": f"submit/{form_id}/",
+        "jsExecutionTracker": "build-date-1700000000000=>init-started:1700000000100",
+        "submitSource": "form",
+        "q3_clinicId": "clinic-42",
+        "q4_patientName": {"first": "Ana", "last": "Souza"},
+        "temp_upload": {"q5_xrayImage": ["xray.png#d41d8cd9"]},
+        "file_server": "jufs-euwest-01",
+        "event_id": "1700000000000_241234567890123_abcdefg",
+        "timeToSubmit": "41",
+        "validatedNewRequiredFieldIDs": '{"new":1}',
+        "path": f"/submit/{form_id}/",
+        "xrayImage": [image_url],
+    }
+    fields = {
+        "action": "",
+        "webhookURL": "https://raiox.example/webhook?token=***",
+        "username": "clinicuser",
+        "formID": form_id,
+        "type": "WEB",
+        "customParams": "",
+        "product": "false",
+        "formTitle": "Implant X-ray",
+        "customTitle": "",
+        "submissionID": submission_id,
+        "event": "",
+        "documentID": "",
+        "teamID": "",
+        "subject": "",
+        "isSilent": "false",
+        "customBody": "",
+        "rawRequest": json.dumps(raw),
+        "fromTable": "",
+        "appID": "",
+        "pretty": f"Clinic ID:clinic-42, Patient Name:Ana Souza, X-ray:{image_url}",
+        "unread": "",
+        "parent": "",
+        "ip": "203.0.113.9",
+    }
+    return [(name, (None, value)) for name, value in fields.items()]
+
+
+def signed(body: dict[str, Any], msg_id: str | None = None, timestamp: int | None = None) -> dict:
+    raw = json.dumps(body).encode()
+    headers = auth.signature_headers(SECRET, msg_id or "msg_" + uuid.uuid4().hex, raw, timestamp)
+    return {"content": raw, "headers": {**headers, "content-type": "application/json"}}
+
+
+def count_analyses(settings: config.Settings) -> int:
+    with db.connect(settings) as conn:
+        row = conn.execute("SELECT count(*) FROM analyses").fetchone()
+        return int(row[0]) if row else 0
+
+
+# --- tests ------------------------------------------------------------------------
+
+
+def test_jotform_and_json_deliveries_complete_once_and_notify(
+    catalogue: Catalogue, tiny_embedder: Any, site: Site, capsys: pytest.CaptureFixture
+) -> None:
+    site.routes["/xray.png"] = (200, catalogue.query_png, {"Content-Type": "image/png"})
+    image_url = site.base + "/xray.png"
+    with running(
+        catalogue,
+        tiny_embedder,
+        webhook_token=TOKEN,
+        webhook_secret=SECRET,
+        notify_url=site.base + "/notify",
+        download_allow_loopback=True,
+        jotform_form_ids=f"{FORM_ID},999",
+        jotform_client_field="clinicId",
+    ) as base:
+        submission = "5712345678901234567"
+        first = httpx.post(
+            f"{base}/webhook?token={TOKEN}", files=jotform_fields(image_url, submission)
+        )
+        assert first.status_code == 202, first.text
+        jot = first.json()
+        assert jot["url"] == f"{base}/analyses/{jot['id']}" and not jot["replayed"]
+        again = httpx.post(
+            f"{base}/webhook?token={TOKEN}", files=jotform_fields(image_url, submission)
+        )
+        assert again.json()["id"] == jot["id"] and again.json()["replayed"]
+
+        body = {"image_url": image_url, "client_id": "c-7", "metadata": {"tooth": 36}}
+        msg_id = "msg_" + uuid.uuid4().hex
+        sent = httpx.post(
+            f"{base}/webhook", params={"token": TOKEN}, **signed(body, msg_id), timeout=30
+        )
+        assert sent.status_code in (200, 202), sent.text
+        api = sent.json()
+        # A retry of the same delivery is signed again, with a new timestamp.
+        replay = httpx.post(
+            f"{base}/webhook",
+            params={"token": TOKEN, "wait": 20},
+            **signed(body, msg_id),
+            timeout=30,
+        )
+        assert replay.json()["id"] == api["id"] and replay.json()["replayed"]
+        assert replay.json()["status"] == "done"  # ?wait returned the result inline
+
+        headers = {"authorization": f"Bearer {TOKEN}"}
+        for analysis_id in (jot["id"], api["id"]):
+            result = poll(f"{base}/analyses/{analysis_id}", headers=headers)
+            assert result["status"] == "done", result
+            assert len(result["matches"]) == 3
+            assert [m["rank"] for m in result["matches"]] == [1, 2, 3]
+            assert {m["implant_id"] for m in result["matches"]} <= set(catalogue.implant_ids)
+            link = result["image"]["url"]
+            assert "X-Amz-Signature" in link  # presigned, never a public object
+            assert httpx.get(link).content == catalogue.query_png
+            assert "X-Amz-Signature" in result["matches"][0]["image_url"]
+        jot_result = httpx.get(f"{base}/analyses/{jot['id']}", headers=headers).json()
+        assert jot_result["client_id"] == "clinic-42"
+        assert jot_result["metadata"]["jotform"]["submission_id"] == submission
+        api_result = httpx.get(f"{base}/analyses/{api['id']}", headers=headers).json()
+        assert api_result["client_id"] == "c-7" and api_result["metadata"] == {"tooth": 36}
+
+        deadline = time.monotonic() + 15
+        while len(site.notifications) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        delivered = {}
+        for note_headers, note_body in site.notifications:
+            assert auth.verify_signature(SECRET, note_headers, note_body).startswith("msg_")
+            payload = json.loads(note_body)
+            assert payload["type"] == "analysis.completed"
+            delivered[payload["data"]["id"]] = payload["data"]
+        assert set(delivered) == {jot["id"], api["id"]}
+        assert len(delivered[api["id"]]["matches"]) == 3
+        final = poll(f"{base}/analyses/{api['id']}", headers=headers)
+        deadline = time.monotonic() + 5
+        while final.get("notification", {}).get("status") != "sent":
+            assert time.monotonic() < deadline, final
+            final = httpx.get(f"{base}/analyses/{api['id']}", headers=headers).json()
+    assert count_analyses(catalogue.settings) == 2
+    assert site.hits.count("/xray.png") == 2
+    logged = capsys.readouterr().err
+    assert f'"analysis_id": {jot["id"]}' in logged and '"event": "job done"' in logged
+    assert TOKEN not in logged
+
+
+def test_authentication_refusals(catalogue: Catalogue, tiny_embedder: Any, site: Site) -> None:
+    body = {"image_url": site.base + "/xray.png"}
+    with running(
+        catalogue,
+        tiny_embedder,
+        webhook_token=TOKEN,
+        webhook_secret=SECRET,
+        jotform_form_ids=FORM_ID,
+    ) as base:
+        hook = f"{base}/webhook"
+        ok_token = {"token": TOKEN}
+        cases = [
+            httpx.post(hook, **signed(body)),  # no token
+            httpx.post(hook, params={"token": "wrong"}, **signed(body)),
+            httpx.post(hook, params=ok_token, json=body),  # no signature
+            httpx.post(
+                hook,
+                params=ok_token,
+                content=json.dumps(body).encode(),
+                headers={
+                    **signed(body)["headers"],
+                    "webhook-signature": "v1," + base64.b64encode(b"x" * 32).decode(),
+                },
+            ),
+            httpx.post(hook, params=ok_token, **signed(body, timestamp=int(time.time()) - 600)),
+            httpx.post(hook, files=jotform_fields(body["image_url"], "1")),  # Jotform, no token
+            httpx.get(f"{base}/analyses/1"),
+            httpx.get(f"{base}/implants", headers={"authorization": "Bearer nope"}),
+        ]
+        assert [r.status_code for r in cases] == [401] * len(cases)
+        other_form = httpx.post(
+            f"{hook}?token={TOKEN}", files=jotform_fields(body["image_url"], "2", form_id="777")
+        )
+        assert other_form.status_code == 403
+        assert httpx.post(hook, params=ok_token, **signed({"image_url": 5})).status_code == 400
+        assert httpx.get(f"{base}/healthcheck").status_code == 200
+        assert httpx.get(f"{base}/docs").status_code == 200
+        assert "/webhook" in httpx.get(f"{base}/openapi.json").json()["paths"]
+    assert count_analyses(catalogue.settings) == 0
+    assert site.hits == []
+
+
+def test_refuses_to_start_without_authentication(raiox_env: config.Settings) -> None:
+    result = CliRunner().invoke(cli_app, ["serve-webhook-minimal", "--port", "1"])
+    assert result.exit_code == 2
+    assert "RAIOX_WEBHOOK_TOKEN" in result.output and "--insecure-no-auth" in result.output
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://127.0.0.1:{port}/xray.png",
+        "http://10.20.30.40/xray.png",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::ffff:127.0.0.1]:{port}/xray.png",
+    ],
+)
+def test_ssrf_targets_fail_without_a_request(
+    catalogue: Catalogue, tiny_embedder: Any, site: Site, target: str
+) -> None:
+    site.routes["/xray.png"] = (200, catalogue.query_png, {})
+    url = target.format(port=site.base.rsplit(":", 1)[1])
+    with running(catalogue, tiny_embedder, webhook_token=TOKEN) as base:
+        answer = httpx.post(
+            f"{base}/webhook",
+            params={"token": TOKEN, "wait": 20},
+            json={"image_url": url},
+            timeout=30,
+        ).json()
+    assert answer["status"] == "failed"
+    assert "SSRF" in answer["error"] and answer["attempts"] == 1
+    assert site.hits == []
+
+
+def test_bad_downloads_fail_and_transient_ones_retry(
+    catalogue: Catalogue, tiny_embedder: Any, site: Site
+) -> None:
+    site.routes["/xray.png"] = (200, catalogue.query_png, {})
+    site.routes["/big.png"] = (200, b"\x89PNG\r\n\x1a\n" + b"0" * 200_000, {})
+    site.routes["/notes.txt"] = (200, b"just some text", {"Content-Type": "text/plain"})
+    site.routes["/to-private"] = (302, b"", {"Location": "http://10.0.0.8/xray.png"})
+    site.routes["/flaky.png"] = site.routes["/xray.png"]
+    site.failures["/flaky.png"] = 2
+    expected = {
+        "/big.png": "200000-byte cap" if False else "byte cap",
+        "/notes.txt": "not a usable image",
+        "/to-private": "SSRF",
+        "/missing.png": "HTTP 404",
+    }
+    with running(
+        catalogue,
+        tiny_embedder,
+        webhook_token=TOKEN,
+        download_allow_loopback=True,
+        server_max_bytes=100_000,
+    ) as base:
+        post = {"params": {"token": TOKEN}, "timeout": 30}
+        ids = {
+            path: httpx.post(
+                f"{base}/webhook", json={"image_url": site.base + path}, **post
+            ).json()["id"]
+            for path in [*expected, "/flaky.png"]
+        }
+        headers = {"x-raiox-token": TOKEN}
+        for path, reason in expected.items():
+            result = poll(f"{base}/analyses/{ids[path]}", headers=headers)
+            assert result["status"] == "failed" and reason in result["error"], (path, result)
+            assert result["attempts"] == 1  # permanent: no retries
+        flaky = poll(f"{base}/analyses/{ids['/flaky.png']}", headers=headers)
+        assert flaky["status"] == "done" and flaky["attempts"] == 3, flaky
+        too_big = httpx.post(
+            f"{base}/webhook",
+            content=b"{" + b" " * 100_001 + b"}",
+            **post,
+            headers={"content-type": "application/json"},
+        )
+        assert too_big.status_code == 413
+    assert site.hits.count("/flaky.png") == 3
+
+
+def test_upload_and_catalogue_browsing(catalogue: Catalogue, tiny_embedder: Any) -> None:
+    with running(catalogue, tiny_embedder, webhook_token=TOKEN) as base:
+        auth_header = {"authorization": f"Bearer {TOKEN}"}
+        answer = httpx.post(
+            f"{base}/upload?k=2",
+            files={"file": ("q.png", catalogue.query_png, "image/png")},
+            headers=auth_header,
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        result = answer.json()
+        assert result["status"] == "done" and result["source"] == "upload"
+        assert len(result["matches"]) == 2 and "confident" in result
+        stored = httpx.get(f"{base}/analyses/{result['id']}", headers=auth_header).json()
+        assert stored["matches"] == result["matches"]
+        not_image = httpx.post(
+            f"{base}/upload",
+            files={"file": ("x.png", b"not an image", "image/png")},
+            headers=auth_header,
+        )
+        assert not_image.status_code == 422
+
+        page = httpx.get(f"{base}/implants?skip=1&limit=2", headers=auth_header).json()
+        assert page["total"] == 4 and [i["id"] for i in page["items"]] == catalogue.implant_ids[1:3]
+        one = httpx.get(f"{base}/implants/{catalogue.implant_ids[0]}", headers=auth_header).json()
+        assert len(one["images"]) == 2 and "X-Amz-Signature" in one["images"][0]["url"]
+        assert httpx.get(f"{base}/implants/999999", headers=auth_header).status_code == 404
+        assert httpx.get(f"{base}/analyses/999999", headers=auth_header).status_code == 404
+        assert httpx.get(f"{base}/implants?limit=1000", headers=auth_header).status_code == 422
+        health = httpx.get(f"{base}/healthcheck").json()
+        assert health["database"] and health["model_id"] == tiny_embedder.model_id
+        assert health["pending"] == 0
+
+
+def test_healthcheck_is_503_when_the_database_is_gone(
+    pg_server_url: str, tmp_path: Path, tiny_embedder: Any
+) -> None:
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    base_url, _, query = pg_server_url.partition("?")
+    settings = config.resolve(
+        env={
+            "RAIOX_HOME": str(tmp_path),
+            "RAIOX_DATABASE_URL": f"{base_url.rsplit('/', 1)[0]}/{name}?{query}",
+        }
+    )
+    db.migrate(settings)
+    cat = Catalogue(settings, storage.open_store(settings), b"", [])
+    with running(cat, tiny_embedder, insecure_no_auth=True) as base:
+        assert httpx.get(f"{base}/healthcheck").status_code == 200
+        with psycopg.connect(pg_server_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+        down = httpx.get(f"{base}/healthcheck", timeout=30)
+        assert down.status_code == 503 and down.json()["database"] is False
+
+
+def test_graceful_shutdown_gives_running_jobs_back(
+    catalogue: Catalogue, tiny_embedder: Any, site: Site
+) -> None:
+    site.routes["/slow.png"] = (200, catalogue.query_png, {})
+    site.delays["/slow.png"] = 4.0
+    with running(
+        catalogue,
+        tiny_embedder,
+        webhook_token=TOKEN,
+        download_allow_loopback=True,
+        shutdown_grace_s=0.3,
+    ) as base:
+        answer = httpx.post(
+            f"{base}/webhook", params={"token": TOKEN}, json={"image_url": site.base + "/slow.png"}
+        ).json()
+        deadline = time.monotonic() + 10
+        while "/slow.png" not in site.hits:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    with db.connect(catalogue.settings) as conn:
+        row = queries.get_analysis(conn, answer["id"])
+    assert row is not None
+    assert (row["status"], row["attempts"], row["locked_until"]) == ("pending", 0, None)
+
+
+def test_killed_server_resumes_its_job_after_restart(
+    catalogue: Catalogue, site: Site, tmp_path: Path
+) -> None:
+    site.routes["/slow.png"] = (200, catalogue.query_png, {})
+    site.delays["/slow.png"] = 4.0
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "RAIOX_WEBHOOK_TOKEN": TOKEN,
+        "RAIOX_DOWNLOAD_ALLOW_LOOPBACK": "1",
+        "RAIOX_JOB_LEASE_S": "2",
+    }
+    command = [sys.executable, "-m", "raiox_cli", "serve-webhook-minimal", "--port", str(port)]
+    base = f"http://127.0.0.1:{port}"
+
+    def start() -> subprocess.Popen:
+        log = (tmp_path / "server.log").open("ab")
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/healthcheck").status_code == 200:
+                    return proc
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+
+    proc = start()
+    try:
+        answer = httpx.post(
+            f"{base}/webhook", params={"token": TOKEN}, json={"image_url": site.base + "/slow.png"}
+        ).json()
+        deadline = time.monotonic() + 20
+        while "/slow.png" not in site.hits:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # mid-download: no chance to clean up
+        proc.wait(10)
+        with db.connect(catalogue.settings) as conn:
+            row = queries.get_analysis(conn, answer["id"])
+        assert row is not None and (row["status"], row["attempts"]) == ("running", 1)
+        proc = start()
+        result = poll(
+            f"{base}/analyses/{answer['id']}", headers={"x-raiox-token": TOKEN}, timeout=40
+        )
+        assert result["status"] == "done" and result["attempts"] == 2, result
+        assert len(result["matches"]) == 3
+        assert count_analyses(catalogue.settings) == 1
+    finally:
+        proc.terminate()
+        proc.wait(30)
