@@ -438,8 +438,7 @@ class RootIngest:
             if len(touch) >= TOUCH_BATCH:
                 writer.put((touch[:], None))
                 touch.clear()
-            if done % 16 == 0 or done == len(todo):
-                self.progress("ingest", done, len(todo))
+            self.progress("ingest", done, len(todo))
 
         try:
             run_pipeline(

@@ -187,7 +187,7 @@ def _embed_missing(
             batch.append(p)
             if len(batch) >= settings.batch_size:
                 flush()
-        if progress and (done % 16 == 0 or done == total):
+        if progress:
             progress("re-embed", done, total)
 
     try:
