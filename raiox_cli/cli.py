@@ -667,5 +667,81 @@ def _print_eval(report: Any) -> None:
         out.print(failures)
 
 
+@command("demo")
+def demo(
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="demo folder [default: RAIOX_HOME/demo]", show_default=False),
+    ] = None,
+    systems: Annotated[int, typer.Option(min=2, max=200, help="synthetic implant systems")] = 8,
+    tta: Annotated[
+        bool, typer.Option("--tta/--no-tta", help="search in three orientations")
+    ] = False,
+    database_url: DatabaseUrl = None,
+    model: Model = None,
+    pretrained: Pretrained = None,
+    weights: Weights = None,
+    device: Device = None,
+) -> None:
+    """Try raiox end to end on a synthetic catalogue: generate, ingest, search, eval.
+
+    Writes implant radiographs and labelled queries under RAIOX_HOME/demo (or
+    --out), ingests them into the database (the embedded one by default),
+    prints a few searches, writes a contact sheet and evaluates the queries. A
+    second run reuses everything. Offline without model weights, run it with
+    --pretrained none (random weights: a smoke run, scores meaningless) or set
+    RAIOX_WEIGHTS to a local checkpoint.
+
+    Example: raiox demo --pretrained none
+    """
+    from raiox_cli import demo as core
+
+    settings = config.resolve(
+        database_url=database_url,
+        model=model,
+        pretrained=pretrained,
+        weights=weights,
+        device=device,
+    )
+    report = core.run_demo(settings, out_dir, systems=systems, tta=tta)
+    _print_demo(report)
+
+
+def _print_demo(report: Any) -> None:
+    made = "generated" if report.generated else "reused"
+    i = report.ingest
+    err.print(f"synthetic catalogue {made} in {report.folder}", markup=False, highlight=False)
+    err.print(
+        f"ingest: {i.new} new, {i.updated} updated, {i.unchanged} unchanged images "
+        f"({report.model_id})",
+        markup=False,
+        highlight=False,
+    )
+    if report.meaningless:
+        err.print(
+            "random model weights (--pretrained none): a smoke run of the plumbing; "
+            "its scores and accuracy are meaningless",
+            style="yellow",
+        )
+    for searched in report.searches:
+        _print_matches(f"{searched.query.name}: should be {searched.expected_key}", searched.result)
+    if report.sheet is not None:
+        out.print(f"contact sheet: {report.sheet}", highlight=False)
+    if report.evaluation is not None:
+        _print_eval(report.evaluation)
+    catalogue = report.folder / "catalogue"
+    out.print(
+        "\nWhat to do next:\n"
+        f"  look at {report.sheet or catalogue}, and the demo catalogue in {catalogue}\n"
+        "  ingest your own: raiox ingest /path/to/catalogue  (<Manufacturer>/<Implant>/images,"
+        " optional catalogue.csv)\n"
+        "  identify an X-ray: raiox search xray.jpg --crop x,y,w,h --sheet sheet.png\n"
+        "  measure it: raiox eval /path/to/labelled-xrays\n"
+        "  real weights offline: RAIOX_WEIGHTS=/path/open_clip_model.safetensors"
+        " (README: model weights)",
+        highlight=False,
+    )
+
+
 def main() -> None:
     app()

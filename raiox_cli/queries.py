@@ -471,8 +471,11 @@ def reindex_model_index(conn: psycopg.Connection, model: ModelRow) -> None:
 
 
 def iterative_scan_supported(conn: psycopg.Connection) -> bool:
-    """pgvector >= 0.8: an HNSW scan can go on past ef_search until LIMIT is met."""
-    row = conn.execute("SELECT current_setting('hnsw.iterative_scan', true)").fetchone()
+    """pgvector >= 0.8: an HNSW scan can go on past ef_search until LIMIT is met.
+    (The cast loads pgvector's library, which defines its settings.)"""
+    row = conn.execute(
+        "SELECT current_setting('hnsw.iterative_scan', true) FROM (SELECT '[1]'::vector) v"
+    ).fetchone()
     return bool(row and row[0] is not None)
 
 
@@ -480,8 +483,9 @@ def configure_search(
     conn: psycopg.Connection, *, ef_search: int, iterative: bool, max_scan_tuples: int
 ) -> None:
     """Session settings for nearest-neighbour scans. Sequential scans are disabled
-    for the session's searches: on a small or freshly ANALYZEd catalogue the planner
-    may otherwise prefer a seq scan + sort, which grows linearly with the catalogue."""
+    for the session: on a small or freshly ANALYZEd catalogue, or for a large LIMIT,
+    the planner otherwise prefers a seq scan + sort, which grows linearly with the
+    catalogue. The search statements below only ever look rows up by key."""
     conn.execute(
         "SELECT set_config('hnsw.ef_search', %(ef)s, false), "
         "set_config('enable_seqscan', 'off', false)",
@@ -495,25 +499,38 @@ def configure_search(
         )
 
 
+# The implant of an image, looked up per candidate row (a scalar subquery is never
+# turned into a join, so it stays one primary-key probe per row the scan yields).
+_IMPLANT_OF = "(SELECT im.implant_id FROM implant_images im WHERE im.id = {image})"
+
+
 def _manufacturer_filter(manufacturer: bool) -> sql.SQL:
-    # Wrapped in IS TRUE so it stays a hashed SubPlan, a plain condition checked on
-    # each row the HNSW scan yields (iterative scans keep it fed), rather than a
-    # semi-join or `image_id = ANY` that the planner would answer with the primary
-    # key and a sort: exact but linear in the manufacturer's images.
+    # A condition checked on each row the HNSW scan yields (iterative scans keep
+    # it fed), against a hashed set of the manufacturer's implants. IS TRUE keeps
+    # the planner from making it a join that would take the ordering from the index.
     if not manufacturer:
         return sql.SQL("")
     return sql.SQL(
-        " AND (e.image_id IN (SELECT im2.id FROM implant_images im2 "
-        "JOIN implants i2 ON i2.id = im2.implant_id "
+        " AND (" + _IMPLANT_OF.format(image="e.image_id") + " IN (SELECT i2.id FROM implants i2 "
         "WHERE lower(i2.manufacturer) = lower(%(manufacturer)s))) IS TRUE"
     )
 
 
 _IMPLANT_COLUMNS = sql.SQL(
     """i.id, i.key, i.name, i.manufacturer, i.system, i.diameter_mm, i.length_mm,
-       i.connection, best.image_id, im.storage_key, im.source_path, r.path AS root_path,
-       1 - best.distance AS score"""
+       i.connection, top.image_id, im.storage_key, im.source_path, r.path AS root_path,
+       1 - top.distance AS score"""
 )
+
+# The k best implants of `best` (implant_id, image_id, distance), with their details.
+_TOP_IMPLANTS = """top AS MATERIALIZED (
+               SELECT implant_id, image_id, distance FROM best
+               ORDER BY distance, implant_id LIMIT %(k)s)
+           SELECT {columns}{extra}
+           FROM top JOIN implants i ON i.id = top.implant_id
+                    JOIN implant_images im ON im.id = top.image_id
+                    LEFT JOIN catalogue_roots r ON r.id = im.root_id
+           ORDER BY top.distance, i.id"""
 
 
 def _nearest_sql(model: ModelRow, manufacturer: bool) -> sql.Composed:
@@ -528,21 +545,19 @@ def _nearest_sql(model: ModelRow, manufacturer: bool) -> sql.Composed:
                WHERE e.model_id = {model}{filter}
                ORDER BY {distance}
                LIMIT %(candidates)s),
-           best AS (
-               SELECT DISTINCT ON (im.implant_id) im.implant_id, nn.image_id, nn.distance
-               FROM nn JOIN implant_images im ON im.id = nn.image_id
-               ORDER BY im.implant_id, nn.distance)
-           SELECT {columns}, (SELECT count(*) FROM nn) AS fetched
-           FROM best JOIN implants i ON i.id = best.implant_id
-                     JOIN implant_images im ON im.id = best.image_id
-                     LEFT JOIN catalogue_roots r ON r.id = im.root_id
-           ORDER BY best.distance, i.id
-           LIMIT %(k)s"""
+           best AS MATERIALIZED (
+               SELECT DISTINCT ON (implant_id) implant_id, image_id, distance
+               FROM (SELECT nn.image_id, nn.distance, {implant_of} AS implant_id FROM nn) c
+               ORDER BY implant_id, distance),
+           """
+        + _TOP_IMPLANTS
     ).format(
         distance=distance,
         model=sql.Literal(model.model_id),
         filter=_manufacturer_filter(manufacturer),
+        implant_of=sql.SQL(_IMPLANT_OF.format(image="nn.image_id")),
         columns=_IMPLANT_COLUMNS,
+        extra=sql.SQL(", (SELECT count(*) FROM nn) AS fetched"),
     )
 
 
@@ -580,22 +595,24 @@ def exact_nearest_implants(
     k: int,
     manufacturer: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The exact answer: every image of the model compared (no index). The fallback
+    """The exact answer: every image of the model compared (no HNSW). The fallback
     when an index scan ran out before k implants, and the benchmarks' ground truth."""
     statement = sql.SQL(
-        """WITH best AS (
-               SELECT DISTINCT ON (im.implant_id) im.implant_id, e.image_id,
-                      e.embedding <=> %(q)s AS distance
-               FROM image_embeddings e JOIN implant_images im ON im.id = e.image_id
-               WHERE e.model_id = %(m)s{filter}
-               ORDER BY im.implant_id, distance)
-           SELECT {columns}
-           FROM best JOIN implants i ON i.id = best.implant_id
-                     JOIN implant_images im ON im.id = best.image_id
-                     LEFT JOIN catalogue_roots r ON r.id = im.root_id
-           ORDER BY best.distance, i.id
-           LIMIT %(k)s"""
-    ).format(filter=_manufacturer_filter(manufacturer is not None), columns=_IMPLANT_COLUMNS)
+        """WITH best AS MATERIALIZED (
+               SELECT DISTINCT ON (implant_id) implant_id, image_id, distance
+               FROM (SELECT e.image_id, e.embedding <=> %(q)s AS distance,
+                            {implant_of} AS implant_id
+                     FROM image_embeddings e
+                     WHERE e.model_id = %(m)s{filter}) c
+               ORDER BY implant_id, distance),
+           """
+        + _TOP_IMPLANTS
+    ).format(
+        filter=_manufacturer_filter(manufacturer is not None),
+        implant_of=sql.SQL(_IMPLANT_OF.format(image="e.image_id")),
+        columns=_IMPLANT_COLUMNS,
+        extra=sql.SQL(""),
+    )
     params = {
         "q": np.asarray(query, dtype=np.float32),
         "m": model.model_id,
@@ -640,6 +657,33 @@ def explain_nearest(
         "manufacturer": manufacturer,
     }
     return "\n".join(r[0] for r in conn.execute(plan, params))
+
+
+# Bulk loading for bench/bench_search.py: 100,000 rows in seconds, index built after.
+
+
+def copy_images(conn: psycopg.Connection, rows: Iterable[tuple[int, str]]) -> None:
+    """Binary COPY of (implant_id, sha256) image rows."""
+    with conn.cursor().copy(
+        "COPY implant_images (implant_id, sha256) FROM STDIN WITH (FORMAT BINARY)"
+    ) as copy:
+        copy.set_types(["int8", "text"])
+        for row in rows:
+            copy.write_row(row)
+
+
+def image_ids(conn: psycopg.Connection) -> list[int]:
+    return [row[0] for row in conn.execute("SELECT id FROM implant_images ORDER BY id")]
+
+
+def drop_model_index(conn: psycopg.Connection, model: ModelRow) -> None:
+    """Before a bulk load: one HNSW build afterwards beats 100,000 graph inserts."""
+    conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(model.index_name)))
+
+
+def set_build_memory(conn: psycopg.Connection, size: str) -> None:
+    """maintenance_work_mem for an index build: HNSW builds fast only in memory."""
+    conn.execute("SELECT set_config('maintenance_work_mem', %(v)s, false)", {"v": size})
 
 
 def implant_keys(conn: psycopg.Connection) -> list[str]:
