@@ -87,6 +87,7 @@ def _handler(site: Site) -> type[BaseHTTPRequestHandler]:
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    server.daemon_threads = True  # a handler still sleeping must not hold up teardown
     info = Site(f"http://127.0.0.1:{server.server_address[1]}", {})
     server.RequestHandlerClass = _handler(info)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

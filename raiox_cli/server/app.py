@@ -141,10 +141,12 @@ ERROR_STATUS: list[tuple[type[Exception], int]] = [
 ]
 
 
-def _with_db(request: Request, fn: Callable[[psycopg.Connection], Any]) -> Any:
+def _with_db(
+    request: Request, fn: Callable[[psycopg.Connection], Any], timeout_s: float = 10.0
+) -> Any:
     pool: psycopg_pool.ConnectionPool = request.app.state.pool
     try:
-        with pool.connection(timeout=10) as conn:
+        with pool.connection(timeout=timeout_s) as conn:
             return fn(conn)
     except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
         raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
@@ -162,6 +164,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             min_size=1,
             max_size=config.pool_size,
             configure=register_vector,
+            check=psycopg_pool.ConnectionPool.check_connection,  # survive a database restart
             kwargs={"connect_timeout": 5},
             open=False,
         )
@@ -270,7 +273,11 @@ def create_app(config: ServerConfig) -> FastAPI:
                 upload_field=settings.jotform_upload_field,
             )
         else:
-            delivery_id = delivery_id or request.headers.get("webhook-id")
+            delivery_id = (
+                delivery_id
+                or request.headers.get("webhook-id")
+                or request.headers.get("idempotency-key")
+            )
             submission = jotform.parse_json(body, delivery_id)
 
         def record(conn: psycopg.Connection) -> tuple[int, bool]:
@@ -375,7 +382,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
         answer: dict[str, Any] = {"version": __version__, "model_id": config.embedder.model_id}
         try:
-            pending = await run_in_threadpool(_with_db, request, state)
+            pending = await run_in_threadpool(_with_db, request, state, 3.0)
         except DatabaseUnavailable:
             return JSONResponse({**answer, "status": "error", "database": False}, 503)
         return JSONResponse({**answer, "status": "ok", "database": True, "pending": pending})

@@ -45,5 +45,5 @@ def setup(debug: bool = False) -> None:
     log.propagate = False
 
 
-def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
-    log.log(level, name, extra={"fields": fields})
+def event(name: str, level: int = logging.INFO, exc_info: bool = False, **fields: Any) -> None:
+    log.log(level, name, exc_info=exc_info, extra={"fields": fields})

@@ -162,8 +162,8 @@ class Worker:
                 worked = self.run_one_job(conn)
                 if not worked and self.settings.notify_url:
                     worked = self.send_one_notification(conn)
-            except (psycopg.Error, RaioxError) as exc:
-                logs.event("worker database error", logging.WARNING, error=str(exc)[:200])
+            except Exception as exc:  # the thread must outlive any one failure
+                logs.event("worker error", logging.WARNING, error=str(exc)[:200], exc_info=True)
                 if conn is not None:
                     conn.close()
                 conn = None
