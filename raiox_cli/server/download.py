@@ -196,8 +196,14 @@ def download(
         pool=policy.connect_timeout_s,
     )
     # trust_env=False: a proxy from the environment would connect on our behalf,
-    # to addresses we never checked.
-    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+    # to addresses we never checked. No keep-alive: every hop opens its own
+    # connection to its own checked address, with its own TLS name.
+    with httpx.Client(
+        timeout=timeout,
+        follow_redirects=False,
+        trust_env=False,
+        limits=httpx.Limits(max_keepalive_connections=0),
+    ) as client:
         for _ in range(policy.max_redirects + 1):
             target = check_url(url, policy, resolve)
             request = client.build_request(
