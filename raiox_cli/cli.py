@@ -437,11 +437,14 @@ def search(
         str | None, typer.Option(help="only implants of this manufacturer")
     ] = None,
     tta: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--tta/--no-tta", help="also search the image mirrored and upside down (upper jaw)"
+            "--tta/--no-tta",
+            help="also search the image mirrored and upside down (upper jaw) "
+            "[env RAIOX_TTA; default on]",
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
     min_score: Annotated[
         float | None,
         typer.Option(
@@ -479,7 +482,7 @@ def search(
     (schema in the README). Exit codes: 3 no database, 5 catalogue built with another
     model, 6 empty catalogue, 7 unreadable image.
 
-    Example: raiox search pano.jpg --crop 820,400,300,420 -k 5 --tta --sheet out.png
+    Example: raiox search pano.jpg --crop 820,400,300,420 -k 5 --sheet out.png
     """
     from raiox_cli import images
     from raiox_cli import search as core
@@ -492,6 +495,7 @@ def search(
         device=device,
         min_score=min_score,
         ef_search=ef_search,
+        tta=tta,
     )
     result = core.search_file(
         settings,
@@ -499,7 +503,6 @@ def search(
         k=k,
         crop=images.parse_crop(crop) if crop else None,
         manufacturer=manufacturer,
-        tta=tta,
         save=save,
         client_id=client_id,
         sheet_path=sheet,
@@ -606,8 +609,13 @@ def eval_(
         Path, typer.Argument(help="labelled queries: <Manufacturer>/<Implant>/*.png or a CSV")
     ],
     tta: Annotated[
-        bool, typer.Option("--tta/--no-tta", help="search each query in three orientations")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--tta/--no-tta",
+            help="search each query in three orientations [env RAIOX_TTA; default on]",
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOut = False,
     database_url: DatabaseUrl = None,
     model: Model = None,
@@ -630,8 +638,9 @@ def eval_(
         pretrained=pretrained,
         weights=weights,
         device=device,
+        tta=tta,
     )
-    report = evaluate.evaluate_source(settings, queries, tta=tta)
+    report = evaluate.evaluate_source(settings, queries)
     for skipped in report.skipped:
         err.print(f"skipped {skipped.path}: {skipped.error}", markup=False, highlight=False)
     if json_out:
@@ -649,6 +658,13 @@ def _print_eval(report: Any) -> None:
         *(f"{v:.3f}" for v in (report.top1, report.top3, report.top5, report.mrr)),
     )
     out.print(summary)
+    for label, spread in (("right", report.scores_right), ("wrong", report.scores_wrong)):
+        if spread:
+            low, mid, high = spread
+            out.print(
+                f"best score when {label}: min {low:.3f}, median {mid:.3f}, max {high:.3f}",
+                highlight=False,
+            )
     if report.confused:
         confused = Table(title="most confused (expected -> ranked first)")
         for column in ("expected", "ranked first", "times"):
@@ -675,8 +691,11 @@ def demo(
     ] = None,
     systems: Annotated[int, typer.Option(min=2, max=200, help="synthetic implant systems")] = 8,
     tta: Annotated[
-        bool, typer.Option("--tta/--no-tta", help="search in three orientations")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--tta/--no-tta", help="search in three orientations [default on]", show_default=False
+        ),
+    ] = None,
     database_url: DatabaseUrl = None,
     model: Model = None,
     pretrained: Pretrained = None,
@@ -702,8 +721,9 @@ def demo(
         pretrained=pretrained,
         weights=weights,
         device=device,
+        tta=tta,
     )
-    report = core.run_demo(settings, out_dir, systems=systems, tta=tta)
+    report = core.run_demo(settings, out_dir, systems=systems)
     _print_demo(report)
 
 

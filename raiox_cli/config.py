@@ -49,6 +49,8 @@ class Settings:
     max_bytes: int = field(default=100 * 1024 * 1024, metadata={"env": "RAIOX_MAX_BYTES"})
     ef_search: int = field(default=100, metadata={"env": "RAIOX_EF_SEARCH"})
     min_score: float = field(default=0.8, metadata={"env": "RAIOX_MIN_SCORE"})
+    # Search the query mirrored and upside down too (see README, "Searching").
+    tta: bool = field(default=True, metadata={"env": "RAIOX_TTA"})
     s3_bucket: str | None = field(default=None, metadata={"env": "RAIOX_S3_BUCKET"})
     s3_endpoint: str | None = field(default=None, metadata={"env": "RAIOX_S3_ENDPOINT"})
     s3_region: str | None = field(default=None, metadata={"env": "RAIOX_S3_REGION"})

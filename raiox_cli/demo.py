@@ -70,7 +70,6 @@ def run_demo(
     systems: int = 8,
     views: int = 4,
     queries: int = 2,
-    tta: bool = False,
 ) -> DemoReport:
     """Generate, ingest, search, draw a contact sheet, evaluate."""
     spec = embedding.ModelSpec.from_settings(settings)
@@ -89,10 +88,10 @@ def run_demo(
     sheet = folder / "contact-sheet.png"
     for n, implant in enumerate([i for i in info.implants if i.queries][:SEARCHED]):
         result = search.search_file(
-            settings, implant.queries[0], k=3, tta=tta, sheet_path=sheet if n == 0 else None
+            settings, implant.queries[0], k=3, sheet_path=sheet if n == 0 else None
         )
         report.searches.append(DemoSearch(implant.queries[0], implant.key, result))
     report.sheet = sheet if report.searches else None
     if info.query_files:
-        report.evaluation = evaluate.evaluate_source(settings, info.queries_dir, tta=tta)
+        report.evaluation = evaluate.evaluate_source(settings, info.queries_dir)
     return report

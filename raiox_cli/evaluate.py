@@ -64,6 +64,10 @@ class EvalReport:
     confused: list[dict[str, Any]] = field(default_factory=list)
     failures: list[Outcome] = field(default_factory=list)  # expected implant not first
     skipped: list[Outcome] = field(default_factory=list)  # unreadable or unknown label
+    # Best scores of right and wrong answers (min, median, max): where --min-score
+    # should sit for this catalogue and model.
+    scores_right: list[float] = field(default_factory=list)
+    scores_wrong: list[float] = field(default_factory=list)
     depth: int = DEPTH
 
     def to_dict(self) -> dict[str, Any]:
@@ -204,6 +208,10 @@ def _report(
         {"expected": expected, "predicted": predicted, "count": count}
         for (expected, predicted), count in pairs.most_common(10)
     ]
+
+    def spread(scores: list[float]) -> list[float]:
+        return [min(scores), float(np.median(scores)), max(scores)] if scores else []
+
     return EvalReport(
         model_id=model_id,
         tta=tta,
@@ -215,10 +223,12 @@ def _report(
         confused=confused,
         failures=failures,
         skipped=skipped,
+        scores_right=spread([o.top[0][1] for o in outcomes if o.correct]),
+        scores_wrong=spread([o.top[0][1] for o in failures if o.top]),
     )
 
 
-def evaluate_source(settings: Settings, source: Path, *, tta: bool = False) -> EvalReport:
+def evaluate_source(settings: Settings, source: Path) -> EvalReport:
     """`raiox eval`: read the labelled queries, refuse a mismatched catalogue before
     loading the model, then evaluate."""
     from raiox_cli import db, embedding
@@ -228,4 +238,5 @@ def evaluate_source(settings: Settings, source: Path, *, tta: bool = False) -> E
     with db.connect(settings) as conn:
         db.check_schema(conn)
         search.catalogue_model(conn, embedding.model_id(spec))
-        return evaluate(conn, embedding.load_embedder(spec), labelled, settings, tta=tta)
+        embedder = embedding.load_embedder(spec)
+        return evaluate(conn, embedder, labelled, settings, tta=settings.tta)

@@ -597,22 +597,22 @@ def exact_nearest_implants(
 ) -> list[dict[str, Any]]:
     """The exact answer: every image of the model compared (no HNSW). The fallback
     when an index scan ran out before k implants, and the benchmarks' ground truth."""
+    filter_ = sql.SQL(
+        " AND im.implant_id IN (SELECT i2.id FROM implants i2 "
+        "WHERE lower(i2.manufacturer) = lower(%(manufacturer)s))"
+        if manufacturer is not None
+        else ""
+    )
     statement = sql.SQL(
         """WITH best AS MATERIALIZED (
-               SELECT DISTINCT ON (implant_id) implant_id, image_id, distance
-               FROM (SELECT e.image_id, e.embedding <=> %(q)s AS distance,
-                            {implant_of} AS implant_id
-                     FROM image_embeddings e
-                     WHERE e.model_id = %(m)s{filter}) c
-               ORDER BY implant_id, distance),
+               SELECT DISTINCT ON (im.implant_id) im.implant_id, e.image_id,
+                      e.embedding <=> %(q)s AS distance
+               FROM image_embeddings e JOIN implant_images im ON im.id = e.image_id
+               WHERE e.model_id = %(m)s{filter}
+               ORDER BY im.implant_id, distance),
            """
         + _TOP_IMPLANTS
-    ).format(
-        filter=_manufacturer_filter(manufacturer is not None),
-        implant_of=sql.SQL(_IMPLANT_OF.format(image="e.image_id")),
-        columns=_IMPLANT_COLUMNS,
-        extra=sql.SQL(""),
-    )
+    ).format(filter=filter_, columns=_IMPLANT_COLUMNS, extra=sql.SQL(""))
     params = {
         "q": np.asarray(query, dtype=np.float32),
         "m": model.model_id,
@@ -622,6 +622,13 @@ def exact_nearest_implants(
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(statement, params)
         return list(cur.fetchall())
+
+
+def allow_seqscan(conn: psycopg.Connection, allowed: bool) -> None:
+    """The exact scan reads every row: there a sequential scan is the right plan."""
+    conn.execute(
+        "SELECT set_config('enable_seqscan', %(v)s, false)", {"v": "on" if allowed else "off"}
+    )
 
 
 def count_searchable_implants(

@@ -29,6 +29,8 @@ def test_catalogue_images_as_queries_score_perfectly(ingested) -> None:
     assert report["queries"] == len(ingested.catalogue_files)
     assert report["top1"] == report["top5"] == report["mrr"] == 1.0
     assert report["failures"] == [] and report["confused"] == []
+    assert report["scores_right"][0] == pytest.approx(1.0, abs=1e-4)  # min over planted images
+    assert report["scores_wrong"] == []
 
 
 def test_eval_queries_folder_metrics_are_consistent(ingested) -> None:

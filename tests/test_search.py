@@ -212,6 +212,9 @@ def test_cli_search_json_schema(conn, catalogue) -> None:
     }
     assert first["key"] == planted.key and first["rank"] == 1
     assert first["diameter_mm"] == pytest.approx(planted.design.diameter_mm)
+    assert data["tta"] and data["orientations"] == list(search.ORIENTATIONS)  # the default
+    plain = runner.invoke(app, ["search", str(planted.views[2]), "--no-tta", "--json"])
+    assert json.loads(plain.stdout)["orientations"] == ["original"]
 
 
 def test_cli_no_confident_match(conn, catalogue) -> None:
