@@ -1,0 +1,343 @@
+"""Ingest benchmarks: prints one JSON object on stdout and a short table on stderr.
+
+  model_only     ViT-B-32 throughput on pre-decoded tensors (batch 32): the ceiling
+  ingest         end-to-end `ingest` throughput on the same PNGs (model preloaded)
+  loop           the replaced system's way: load, preprocess, encode, insert, one
+                 image at a time (a commit per image)
+  decode_pool    decode+preprocess throughput: serial vs threads vs processes
+  unchanged      wall time of `python -m raiox_cli ingest` over an unchanged catalogue
+  rss            peak RSS of an ingest of a small vs a large catalogue
+
+Each measured run is a fresh child process with its own embedded PostgreSQL (or
+RAIOX_DATABASE_URL's server, one database per run is NOT created: leave it unset).
+
+  python bench/bench_ingest.py                       # full size (takes a while on CPU)
+  python bench/bench_ingest.py --images 64 --unchanged-images 300 --rss-images 40,400
+  python bench/bench_ingest.py --device cuda --images 2048 --batch-size 128   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from raiox_cli import config, db, embedding, images, queries, synth
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    width, _, height = text.partition("x")
+    return int(width), int(height)
+
+
+def _catalogue(root: Path, count: int, size: tuple[int, int], views: int = 4) -> Path:
+    """A synthetic catalogue of `count` images (cached between runs by name)."""
+    marker = root / ".complete"
+    if not marker.exists():
+        systems = max(1, -(-count // views))
+        info = synth.make_catalogue(root, systems=systems, views=views, queries=0, size=size)
+        extra = info.catalogue_files[count:]
+        for path in extra:
+            path.unlink()
+        marker.write_text("ok")
+    return root / "catalogue"
+
+
+def _settings(home: Path, args: argparse.Namespace, model: str | None = None) -> config.Settings:
+    return config.resolve(
+        env={**os.environ, "RAIOX_HOME": str(home)},
+        model=model or args.model,
+        pretrained="none",
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- child-process measurements --------------------------------------------------------
+
+
+def child_model_only(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    root = _catalogue(args.work / f"png-{args.images}", args.images, _parse_size(args.size))
+    spec = embedding.ModelSpec(args.model, "none", None, args.device)
+    embedder = embedding.load_embedder(spec)
+    files = sorted(root.rglob("*.png"))
+    tensors = [embedder.preprocess(images.load_image(p).image) for p in files]
+    batches = [
+        torch.stack(tensors[i : i + args.batch_size])
+        for i in range(0, len(tensors), args.batch_size)
+    ]
+    embedder.embed_tensors(batches[0])  # warm-up
+    start = time.perf_counter()
+    for batch in batches:
+        embedder.embed_tensors(batch)
+    elapsed = time.perf_counter() - start
+    return {"images": len(files), "elapsed_s": elapsed, "images_per_s": len(files) / elapsed}
+
+
+def child_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    from raiox_cli.ingest import ingest_catalogue
+
+    root = _catalogue(args.work / f"png-{args.images}", args.images, _parse_size(args.size))
+    settings = _settings(Path(tempfile.mkdtemp(dir=args.work)), args)
+    db.migrate(settings)
+    embedder = embedding.load_embedder(embedding.ModelSpec.from_settings(settings))
+    # Warm-up outside the clock, like model_only's.
+    import torch
+
+    embedder.embed_tensors(torch.zeros(args.batch_size, 3, 224, 224))
+    report = ingest_catalogue(settings, root)
+    return {
+        "images": report.embedded,
+        "failed": len(report.failed),
+        "elapsed_s": report.elapsed_s,
+        "images_per_s": report.images_per_s,
+    }
+
+
+def child_loop(args: argparse.Namespace) -> dict[str, Any]:
+    """One image at a time: load, preprocess, encode, insert, commit."""
+    import hashlib
+
+    import torch
+
+    from raiox_cli.catalogue import scan
+
+    root = _catalogue(args.work / f"png-{args.images}", args.images, _parse_size(args.size))
+    settings = _settings(Path(tempfile.mkdtemp(dir=args.work)), args)
+    db.migrate(settings)
+    embedder = embedding.load_embedder(embedding.ModelSpec.from_settings(settings))
+    embedder.embed_tensors(torch.zeros(1, 3, 224, 224))
+    files = scan(root).files[: args.loop_images]
+    start = time.perf_counter()
+    with db.connect(settings) as conn:
+        queries.register_model(conn, embedder.model_id, embedder.dim, 1)
+        conn.commit()
+        for f in files:
+            loaded = images.load_image(f.path)
+            vector = embedder.embed_tensors(embedder.preprocess(loaded.image)[None])[0]
+            implant_id = queries.upsert_implant(conn, f.implant.as_row())
+            image_id = queries.upsert_image(
+                conn,
+                {
+                    "implant_id": implant_id,
+                    "sha256": hashlib.sha256(f.path.read_bytes()).hexdigest(),
+                    "source_path": f.rel,
+                },
+            )
+            queries.copy_embeddings(conn, embedder.model_id, [(image_id, vector)])
+            conn.commit()
+    elapsed = time.perf_counter() - start
+    return {"images": len(files), "elapsed_s": elapsed, "images_per_s": len(files) / elapsed}
+
+
+def _decode(path: Path) -> Any:
+    embedder = embedding.load_embedder(embedding.ModelSpec("ViT-B-32", "none", None, "cpu"))
+    return embedder.preprocess(images.load_image(path).image)
+
+
+def child_decode_pool(args: argparse.Namespace) -> dict[str, Any]:
+    root = _catalogue(args.work / f"png-{args.images}", args.images, _parse_size(args.size))
+    files = sorted(root.rglob("*.png"))[: args.loop_images]
+    workers = args.workers or os.cpu_count() or 1
+    _decode(files[0])
+    result = {}
+    start = time.perf_counter()
+    for path in files:
+        _decode(path)
+    result["serial"] = len(files) / (time.perf_counter() - start)
+    with ThreadPoolExecutor(workers) as pool:
+        start = time.perf_counter()
+        list(pool.map(_decode, files))
+        result["threads"] = len(files) / (time.perf_counter() - start)
+    # spawn, not fork: forking a process whose torch thread pool is running hangs.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_decode, files[:workers]))  # model load in each worker, off the clock
+        start = time.perf_counter()
+        list(pool.map(_decode, files))
+        result["processes"] = len(files) / (time.perf_counter() - start)
+    return {"images": len(files), "workers": workers, "images_per_s": result}
+
+
+def child_rss(args: argparse.Namespace) -> dict[str, Any]:
+    from raiox_cli.ingest import ingest_catalogue
+
+    root = _catalogue(args.work / f"small-{args.count}", args.count, (320, 256))
+    settings = _settings(Path(tempfile.mkdtemp(dir=args.work)), args, model=args.rss_model)
+    db.migrate(settings)
+    report = ingest_catalogue(settings, root)
+    return {"images": report.embedded, "peak_rss_mb": _peak_rss_mb()}
+
+
+CHILDREN = {
+    "model_only": child_model_only,
+    "ingest": child_ingest,
+    "loop": child_loop,
+    "decode_pool": child_decode_pool,
+    "rss": child_rss,
+}
+
+
+def _child(name: str, args: argparse.Namespace, *extra: str) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--child", name, *_forward(args), *extra]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{name} {' '.join(extra)}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    return result
+
+
+def _forward(args: argparse.Namespace) -> list[str]:
+    out = []
+    for key in ("images", "size", "model", "batch_size", "workers", "device", "work"):
+        out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    out += ["--loop-images", str(args.loop_images), "--rss-model", args.rss_model]
+    return out
+
+
+def unchanged(args: argparse.Namespace) -> dict[str, Any]:
+    """Wall time of the CLI over an unchanged catalogue, process start included."""
+    root = _catalogue(
+        args.work / f"small-{args.unchanged_images}", args.unchanged_images, (320, 256)
+    )
+    home = Path(tempfile.mkdtemp(dir=args.work))
+    env = {
+        **os.environ,
+        "RAIOX_HOME": str(home),
+        "RAIOX_MODEL": args.rss_model,
+        "RAIOX_PRETRAINED": "none",
+        "RAIOX_DEVICE": "cpu",
+    }
+    env.pop("RAIOX_DATABASE_URL", None)
+    cli = [sys.executable, "-m", "raiox_cli"]
+    subprocess.run([*cli, "init-db"], env=env, check=True, capture_output=True)
+    subprocess.run([*cli, "ingest", str(root), "--json"], env=env, check=True, capture_output=True)
+    start = time.perf_counter()
+    done = subprocess.run(
+        [*cli, "ingest", str(root), "--json"], env=env, check=True, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - start
+    report = json.loads(done.stdout)
+    return {
+        "images": report["unchanged"],
+        "wall_s": wall,
+        "core_s": report["elapsed_s"],
+        "embedded": report["embedded"],
+        "model_loaded": report["model_loaded"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--size", default="1000x800", help="WxH of the synthetic PNGs")
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=0, help="0 = CPU count")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--loop-images", type=int, default=128, help="images for the loop")
+    parser.add_argument("--unchanged-images", type=int, default=2000)
+    parser.add_argument("--rss-images", default="200,2000")
+    parser.add_argument("--rss-model", default="raiox-tiny", help="model for unchanged/rss runs")
+    parser.add_argument("--only", default="", help="comma list of sections to run")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "raiox-bench")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.child:
+        print(json.dumps(CHILDREN[args.child](args)))
+        return
+
+    only = set(filter(None, args.only.split(",")))
+    want = lambda name: not only or name in only  # noqa: E731
+    result: dict[str, Any] = {
+        "machine": f"{os.cpu_count()} CPUs",
+        "model": args.model,
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "size": args.size,
+    }
+    if want("model_only"):
+        result["model_only"] = _child("model_only", args)
+    if want("ingest"):
+        result["ingest"] = _child("ingest", args)
+    if want("loop"):
+        result["loop"] = _child("loop", args)
+    if want("decode_pool"):
+        result["decode_pool"] = _child("decode_pool", args)
+    if want("unchanged"):
+        result["unchanged"] = unchanged(args)
+    if want("rss"):
+        small, large = (int(n) for n in args.rss_images.split(","))
+        result["rss"] = {
+            str(small): _child("rss", args, "--count", str(small)),
+            str(large): _child("rss", args, "--count", str(large)),
+        }
+        result["rss"]["growth"] = (
+            result["rss"][str(large)]["peak_rss_mb"] / result["rss"][str(small)]["peak_rss_mb"] - 1
+        )
+    if "ingest" in result and "model_only" in result:
+        result["ingest_over_model_only"] = (
+            result["ingest"]["images_per_s"] / result["model_only"]["images_per_s"]
+        )
+    if "ingest" in result and "loop" in result:
+        result["ingest_over_loop"] = (
+            result["ingest"]["images_per_s"] / result["loop"]["images_per_s"]
+        )
+    print(json.dumps(result, indent=2))
+    _table(result)
+
+
+def _table(r: dict[str, Any]) -> None:
+    rows = []
+    if "model_only" in r:
+        rows.append(("model only (img/s)", f"{r['model_only']['images_per_s']:.1f}"))
+    if "ingest" in r:
+        rows.append(("ingest end-to-end (img/s)", f"{r['ingest']['images_per_s']:.1f}"))
+    if "ingest_over_model_only" in r:
+        rows.append(("  ratio to model only (>= 0.85)", f"{r['ingest_over_model_only']:.2f}"))
+    if "loop" in r:
+        rows.append(("one-at-a-time loop (img/s)", f"{r['loop']['images_per_s']:.1f}"))
+    if "ingest_over_loop" in r:
+        rows.append(("  ingest / loop", f"{r['ingest_over_loop']:.2f}x"))
+    if "decode_pool" in r:
+        for kind, rate in r["decode_pool"]["images_per_s"].items():
+            rows.append((f"decode+preprocess {kind} (img/s)", f"{rate:.1f}"))
+    if "unchanged" in r:
+        u = r["unchanged"]
+        rows.append(
+            (
+                f"unchanged re-ingest of {u['images']} (< 5 s)",
+                f"{u['wall_s']:.2f} s wall, model loaded: {u['model_loaded']}",
+            )
+        )
+    if "rss" in r:
+        for count, value in r["rss"].items():
+            if count != "growth":
+                rows.append((f"peak RSS, {count} images (MB)", f"{value['peak_rss_mb']:.0f}"))
+        rows.append(("  growth (<= 10%)", f"{r['rss']['growth'] * 100:.1f}%"))
+    width = max(len(name) for name, _ in rows) if rows else 0
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
