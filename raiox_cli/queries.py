@@ -698,6 +698,10 @@ def implant_keys(conn: psycopg.Connection) -> list[str]:
     return [row[0] for row in conn.execute("SELECT key FROM implants ORDER BY key")]
 
 
+def set_max_scan_tuples(conn: psycopg.Connection, bound: int) -> None:
+    conn.execute("SELECT set_config('hnsw.max_scan_tuples', %(v)s, false)", {"v": str(bound)})
+
+
 def set_ef_search(conn: psycopg.Connection, ef_search: int) -> None:
     conn.execute("SELECT set_config('hnsw.ef_search', %(v)s, false)", {"v": str(ef_search)})
 
