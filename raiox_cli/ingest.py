@@ -388,6 +388,11 @@ class RootIngest:
         if todo:
             self._pipeline(todo)
         if self.options.prune:
+            # Re-read: rows may have moved to other paths during the run.
+            self.by_path = {
+                row["source_path"]: row
+                for row in queries.root_images(self.conn, self.root_id, self.model.model_id)
+            }
             gone = self._gone()
             if gone:
                 with self.conn.transaction():
@@ -511,6 +516,20 @@ class RootIngest:
         ids = []
         for p in items:
             f: catalogue.CatalogueFile = p.item
+            if p.kind == "touch":
+                image_id = self.known[(f.implant.key, p.sha256)]["id"]
+                queries.move_image(
+                    conn,
+                    image_id,
+                    root_id=self.root_id,
+                    source_path=f.rel,
+                    file_size=f.size,
+                    file_mtime_ns=f.mtime_ns,
+                )
+                self._emptied.extend(
+                    queries.delete_other_images_at(conn, self.root_id, f.rel, image_id)
+                )
+                continue
             image_id = queries.upsert_image(
                 conn,
                 {

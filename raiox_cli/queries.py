@@ -369,6 +369,24 @@ def implants_by_key(conn: psycopg.Connection, keys: Sequence[str]) -> dict[str, 
         return {row["key"]: row for row in cur.fetchall()}
 
 
+def move_image(
+    conn: psycopg.Connection,
+    image_id: int,
+    *,
+    root_id: int,
+    source_path: str,
+    file_size: int,
+    file_mtime_ns: int,
+) -> None:
+    """Record where known content now lives (a touched, renamed or moved file)."""
+    conn.execute(
+        """UPDATE implant_images SET root_id = %(r)s, source_path = %(p)s,
+                  file_size = %(size)s, file_mtime_ns = %(mtime)s, updated_at = now()
+           WHERE id = %(id)s""",
+        {"id": image_id, "r": root_id, "p": source_path, "size": file_size, "mtime": file_mtime_ns},
+    )
+
+
 def delete_other_images_at(
     conn: psycopg.Connection, root_id: int, source_path: str, keep_id: int
 ) -> list[int]:

@@ -273,3 +273,24 @@ def test_another_model_is_refused(migrated: config.Settings, tmp_path: Path):
     ingest_catalogue(migrated, info.catalogue)
     with pytest.raises(ModelMismatch, match="raiox reindex --model raiox-tiny48"):
         ingest_catalogue(migrated.replace(model="raiox-tiny48"), info.catalogue)
+
+
+def test_renamed_file_is_moved_not_embedded_nor_pruned(migrated: config.Settings, tmp_path: Path):
+    info = synth.make_catalogue(tmp_path / "s", systems=2, views=2, queries=0, size=SMALL)
+    ingest_catalogue(migrated, info.catalogue)
+    before = _rows(migrated)
+    old = info.implants[0].views[0]
+    new = old.parent / "sub" / "renamed.png"
+    new.parent.mkdir()
+    old.rename(new)
+    report = ingest_catalogue(migrated, info.catalogue, IngestOptions(prune=True))
+    assert (report.embedded, report.removed, report.unchanged, report.model_loaded) == (
+        0,
+        0,
+        4,
+        False,
+    )
+    after = _rows(migrated)
+    moved = str(new.relative_to(info.catalogue))
+    assert next(r for r in after["images"] if r[6] == moved)[8:] == (SMALL[0], SMALL[1])
+    assert after["vectors"].keys() == before["vectors"].keys()
