@@ -234,7 +234,8 @@ def bench_filter(conn: psycopg.Connection, args: argparse.Namespace) -> dict[str
 
 
 def bench_warm(conn: psycopg.Connection, args: argparse.Namespace) -> dict[str, Any]:
-    """The whole search core call vs the forward pass alone (ViT-B-32, random, CPU)."""
+    """The whole search core call vs the forward pass alone (ViT-B-32, random, CPU),
+    without TTA (one forward pass) and with it (three, batched)."""
     import torch
 
     from raiox_cli import embedding, images, synth
@@ -245,21 +246,29 @@ def bench_warm(conn: psycopg.Connection, args: argparse.Namespace) -> dict[str, 
         path = Path(tmp) / "q.png"
         synth.render_view(design, seed=1, query=True).save(path)
         loaded = images.load_image(path)
-    forward, whole = [], []
-    for _ in range(3):  # warm-up
-        search.search_image(conn, embedder, loaded, k=args.k)
-    for _ in range(args.warm_runs):
-        started = time.perf_counter()
-        embedder.embed_images([loaded.image])
-        forward.append((time.perf_counter() - started) * 1000)
-        started = time.perf_counter()
-        search.search_image(conn, embedder, loaded, k=args.k)
-        whole.append((time.perf_counter() - started) * 1000)
-    fwd, all_ = statistics.median(forward), statistics.median(whole)
+    three, _ = search.oriented(loaded.image, True)
+    timings: dict[str, list[float]] = {"forward": [], "search": [], "forward3": [], "tta": []}
+    calls = {
+        "forward": lambda: embedder.embed_images([loaded.image]),
+        "search": lambda: search.search_image(conn, embedder, loaded, k=args.k, tta=False),
+        "forward3": lambda: embedder.embed_images(three),
+        "tta": lambda: search.search_image(conn, embedder, loaded, k=args.k, tta=True),
+    }
+    for call in calls.values():  # warm-up
+        call()
+    for _ in range(args.warm_runs):  # interleaved, so load changes hit all alike
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            timings[name].append((time.perf_counter() - started) * 1000)
+    p50 = {name: statistics.median(values) for name, values in timings.items()}
     return {
-        "forward_p50_ms": round(fwd, 2),
-        "search_p50_ms": round(all_, 2),
-        "search_adds_ms": round(all_ - fwd, 2),
+        "forward_p50_ms": round(p50["forward"], 2),
+        "search_p50_ms": round(p50["search"], 2),
+        "search_adds_ms": round(p50["search"] - p50["forward"], 2),
+        "forward_x3_p50_ms": round(p50["forward3"], 2),
+        "search_tta_p50_ms": round(p50["tta"], 2),
+        "search_tta_adds_ms": round(p50["tta"] - p50["forward3"], 2),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -322,6 +331,7 @@ def main() -> None:
     parser.add_argument("--database-url")
     parser.add_argument("--warm-runs", type=int, default=20)
     parser.add_argument("--cold-runs", type=int, default=3)
+    parser.add_argument("--skip-search", action="store_true", help="only warm/cold runs")
     parser.add_argument("--skip-warm", action="store_true")
     parser.add_argument("--skip-cold", action="store_true")
     args = parser.parse_args()
@@ -343,10 +353,11 @@ def main() -> None:
     with psycopg.connect(url) as conn:
         register_vector(conn)
         report["setup"] = load_catalogue(conn, args)
-        index_used, *runs = bench_queries(conn, args)
-        report["index_used"] = index_used["index_used"]
-        report["search"] = runs
-        report["manufacturer_filter"] = bench_filter(conn, args)
+        if not args.skip_search:
+            index_used, *runs = bench_queries(conn, args)
+            report["index_used"] = index_used["index_used"]
+            report["search"] = runs
+            report["manufacturer_filter"] = bench_filter(conn, args)
         if not args.skip_warm:
             report["warm"] = bench_warm(conn, args)
         conn.commit()
@@ -361,18 +372,21 @@ def _table(report: dict[str, Any]) -> None:
     k = report["k"]
     lines = [
         f"{report['images']} images, {report['implants']} implants, {report['dim']}-d, "
-        f"{report['queries']} queries, index used: {report['index_used']}",
-        f"{'mode':<10} {'ef':>4} {'cand':>5} {'p50 ms':>8} {'p95 ms':>8} "
-        f"{'recall@' + str(k):>9} {'exact':>6}",
+        f"{report['queries']} queries, index used: {report.get('index_used')}",
     ]
-    for r in report["search"]:
+    if "search" in report:
+        lines.append(
+            f"{'mode':<10} {'ef':>4} {'cand':>5} {'p50 ms':>8} {'p95 ms':>8} "
+            f"{'recall@' + str(k):>9} {'exact':>6}"
+        )
+    for r in report.get("search", []):
         lines.append(
             f"{r['mode']:<10} {r['ef_search']:>4} {r['candidates']:>5} "
             f"{r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} "
             f"{r[f'recall_top{k}']:>9.4f} {r['exact_fallbacks']:>6}"
         )
-    f = report["manufacturer_filter"]
-    for name in ("own_maker", "other_maker"):
+    f = report.get("manufacturer_filter", {})
+    for name in ("own_maker", "other_maker") if f else ():
         lines.append(
             f"--manufacturer, query of {name.replace('_', ' ')}: p50 {f[name]['p50_ms']:.2f} ms, "
             f"p95 {f[name]['p95_ms']:.2f} ms, recall {f[name][f'recall_top{k}']:.4f}, "
@@ -381,8 +395,9 @@ def _table(report: dict[str, Any]) -> None:
     if "warm" in report:
         w = report["warm"]
         lines.append(
-            f"warm: forward {w['forward_p50_ms']} ms, search {w['search_p50_ms']} ms, "
-            f"adds {w['search_adds_ms']} ms"
+            f"warm: forward {w['forward_p50_ms']} ms, search {w['search_p50_ms']} ms "
+            f"(adds {w['search_adds_ms']} ms); with TTA: forward x3 {w['forward_x3_p50_ms']} ms, "
+            f"search {w['search_tta_p50_ms']} ms (adds {w['search_tta_adds_ms']} ms)"
         )
     if "cold" in report:
         c = report["cold"]

@@ -711,6 +711,14 @@ def set_build_memory(conn: psycopg.Connection, size: str) -> None:
     conn.execute("SELECT set_config('maintenance_work_mem', %(v)s, false)", {"v": size})
 
 
+def model_has_embeddings(conn: psycopg.Connection, model_id: str) -> bool:
+    """Cheaper than counting: search asks this before every query."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM image_embeddings WHERE model_id = %(m)s)", {"m": model_id}
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def implant_keys(conn: psycopg.Connection) -> list[str]:
     """Every implant key, for matching evaluation labels."""
     return [row[0] for row in conn.execute("SELECT key FROM implants ORDER BY key")]

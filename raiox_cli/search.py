@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # First batch of nearest images: 20 per wanted implant, at least 100. On the 100k
-# benchmark (50 images per implant) it holds k+1 implants for 99% of the queries.
+# benchmark (50 images per implant) a first batch of 40 had to grow so often that
+# it was slower than 100 (bench/README.md).
 CANDIDATES_PER_IMPLANT = 20
 MIN_CANDIDATES = 100
 MAX_CANDIDATES = 6400  # 100 -> 400 -> 1600 -> 6400, then the exact scan
@@ -93,7 +94,7 @@ class SearchResult:
 def catalogue_model(conn: psycopg.Connection, wanted_model_id: str) -> queries.ModelRow:
     """The active catalogue model, refusing a query embedded with another model."""
     model = queries.active_model(conn)
-    if model is None or queries.count_embeddings(conn, model.model_id) == 0:
+    if model is None or not queries.model_has_embeddings(conn, model.model_id):
         raise EmptyCatalogue('the catalogue is empty; run "raiox ingest PATH" first')
     if model.model_id != wanted_model_id:
         name, _, pretrained = model.model_id.partition(":")
