@@ -284,3 +284,20 @@ def test_cli_contact_sheet(conn, catalogue, tmp_path) -> None:
         left = sheet.GAP + column * (sheet.TILE_W + sheet.GAP)
         tile = pixels[sheet.HEADER_H : sheet.HEADER_H + sheet.TILE_H, left : left + sheet.TILE_W]
         assert tile.std() > 10, f"tile {column} is blank"
+
+
+def test_unreadable_query_fails_without_importing_torch(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.png"
+    bad.write_text("not a png")
+    code = (
+        "import sys\n"
+        f"sys.argv = ['raiox', 'search', {str(bad)!r}]\n"
+        "from raiox_cli.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
+        "print(code, 'TORCH' if 'torch' in sys.modules else 'NO_TORCH')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["7", "NO_TORCH"], proc.stdout + proc.stderr
