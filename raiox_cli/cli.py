@@ -649,7 +649,7 @@ def eval_(
         _print_eval(report)
 
 
-def _print_eval(report: Any) -> None:
+def _print_eval(report: Any, *, details: bool = True) -> None:
     summary = Table(title=f"eval ({report.model_id}{', tta' if report.tta else ''})")
     for column in ("queries", "top-1", "top-3", "top-5", "MRR"):
         summary.add_column(column, justify="right")
@@ -665,6 +665,8 @@ def _print_eval(report: Any) -> None:
                 f"best score when {label}: min {low:.3f}, median {mid:.3f}, max {high:.3f}",
                 highlight=False,
             )
+    if not details:
+        return
     if report.confused:
         confused = Table(title="most confused (expected -> ranked first)")
         for column in ("expected", "ranked first", "times"):
@@ -748,7 +750,7 @@ def _print_demo(report: Any) -> None:
     if report.sheet is not None:
         out.print(f"contact sheet: {report.sheet}", highlight=False)
     if report.evaluation is not None:
-        _print_eval(report.evaluation)
+        _print_eval(report.evaluation, details=False)  # failures: raiox eval QUERIES
     catalogue = report.folder / "catalogue"
     out.print(
         "\nWhat to do next:\n"
@@ -756,7 +758,8 @@ def _print_demo(report: Any) -> None:
         "  ingest your own: raiox ingest /path/to/catalogue  (<Manufacturer>/<Implant>/images,"
         " optional catalogue.csv)\n"
         "  identify an X-ray: raiox search xray.jpg --crop x,y,w,h --sheet sheet.png\n"
-        "  measure it: raiox eval /path/to/labelled-xrays\n"
+        f"  every failure of this eval: raiox eval {report.folder / 'queries'}\n"
+        "  measure yours: raiox eval /path/to/labelled-xrays\n"
         "  real weights offline: RAIOX_WEIGHTS=/path/open_clip_model.safetensors"
         " (README: model weights)",
         highlight=False,

@@ -142,7 +142,9 @@ def write_sheet(
             (
                 f"#{m.rank} {m.name}",
                 m.manufacturer + (f" · {m.system}" if m.system else ""),
-                f"score {m.score:.3f}" + ("" if m.margin is None else f"  (+{m.margin:.3f})"),
+                f"score {m.score:.3f}"
+                + ("" if m.margin is None else f" (+{m.margin:.3f})")
+                + ("" if m.orientation == "original" else f" {m.orientation}"),
             ),
             CONFIDENT if m.score >= min_score else WEAK,
         )
