@@ -498,22 +498,28 @@ def iterative_scan_supported(conn: psycopg.Connection) -> bool:
 
 
 def configure_search(
-    conn: psycopg.Connection, *, ef_search: int, iterative: bool, max_scan_tuples: int
+    conn: psycopg.Connection,
+    *,
+    ef_search: int,
+    iterative: bool,
+    max_scan_tuples: int,
+    local: bool,
 ) -> None:
-    """Session settings for nearest-neighbour scans. Sequential scans are disabled
-    for the session: on a small or freshly ANALYZEd catalogue, or for a large LIMIT,
-    the planner otherwise prefers a seq scan + sort, which grows linearly with the
-    catalogue. The search statements below only ever look rows up by key."""
+    """Settings for nearest-neighbour scans; `local`: for the current transaction
+    only, so pooled connections do not carry them into unrelated work. Sequential
+    scans are disabled: on a small or freshly ANALYZEd catalogue, or for a large
+    LIMIT, the planner otherwise prefers a seq scan + sort, which grows linearly
+    with the catalogue. The search statements below only look rows up by key."""
     conn.execute(
-        "SELECT set_config('hnsw.ef_search', %(ef)s, false), "
-        "set_config('enable_seqscan', 'off', false)",
-        {"ef": str(ef_search)},
+        "SELECT set_config('hnsw.ef_search', %(ef)s, %(local)s), "
+        "set_config('enable_seqscan', 'off', %(local)s)",
+        {"ef": str(ef_search), "local": local},
     )
     if iterative:
         conn.execute(
-            "SELECT set_config('hnsw.iterative_scan', 'relaxed_order', false), "
-            "set_config('hnsw.max_scan_tuples', %(mst)s, false)",
-            {"mst": str(max_scan_tuples)},
+            "SELECT set_config('hnsw.iterative_scan', 'relaxed_order', %(local)s), "
+            "set_config('hnsw.max_scan_tuples', %(mst)s, %(local)s)",
+            {"mst": str(max_scan_tuples), "local": local},
         )
 
 
@@ -642,10 +648,11 @@ def exact_nearest_implants(
         return list(cur.fetchall())
 
 
-def allow_seqscan(conn: psycopg.Connection, allowed: bool) -> None:
+def allow_seqscan(conn: psycopg.Connection, allowed: bool, *, local: bool = False) -> None:
     """The exact scan reads every row: there a sequential scan is the right plan."""
     conn.execute(
-        "SELECT set_config('enable_seqscan', %(v)s, false)", {"v": "on" if allowed else "off"}
+        "SELECT set_config('enable_seqscan', %(v)s, %(local)s)",
+        {"v": "on" if allowed else "off", "local": local},
     )
 
 
@@ -724,12 +731,18 @@ def implant_keys(conn: psycopg.Connection) -> list[str]:
     return [row[0] for row in conn.execute("SELECT key FROM implants ORDER BY key")]
 
 
-def set_max_scan_tuples(conn: psycopg.Connection, bound: int) -> None:
-    conn.execute("SELECT set_config('hnsw.max_scan_tuples', %(v)s, false)", {"v": str(bound)})
+def set_max_scan_tuples(conn: psycopg.Connection, bound: int, *, local: bool = False) -> None:
+    conn.execute(
+        "SELECT set_config('hnsw.max_scan_tuples', %(v)s, %(local)s)",
+        {"v": str(bound), "local": local},
+    )
 
 
-def set_ef_search(conn: psycopg.Connection, ef_search: int) -> None:
-    conn.execute("SELECT set_config('hnsw.ef_search', %(v)s, false)", {"v": str(ef_search)})
+def set_ef_search(conn: psycopg.Connection, ef_search: int, *, local: bool = False) -> None:
+    conn.execute(
+        "SELECT set_config('hnsw.ef_search', %(v)s, %(local)s)",
+        {"v": str(ef_search), "local": local},
+    )
 
 
 def count_implants(conn: psycopg.Connection) -> int:

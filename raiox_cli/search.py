@@ -107,30 +107,37 @@ def catalogue_model(conn: psycopg.Connection, wanted_model_id: str) -> queries.M
 
 @dataclass
 class _Session:
+    """The search settings sent in the current transaction (or session, when the
+    connection autocommits: there a transaction lasts one statement)."""
+
     ef_search: int
     iterative: bool
     scan_bound: int
+    local: bool
 
 
-# Per connection: the search settings already sent (set once, changed when needed).
-_configured: weakref.WeakKeyDictionary[psycopg.Connection, _Session] = weakref.WeakKeyDictionary()
+# Per connection: whether the server has pgvector's iterative scans (asked once).
+_configured: weakref.WeakKeyDictionary[psycopg.Connection, bool] = weakref.WeakKeyDictionary()
 
 
 def _configure(conn: psycopg.Connection, ef_search: int) -> _Session:
-    known = _configured.get(conn)
-    if known is not None and known.ef_search == ef_search:
-        return known
-    iterative = queries.iterative_scan_supported(conn)
+    iterative = _configured.get(conn)
+    if iterative is None:
+        iterative = _configured[conn] = queries.iterative_scan_supported(conn)
+    local = not conn.autocommit
     queries.configure_search(
-        conn, ef_search=ef_search, iterative=iterative, max_scan_tuples=MAX_SCAN_TUPLES
+        conn,
+        ef_search=ef_search,
+        iterative=iterative,
+        max_scan_tuples=MAX_SCAN_TUPLES,
+        local=local,
     )
-    _configured[conn] = _Session(ef_search, iterative, MAX_SCAN_TUPLES)
-    return _configured[conn]
+    return _Session(ef_search, iterative, MAX_SCAN_TUPLES, local)
 
 
 def _bound_scan(conn: psycopg.Connection, session: _Session, bound: int) -> None:
     if session.iterative and session.scan_bound != bound:
-        queries.set_max_scan_tuples(conn, bound)
+        queries.set_max_scan_tuples(conn, bound, local=session.local)
         session.scan_bound = bound
 
 
@@ -153,7 +160,7 @@ def nearest_implant_rows(
             # Without iterative scans an HNSW scan stops after ef_search rows.
             if candidates > HNSW_MAX_EF_SEARCH:
                 break
-            queries.set_ef_search(conn, max(ef_search, candidates))
+            queries.set_ef_search(conn, max(ef_search, candidates), local=session.local)
         # A filtered scan that needs more than FILTER_SCAN_FACTOR rows per match has
         # wandered away from the query: there the exact scan is faster and right.
         _bound_scan(
@@ -168,14 +175,14 @@ def nearest_implant_rows(
             break  # the index had no more (or the scan hit its bound)
         candidates *= 4
     if not iterative:
-        queries.set_ef_search(conn, ef_search)
+        queries.set_ef_search(conn, ef_search, local=session.local)
     # Both statements below read every row: there a sequential scan is right. (On
     # an error the transaction's rollback undoes the setting.)
-    queries.allow_seqscan(conn, True)
+    queries.allow_seqscan(conn, True, local=session.local)
     exact: list[dict[str, Any]] | None = None
     if queries.count_searchable_implants(conn, model, manufacturer) > len(rows):
         exact = queries.exact_nearest_implants(conn, model, vector, k=k, manufacturer=manufacturer)
-    queries.allow_seqscan(conn, False)
+    queries.allow_seqscan(conn, False, local=session.local)
     return (rows, False) if exact is None else (exact, True)
 
 

@@ -301,3 +301,12 @@ def test_unreadable_query_fails_without_importing_torch(tmp_path) -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.split() == ["7", "NO_TORCH"], proc.stdout + proc.stderr
+
+
+def test_search_settings_do_not_outlive_the_transaction(conn, tiny_embedder, catalogue) -> None:
+    # Pooled server connections must not carry enable_seqscan=off into other work.
+    query = images.load_image(catalogue.implants[0].views[0])
+    search.search_image(conn, tiny_embedder, query, k=2)
+    assert conn.execute("SHOW enable_seqscan").fetchone()[0] == "off"
+    conn.commit()
+    assert conn.execute("SHOW enable_seqscan").fetchone()[0] == "on"
