@@ -490,11 +490,10 @@ class RootIngest:
             sha = hashlib.sha256(data).hexdigest()
             known = self.known.get((f.implant.key, sha))
             if known is not None and known["embedded"]:
-                if known["source_path"] != f.rel and (
-                    known["root_id"] != self.root_id or known["source_path"] in self.scan_paths
-                ):
+                elsewhere = known["root_id"] != self.root_id or known["source_path"] != f.rel
+                if elsewhere and self._still_there(known):
                     return Prepared("duplicate", f, sha)
-                return Prepared("touch", f, sha)
+                return Prepared("touch", f, sha)  # same path, or moved here: adopt the row
             loaded = images.load_image(
                 data, max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_bytes
             )
@@ -509,6 +508,15 @@ class RootIngest:
             return Prepared("embed", f, sha, tensor, info)
         except RaioxError as exc:  # ImageError, StorageError: this file only
             return Prepared("failed", f, reason=str(exc))
+
+    def _still_there(self, known: dict[str, Any]) -> bool:
+        """Whether the file a known image was recorded from still exists (then this
+        file is a duplicate of it; otherwise it moved here, even from another root)."""
+        if known["root_id"] == self.root_id:
+            return known["source_path"] in self.scan_paths
+        if known["root_path"] is None or known["source_path"] is None:
+            return False
+        return (Path(known["root_path"]) / known["source_path"]).is_file()
 
     def _write(self, conn: psycopg.Connection, batch: tuple[list[Prepared], Any]) -> None:
         """In the writer thread, inside one transaction."""

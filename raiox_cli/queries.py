@@ -318,6 +318,16 @@ def catalogue_root_paths(conn: psycopg.Connection) -> list[str]:
     return [row[0] for row in conn.execute("SELECT path FROM catalogue_roots ORDER BY id")]
 
 
+def forget_empty_catalogue_root(conn: psycopg.Connection, path: str) -> bool:
+    """Delete a catalogue root that no image comes from any more."""
+    cur = conn.execute(
+        """DELETE FROM catalogue_roots r WHERE r.path = %(p)s
+             AND NOT EXISTS (SELECT 1 FROM implant_images im WHERE im.root_id = r.id)""",
+        {"p": path},
+    )
+    return cur.rowcount > 0
+
+
 def mark_root_ingested(conn: psycopg.Connection, root_id: int) -> None:
     conn.execute(
         "UPDATE catalogue_roots SET last_ingested_at = now() WHERE id = %(r)s", {"r": root_id}
@@ -347,10 +357,11 @@ def images_of_implants(
     implant already has, so a renamed or touched file is not embedded again."""
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
-            """SELECT im.id, i.key, im.sha256, im.root_id, im.source_path,
+            """SELECT im.id, i.key, im.sha256, im.root_id, im.source_path, r.path AS root_path,
                       EXISTS (SELECT 1 FROM image_embeddings e
                               WHERE e.image_id = im.id AND e.model_id = %(m)s) AS embedded
                FROM implant_images im JOIN implants i ON i.id = im.implant_id
+               LEFT JOIN catalogue_roots r ON r.id = im.root_id
                WHERE i.key = ANY(%(k)s)""",
             {"k": list(keys), "m": model_id},
         )

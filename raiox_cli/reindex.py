@@ -103,6 +103,8 @@ def reindex(
         options = IngestOptions(prune=True, store=store)
         for path in queries.catalogue_root_paths(conn):
             if not Path(path).is_dir():
+                if queries.forget_empty_catalogue_root(conn, path):
+                    continue  # moved away and re-ingested elsewhere: nothing refers to it
                 # An unmounted share must not look like an emptied catalogue.
                 report.failed.append(
                     Failure(path, "catalogue folder is missing; skipped, its images are kept")

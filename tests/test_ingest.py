@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -294,3 +295,24 @@ def test_renamed_file_is_moved_not_embedded_nor_pruned(migrated: config.Settings
     moved = str(new.relative_to(info.catalogue))
     assert next(r for r in after["images"] if r[6] == moved)[8:] == (SMALL[0], SMALL[1])
     assert after["vectors"].keys() == before["vectors"].keys()
+
+
+def test_moved_catalogue_adopts_its_rows(migrated: config.Settings, tmp_path: Path):
+    from raiox_cli import reindex
+
+    info = synth.make_catalogue(tmp_path / "s", systems=2, views=2, queries=0, size=SMALL)
+    ingest_catalogue(migrated, info.catalogue)
+    before = _rows(migrated)
+    moved = info.catalogue.rename(tmp_path / "moved")
+    report = ingest_catalogue(migrated, moved)
+    assert (report.embedded, report.unchanged, report.duplicates) == (0, 4, 0)
+    assert _rows(migrated)["vectors"].keys() == before["vectors"].keys()
+    nightly = reindex.reindex(migrated)
+    assert nightly.ok and [r.root for r in nightly.roots] == [str(moved.resolve())]
+    # A copy beside a catalogue that still exists is a duplicate, not a move.
+    copy = shutil.copytree(moved, tmp_path / "copy")
+    duplicate = ingest_catalogue(migrated, copy)
+    assert (duplicate.duplicates, duplicate.embedded) == (4, 0)
+    assert {r[6] for r in _rows(migrated)["images"]} == {
+        str(p.relative_to(info.catalogue)) for p in info.catalogue_files
+    }
