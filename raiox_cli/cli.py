@@ -34,6 +34,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts hold literal [env ...] brackets
 )
 out = Console(soft_wrap=True)  # results: stdout
 err = Console(stderr=True, soft_wrap=True)  # progress, logs, warnings: stderr
