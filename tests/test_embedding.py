@@ -121,3 +121,15 @@ def test_unknown_model_and_tag_are_named() -> None:
         embedding.load_embedder(embedding.ModelSpec("ViT-Nope", "none", None, "cpu"))
     with pytest.raises(ModelUnavailable, match="no pretrained weights"):
         embedding.load_embedder(embedding.ModelSpec("raiox-tiny", "laion2b_s34b_b79k", None, "cpu"))
+
+
+def test_numpy_normalisation_equals_open_clips_transform(tiny_embedder) -> None:
+    """The fast preprocess path gives exactly what open_clip's own transform gives."""
+    assert tiny_embedder._pil_steps is not None  # the fast path is in use
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8))
+    for image in [*_images(), noisy, noisy.convert("L")]:
+        fast = tiny_embedder.preprocess(image)
+        reference = tiny_embedder.transform(image)
+        assert fast.dtype == reference.dtype and fast.shape == reference.shape
+        assert float((fast - reference).abs().max()) == 0.0

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from typing import Any
+
+from raiox_cli.stderr import StderrHandler
 
 log = logging.getLogger("raiox.server")
 
@@ -25,20 +26,8 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at the time (test runners swap it)."""
-
-    @property  # type: ignore[override]
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:
-        pass
-
-
 def setup(debug: bool = False) -> None:
-    handler = _StderrHandler()
+    handler = StderrHandler()
     handler.setFormatter(_JsonFormatter())
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if debug else logging.INFO)
