@@ -105,17 +105,19 @@ class Embedder:
         return self.spec.random
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> the model's input tensor (CPU). Safe to call in workers.
+        """Grey ("L") or RGB PIL image -> the model's input tensor (CPU). Thread-safe.
 
         open_clip's resize/crop run as given; its ToTensor + Normalize are done in
         numpy instead (the same float32 arithmetic, identical values), because torch
         ops called from decode threads fight the model's OpenMP threads for the
         cores: 39 ms vs 1.4 ms per image while a forward pass runs."""
         if self._pil_steps is None:
-            return self.transform(image)
+            return self.transform(image.convert("RGB"))
         import torch
 
         resized = self._pil_steps(image)
+        if resized.mode != "RGB":  # open_clip converts after resizing; older ones don't
+            resized = resized.convert("RGB")
         pixels = np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)
         scaled = pixels.astype(np.float32) / np.float32(255)
         return torch.from_numpy((scaled - self._mean) / self._std)

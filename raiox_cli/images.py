@@ -1,7 +1,7 @@
 """Read radiographs safely: the only module that decodes pixels.
 
 Every path that reads an image (embed, ingest, search, the server) calls
-`load_image`, which returns an RGB PIL image plus what was learned about the
+`load_image`, which returns an 8-bit grey or RGB PIL image plus what was learned about the
 file, or raises an ImageError subclass with a one-line reason.
 
 Formats are recognised by content (magic bytes), never by name. Limits are
@@ -135,7 +135,7 @@ def parse_crop(text: str) -> Crop:
 
 @dataclass(frozen=True)
 class LoadedImage:
-    image: Image.Image  # RGB, 8 bits per channel, orientation applied, crop applied
+    image: Image.Image  # "L" (grey sources) or "RGB", 8 bits, orientation + crop applied
     format: str  # JPEG, PNG, TIFF, WEBP, BMP, DICOM
     mode: str  # the original mode, e.g. "L", "I;16", "RGB", "MONOCHROME1"
     bit_depth: int  # of the stored samples (DICOM: Bits Stored)
@@ -255,7 +255,7 @@ def load_image(
     max_bytes: int = DEFAULT_MAX_BYTES,
     crop: Crop | None = None,
 ) -> LoadedImage:
-    """Decode a radiograph to 8-bit RGB, or raise an ImageError with a one-line reason."""
+    """Decode a radiograph to 8-bit grey or RGB, or raise an ImageError with a one-line reason."""
     data = source if isinstance(source, bytes) else read_bytes(Path(source), max_bytes)
     if len(data) > max_bytes:
         raise ImageTooLarge(_bytes_message(len(data), max_bytes))
@@ -328,7 +328,7 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> _Decoded:
             raise ImageTooLarge(_pixels_message(width, height, max_pixels))
         img.load()
         orientation = _orientation(img)
-        rgb = _to_rgb(img)
+        rgb = _to_grey_or_rgb(img)
         frames = getattr(img, "n_frames", 1)  # TIFF walks its page chain here
     except ImageError:
         raise
@@ -362,18 +362,23 @@ def _orientation(img: Image.Image) -> int:
         return 1  # unreadable EXIF: the pixels are still good, keep them as stored
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _to_grey_or_rgb(img: Image.Image) -> Image.Image:
+    """8-bit grey ("L") for grey sources, else RGB. Grey stays one channel: the
+    model's preprocessing resizes first and converts to RGB after, which gives the
+    same tensor as converting first at a third of the resize cost."""
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" or (mode == "L" and not img.has_transparency_data):
         return img
     if mode in _BIT_DEPTH and mode != "1":  # 16/32-bit integer or float grey
-        return _grey_to_rgb(_window(np.asarray(img)))
+        return _grey_image(_window(np.asarray(img)))
     if img.has_transparency_data:
         # Transparent areas of an X-ray are background: composite them onto black.
         rgba = img.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(black, rgba).convert("RGB")
-    return img.convert("RGB")  # 1, L, CMYK, YCbCr, LAB, HSV
+    if mode in ("1", "LA", "P") and _is_grey(img):
+        return img.convert("L")
+    return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, colour palettes
 
 
 def _window(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
@@ -428,8 +433,15 @@ def _robust_range(values: np.ndarray, counts: np.ndarray | None = None) -> tuple
     return lo, hi
 
 
-def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.ascontiguousarray(grey)).convert("RGB")
+def _grey_image(grey: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(grey))
+
+
+def _is_grey(img: Image.Image) -> bool:
+    if img.mode != "P":
+        return True
+    palette = img.getpalette() or []
+    return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette), 3))
 
 
 # --- DICOM ------------------------------------------------------------------------
@@ -482,7 +494,7 @@ def _dicom_pixels(ds: Dataset, preamble: bool, data: bytes, max_pixels: int) -> 
     _require_decoder(ds)
     arr = _first_frame(ds)
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
-        rgb = _grey_to_rgb(_dicom_grey(arr, ds, photometric))
+        rgb = _grey_image(_dicom_grey(arr, ds, photometric))
     else:
         rgb = _dicom_colour(arr, ds, bits)
     notes = (f"multi-frame DICOM ({frames} frames): used the first",) if frames > 1 else ()

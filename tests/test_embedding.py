@@ -133,3 +133,7 @@ def test_numpy_normalisation_equals_open_clips_transform(tiny_embedder) -> None:
         reference = tiny_embedder.transform(image)
         assert fast.dtype == reference.dtype and fast.shape == reference.shape
         assert float((fast - reference).abs().max()) == 0.0
+    # images.load_image keeps grey radiographs one channel: same tensor as RGB.
+    grey = noisy.convert("L")
+    converted = tiny_embedder.transform(grey.convert("RGB"))
+    assert float((tiny_embedder.preprocess(grey) - converted).abs().max()) == 0.0

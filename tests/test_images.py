@@ -58,8 +58,13 @@ BONE = (slice(50, 56), slice(0, 30))
 
 
 def _grey(loaded: images.LoadedImage) -> np.ndarray:
+    """Grey sources come back as one 8-bit channel ("L"); colour ones as RGB."""
     arr = np.asarray(loaded.image)
-    assert arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8
+    assert arr.dtype == np.uint8
+    if arr.ndim == 2:
+        assert loaded.image.mode == "L"
+        return arr.astype(int)
+    assert arr.ndim == 3 and arr.shape[2] == 3
     assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
     return arr[..., 0].astype(int)
 
@@ -169,14 +174,16 @@ def test_16bit_big_endian_tiff() -> None:
     "mode",
     ["1", "L", "LA", "P", "P+transparency", "RGBA", "CMYK", "I", "F"],
 )
-def test_every_mode_becomes_8bit_rgb(mode: str) -> None:
+def test_every_mode_becomes_8bit_grey_or_rgb(mode: str) -> None:
     base = Image.fromarray((_phantom((20, 120, 240))).astype(np.uint8))
     img = base.convert(mode.split("+")[0])
     fmt = "JPEG" if mode == "CMYK" else "TIFF" if mode in ("I", "F") else "PNG"
     kwargs = {"transparency": 0} if "transparency" in mode else {}
     loaded = load_image(_save(img, fmt, **kwargs))
     arr = np.asarray(loaded.image)
-    assert loaded.image.mode == "RGB" and arr.shape == (64, 96, 3)
+    grey_source = mode in ("1", "L", "P", "I", "F")  # the phantom's palette is grey
+    assert loaded.image.mode == ("L" if grey_source else "RGB")
+    assert arr.shape[:2] == (64, 96)
     assert arr[IMPLANT].mean() > arr[BONE].mean()
 
 
