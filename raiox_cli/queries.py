@@ -839,8 +839,10 @@ def finish_analysis(
             ],
         )
     conn.execute(
+        # clock_timestamp(): now() is the transaction's start, before the embedding ran.
         """UPDATE analyses SET status = 'done', model_id = %(m)s, error = NULL,
-                  updated_at = now(), finished_at = now(), locked_until = NULL
+                  updated_at = clock_timestamp(), finished_at = clock_timestamp(),
+                  locked_until = NULL
            WHERE id = %(a)s""",
         {"a": analysis_id, "m": model_id},
     )
@@ -929,7 +931,7 @@ def retry_job(
 def fail_job(conn: psycopg.Connection, analysis_id: int, attempt: int, *, error: str) -> bool:
     row = conn.execute(
         """UPDATE analyses SET status = 'failed', error = %(error)s, locked_until = NULL,
-                  updated_at = now(), finished_at = now()
+                  updated_at = clock_timestamp(), finished_at = clock_timestamp()
            WHERE id = %(a)s AND status = 'running' AND attempts = %(n)s RETURNING id""",
         {"a": analysis_id, "n": attempt, "error": error},
     ).fetchone()
