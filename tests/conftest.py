@@ -112,3 +112,41 @@ def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("RAIOX_S3_ENDPOINT", s3_server)
     monkeypatch.setenv("RAIOX_S3_REGION", "us-east-1")
     return name
+
+
+def store_synthetic_catalogue(conn, embedder, info, store=None) -> list[int]:
+    """Write a synth.make_catalogue() result through the data layer, embedded by the
+    real (tiny) model: the rows ingest writes. Returns the implant ids in order;
+    with a store, each image's bytes go there and rows carry its key."""
+    from raiox_cli import images, queries
+
+    model = queries.register_model(conn, embedder.model_id, embedder.dim, 1)
+    implant_ids, pairs = [], []
+    for implant in info.implants:
+        d = implant.design
+        implant_id = queries.upsert_implant(
+            conn,
+            {
+                "key": implant.key,
+                "name": d.name,
+                "manufacturer": d.manufacturer,
+                "system": d.system,
+                "diameter_mm": d.diameter_mm,
+                "length_mm": d.length_mm,
+                "connection": d.connection,
+            },
+        )
+        implant_ids.append(implant_id)
+        for path in implant.views:
+            data = path.read_bytes()
+            loaded = images.load_image(data)
+            row = {"implant_id": implant_id, "sha256": loaded.sha256, "source_path": str(path)}
+            if store is not None:
+                row["storage_key"] = store.put(loaded.sha256, data, content_type="image/png")
+            vector = embedder.embed_images([loaded.image])[0]
+            pairs.append((queries.upsert_image(conn, row), vector))
+    queries.copy_embeddings(conn, model.model_id, pairs)
+    queries.activate_model(conn, model.model_id)
+    queries.analyze_embeddings(conn)
+    conn.commit()
+    return implant_ids

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import store_synthetic_catalogue
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -22,32 +23,7 @@ def build_catalogue(conn, embedder, root: Path) -> synth.SynthInfo:
     """A synthetic catalogue stored through the data layer, embedded by the real
     (tiny) model: the same rows ingest writes."""
     info = synth.make_catalogue(root, systems=SYSTEMS, views=VIEWS, queries=1, size=(96, 120))
-    model = queries.register_model(conn, embedder.model_id, embedder.dim, 1)
-    queries.activate_model(conn, model.model_id)
-    pairs = []
-    for implant in info.implants:
-        d = implant.design
-        implant_id = queries.upsert_implant(
-            conn,
-            {
-                "key": implant.key,
-                "name": d.name,
-                "manufacturer": d.manufacturer,
-                "system": d.system,
-                "diameter_mm": d.diameter_mm,
-                "length_mm": d.length_mm,
-            },
-        )
-        for path in implant.views:
-            loaded = images.load_image(path)
-            image_id = queries.upsert_image(
-                conn,
-                {"implant_id": implant_id, "sha256": loaded.sha256, "source_path": str(path)},
-            )
-            pairs.append((image_id, embedder.embed_images([loaded.image])[0]))
-    queries.copy_embeddings(conn, model.model_id, pairs)
-    queries.analyze_embeddings(conn)
-    conn.commit()
+    store_synthetic_catalogue(conn, embedder, info)
     return info
 
 

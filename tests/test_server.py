@@ -24,10 +24,11 @@ import httpx
 import psycopg
 import pytest
 import uvicorn
+from conftest import store_synthetic_catalogue
 from psycopg import sql
 from typer.testing import CliRunner
 
-from raiox_cli import config, db, images, queries, storage, synth
+from raiox_cli import config, db, queries, storage, synth
 from raiox_cli.cli import app as cli_app
 from raiox_cli.server import auth
 from raiox_cli.server.app import ServerConfig, create_app
@@ -115,39 +116,8 @@ def catalogue(
     settings = config.resolve()  # now with RAIOX_S3_* from s3_bucket
     store = storage.open_store(settings)
     info = synth.make_catalogue(tmp_path / "synth", systems=4, views=2, queries=1, size=(96, 120))
-    implant_ids = []
     with db.connect(settings) as conn:
-        model = queries.register_model(
-            conn, tiny_embedder.model_id, tiny_embedder.dim, tiny_embedder.preprocess_version
-        )
-        vectors = []
-        for implant in info.implants:
-            d = implant.design
-            implant_id = queries.upsert_implant(
-                conn,
-                {
-                    "key": implant.key,
-                    "name": d.name,
-                    "manufacturer": d.manufacturer,
-                    "system": d.system,
-                    "diameter_mm": d.diameter_mm,
-                    "length_mm": d.length_mm,
-                    "connection": d.connection,
-                },
-            )
-            implant_ids.append(implant_id)
-            for path in implant.views:
-                data = path.read_bytes()
-                loaded = images.load_image(data)
-                key = store.put(loaded.sha256, data, content_type="image/png")
-                image_id = queries.upsert_image(
-                    conn,
-                    {"implant_id": implant_id, "sha256": loaded.sha256, "storage_key": key},
-                )
-                vectors.append((image_id, tiny_embedder.embed_images([loaded.image])[0]))
-        queries.copy_embeddings(conn, model.model_id, vectors)
-        queries.activate_model(conn, model.model_id)
-        conn.commit()
+        implant_ids = store_synthetic_catalogue(conn, tiny_embedder, info, store)
     return Catalogue(settings, store, info.query_files[0].read_bytes(), implant_ids)
 
 
