@@ -139,12 +139,3 @@ def resolve(env: Mapping[str, str] | None = None, **options: Any) -> Settings:
     if settings.batch_size < 1:
         raise UsageError("batch size must be at least 1 (--batch-size / RAIOX_BATCH_SIZE)")
     return settings
-
-
-def env_table() -> list[tuple[str, str, str]]:
-    """(variable, setting, default) rows for docs and --help."""
-    rows = []
-    for f in dataclasses.fields(Settings):
-        default = "platform user data dir" if f.name == "home" else repr(f.default)
-        rows.append((f.metadata["env"], f.name, default))
-    return rows

@@ -71,11 +71,6 @@ def schema_version(conn: psycopg.Connection) -> int | None:
 # --- settings and models -----------------------------------------------------
 
 
-def get_setting(conn: psycopg.Connection, key: str) -> str | None:
-    row = conn.execute("SELECT value FROM settings WHERE key = %(key)s", {"key": key}).fetchone()
-    return row[0] if row else None
-
-
 def set_setting(conn: psycopg.Connection, key: str, value: str) -> None:
     conn.execute(
         """INSERT INTO settings (key, value) VALUES (%(key)s, %(value)s)
@@ -277,10 +272,6 @@ def try_writer_lock(conn: psycopg.Connection) -> bool:
 
 def wait_writer_lock(conn: psycopg.Connection) -> None:
     conn.execute("SELECT pg_advisory_lock(%(k)s)", {"k": WRITER_LOCK})
-
-
-def release_writer_lock(conn: psycopg.Connection) -> None:
-    conn.execute("SELECT pg_advisory_unlock(%(k)s)", {"k": WRITER_LOCK})
 
 
 def writer_lock_holder(conn: psycopg.Connection) -> dict[str, Any] | None:
@@ -759,11 +750,6 @@ def set_ef_search(conn: psycopg.Connection, ef_search: int, *, local: bool = Fal
 def count_implants(conn: psycopg.Connection) -> int:
     row = conn.execute("SELECT count(*) FROM implants").fetchone()
     return int(row[0]) if row else 0
-
-
-def implant_ids_by_key(conn: psycopg.Connection, keys: Sequence[str]) -> dict[str, int]:
-    rows = conn.execute("SELECT key, id FROM implants WHERE key = ANY(%(k)s)", {"k": list(keys)})
-    return {key: id_ for key, id_ in rows}
 
 
 # --- analyses (submitted X-rays; also the server's job queue) ------------------

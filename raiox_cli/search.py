@@ -285,21 +285,12 @@ def search_image(
         min_score=min_score,
         orientations=orientations,
     )
-    crop_box = getattr(image, "crop_box", None)
     notes = []
     if embedder.meaningless:
         notes.append("random model weights (--pretrained none): scores are meaningless")
     if not result.matches and manufacturer:
         notes.append(f"no implant of manufacturer {manufacturer!r} in the catalogue")
-    return SearchResult(
-        result.model_id,
-        result.matches,
-        min_score,
-        orientations,
-        exact=result.exact,
-        crop_box=tuple(crop_box) if crop_box else None,
-        notes=notes,
-    )
+    return replace(result, crop_box=image.crop_box, notes=notes)
 
 
 def save_analysis(
@@ -330,12 +321,25 @@ def save_analysis(
     return analysis_id
 
 
-def load_query(path: Path, settings: Settings, crop: Crop | None = None) -> LoadedImage:
-    """Decode the query radiograph (crop applied), or say in one line why not."""
+def load_query(
+    path: Path, settings: Settings, crop: Crop | None = None, data: bytes | None = None
+) -> LoadedImage:
+    """Decode the query radiograph (crop applied), or say in one line why not.
+    `data`: the file's bytes when the caller has read them already."""
     try:
         return images.load_image(
-            path, max_pixels=settings.max_pixels, max_bytes=settings.max_bytes, crop=crop
+            path if data is None else data,
+            max_pixels=settings.max_pixels,
+            max_bytes=settings.max_bytes,
+            crop=crop,
         )
+    except images.ImageError as exc:
+        raise UnreadableQuery(f"{path}: {exc}") from exc
+
+
+def read_query(path: Path, settings: Settings) -> bytes:
+    try:
+        return images.read_bytes(path, settings.max_bytes)
     except images.ImageError as exc:
         raise UnreadableQuery(f"{path}: {exc}") from exc
 
@@ -353,12 +357,12 @@ def reference_image(match: Match, store: Store | None) -> Image.Image | None:
 
 
 def write_contact_sheet(
-    settings: Settings, query_path: Path, result: SearchResult, out: Path
+    settings: Settings, query_path: Path, data: bytes, result: SearchResult, out: Path
 ) -> Path:
     """The query (uncropped, crop box drawn) beside the matches' reference images."""
     from raiox_cli import sheet, storage
 
-    original = load_query(query_path, settings).image
+    original = load_query(query_path, settings, data=data).image
     try:
         store: Store | None = storage.open_store(settings)
     except Exception as exc:  # storage is optional for a sheet: folders may do
@@ -389,7 +393,8 @@ def search_file(
     from raiox_cli import db, embedding
 
     spec = embedding.ModelSpec.from_settings(settings)
-    loaded = load_query(path, settings, crop)
+    data = read_query(path, settings)  # read once: decoded, stored, drawn
+    loaded = load_query(path, settings, crop, data=data)
     with db.connect(settings) as conn:
         db.check_schema(conn)
         catalogue_model(conn, embedding.model_id(spec))
@@ -410,19 +415,16 @@ def search_file(
                 loaded,
                 query_path=str(path),
                 client_id=client_id,
-                storage_key=_store_query(settings, path),
+                storage_key=_store_query(settings, loaded.sha256, data),
             )
             result = replace(result, analysis_id=analysis_id)
     if sheet_path is not None:
-        write_contact_sheet(settings, path, result, sheet_path)
+        write_contact_sheet(settings, path, data, result, sheet_path)
     return result
 
 
-def _store_query(settings: Settings, path: Path) -> str:
+def _store_query(settings: Settings, sha256: str, data: bytes) -> str:
     """Keep the query's bytes with the analysis, as the server does for uploads."""
-    import hashlib
-
     from raiox_cli import storage
 
-    data = images.read_bytes(path, settings.max_bytes)
-    return storage.open_store(settings).put(hashlib.sha256(data).hexdigest(), data)
+    return storage.open_store(settings).put(sha256, data)
