@@ -1,17 +1,28 @@
-"""Scan a catalogue folder (and its optional catalogue.csv) into implant records."""
+"""Scan a catalogue folder (and its optional catalogue.csv) into implant records.
+
+A catalogue root is a folder (local, or a share every machine mounts) or an
+`s3://bucket/prefix` read through the storage settings (RAIOX_S3_ENDPOINT,
+RAIOX_S3_REGION, AWS_* credentials), so every worker of a cluster can read it.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import re
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from raiox_cli.errors import UsageError
+from raiox_cli.errors import RaioxError, UsageError
+
+if TYPE_CHECKING:
+    from raiox_cli.config import Settings
+    from raiox_cli.storage import Bucket
 
 _SPACES = re.compile(r"\s+")
 
@@ -80,13 +91,135 @@ class ImplantRecord:
         }
 
 
+# --- catalogue roots: a folder or a bucket prefix -----------------------------------
+
+S3_SCHEME = "s3://"
+
+
+@dataclass(frozen=True)
+class FolderRoot:
+    """A catalogue in a folder (for a cluster: a share mounted at the same path)."""
+
+    path: Path  # absolute
+
+    def __str__(self) -> str:  # what the database records as the root
+        return str(self.path)
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def has(self, rel: str) -> bool:
+        return (self.path / rel).is_file()
+
+    def location(self, rel: str) -> str:
+        return str(self.path / rel)
+
+    def read(self, rel: str, max_bytes: int) -> bytes:
+        from raiox_cli import images
+
+        return images.read_bytes(self.path / rel, max_bytes)
+
+    def read_optional(self, name: str) -> bytes | None:
+        path = self.path / name
+        return path.read_bytes() if path.is_file() else None
+
+    def walk(self, problems: list[Problem]) -> Iterator[tuple[str, int, int]]:
+        """(relative path, size, mtime_ns) of every image file, folders sorted."""
+
+        def onerror(exc: OSError) -> None:
+            problems.append(Problem(str(exc.filename), f"cannot list ({exc.strerror or exc})"))
+
+        for dirpath, dirnames, filenames in os.walk(self.path, onerror=onerror):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                path = Path(dirpath) / name
+                rel = "/".join(path.relative_to(self.path).parts)
+                try:
+                    stat = path.stat()
+                except OSError as exc:
+                    problems.append(Problem(rel, f"cannot read ({exc.strerror or exc})"))
+                    continue
+                yield rel, stat.st_size, stat.st_mtime_ns
+
+
+@dataclass(frozen=True)
+class BucketRoot:
+    """A catalogue under `s3://bucket/prefix`: keys `prefix/<Manufacturer>/<Implant>/...`."""
+
+    bucket: Bucket
+    prefix: str  # no slash at either end; "" for the whole bucket
+
+    def __str__(self) -> str:
+        return f"{S3_SCHEME}{self.bucket.name}/{self.prefix}".rstrip("/")
+
+    def _key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def exists(self) -> bool:
+        return next(iter(self.bucket.list(self._key(""))), None) is not None
+
+    def has(self, rel: str) -> bool:
+        return self.bucket.exists(self._key(rel))
+
+    def location(self, rel: str) -> str:
+        return f"{self}/{rel}"
+
+    def read(self, rel: str, max_bytes: int) -> bytes:
+        return self.bucket.read(self._key(rel), max_bytes)
+
+    def read_optional(self, name: str) -> bytes | None:
+        from raiox_cli.storage import ObjectNotFound
+
+        try:
+            return self.bucket.read(self._key(name), 64 * 1024 * 1024)
+        except ObjectNotFound:
+            return None
+
+    def walk(self, problems: list[Problem]) -> Iterator[tuple[str, int, int]]:
+        start = len(self._key(""))
+        for obj in self.bucket.list(self._key("")):
+            rel = obj.key[start:]
+            parts = rel.split("/")
+            if rel.endswith("/") or any(not p or p.startswith(".") for p in parts):
+                continue  # folder markers, hidden files and folders
+            if Path(parts[-1]).suffix.lower() in IMAGE_SUFFIXES:
+                yield rel, obj.size, obj.mtime_ns
+
+
+Root = FolderRoot | BucketRoot
+
+
+def open_root(root: str | Path | Root, settings: Settings | None = None) -> Root:
+    """A catalogue root from what a user typed: a folder, or s3://bucket/prefix read
+    with the storage settings' endpoint and region."""
+    if isinstance(root, FolderRoot | BucketRoot):
+        return root
+    text = str(root)
+    if not text.startswith(S3_SCHEME):
+        return FolderRoot(Path(text).expanduser().resolve())
+    from raiox_cli.storage import Bucket
+
+    name, _, prefix = text[len(S3_SCHEME) :].partition("/")
+    if not name:
+        raise CatalogueError(f"{text}: name the bucket, as in s3://bucket/catalogue")
+    bucket = Bucket.from_settings(name, settings) if settings else Bucket(name)
+    return BucketRoot(bucket, prefix.strip("/"))
+
+
 @dataclass(frozen=True)
 class CatalogueFile:
-    path: Path  # absolute
+    path: Path | str  # absolute path, or the s3:// URL of an object
     rel: str  # relative to the root, "/"-separated: what the database records
     size: int
     mtime_ns: int
     implant: ImplantRecord
+    root: Root  # plain data: a file can be read in any process that has the settings
+
+    def read(self, max_bytes: int) -> bytes:
+        """The file's bytes (refused unread when over `max_bytes`)."""
+        return self.root.read(self.rel, max_bytes)
 
 
 @dataclass(frozen=True)
@@ -104,7 +237,7 @@ class Problem:
 
 @dataclass
 class Scan:
-    root: Path
+    root: Root
     files: list[CatalogueFile]
     problems: list[Problem]
 
@@ -121,33 +254,34 @@ class _Row:
     used: bool = False
 
 
-def scan(root: Path) -> Scan:
+def scan(root: str | Path | Root) -> Scan:
     """Every image under `root/<Manufacturer>/<Implant name>/` (any depth below the
     implant folder), with its implant's metadata: folder names, overridden by
     `root/catalogue.csv` rows. Problems are collected, never raised, except for a
-    root that is not a readable folder."""
-    root = Path(root)
-    if not root.is_dir():
+    root that is not a readable folder (or an s3:// prefix that cannot be listed)."""
+    root = open_root(root)
+    if isinstance(root, FolderRoot) and not root.exists():
         raise CatalogueError(f"{root} is not a folder; give the catalogue's root folder")
     problems: list[Problem] = []
-    folder_rows, file_rows = _read_csv(root / CSV_NAME, problems)
+    folder_rows, file_rows = _read_csv(root, problems)
     files: list[CatalogueFile] = []
-    for path in _image_files(root, problems):
-        rel_parts = path.relative_to(root).parts
-        if len(rel_parts) < 3:
-            continue  # files beside the manufacturer folders are not images of an implant
-        rel = "/".join(rel_parts)
-        folder = "/".join(rel_parts[:2])
-        row = file_rows.get(rel) or folder_rows.get(folder)
-        if row is not None:
-            row.used = True
-        try:
-            stat = path.stat()
-        except OSError as exc:
-            problems.append(Problem(rel, f"cannot read ({exc.strerror or exc})"))
-            continue
-        implant = _implant(rel_parts[0], rel_parts[1], row)
-        files.append(CatalogueFile(path, rel, stat.st_size, stat.st_mtime_ns, implant))
+    try:
+        for rel, size, mtime_ns in root.walk(problems):
+            rel_parts = rel.split("/")
+            if len(rel_parts) < 3:
+                continue  # files beside the manufacturer folders are not images of an implant
+            folder = "/".join(rel_parts[:2])
+            row = file_rows.get(rel) or folder_rows.get(folder)
+            if row is not None:
+                row.used = True
+            implant = _implant(rel_parts[0], rel_parts[1], row)
+            files.append(
+                CatalogueFile(root.location(rel), rel, size, mtime_ns, implant, root)
+                if isinstance(root, BucketRoot)
+                else CatalogueFile(root.path / rel, rel, size, mtime_ns, implant, root)
+            )
+    except RaioxError as exc:  # a bucket that cannot be listed: nothing to go on
+        raise CatalogueError(str(exc)) from exc
     for rows in (folder_rows, file_rows):
         for target, row in rows.items():
             if not row.used:
@@ -155,21 +289,6 @@ def scan(root: Path) -> Scan:
                     Problem(CSV_NAME, f"path {target!r} matches no image in {root}", row.number)
                 )
     return Scan(root, files, problems)
-
-
-def _image_files(root: Path, problems: list[Problem]) -> list[Path]:
-    found = []
-
-    def onerror(exc: OSError) -> None:
-        problems.append(Problem(str(exc.filename), f"cannot list ({exc.strerror or exc})"))
-
-    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            found.append(Path(dirpath) / name)
-    return found
 
 
 def _implant(manufacturer_dir: str, implant_dir: str, row: _Row | None) -> ImplantRecord:
@@ -190,14 +309,15 @@ def _implant(manufacturer_dir: str, implant_dir: str, row: _Row | None) -> Impla
     )
 
 
-def _read_csv(path: Path, problems: list[Problem]) -> tuple[dict[str, _Row], dict[str, _Row]]:
+def _read_csv(root: Root, problems: list[Problem]) -> tuple[dict[str, _Row], dict[str, _Row]]:
     """catalogue.csv -> rows by implant folder and rows by image path."""
     folder_rows: dict[str, _Row] = {}
     file_rows: dict[str, _Row] = {}
-    if not path.is_file():
-        return folder_rows, file_rows
     try:
-        with path.open(encoding="utf-8-sig", newline="") as fh:
+        data = root.read_optional(CSV_NAME)
+        if data is None:
+            return folder_rows, file_rows
+        with io.StringIO(data.decode("utf-8-sig"), newline="") as fh:
             reader = csv.DictReader(fh)
             header = [(h or "").strip().lower() for h in reader.fieldnames or []]
             if "path" not in header and not {"name", "manufacturer"} <= set(header):
@@ -233,7 +353,7 @@ def _read_csv(path: Path, problems: list[Problem]) -> tuple[dict[str, _Row], dic
                 table[target] = row
     except UnicodeDecodeError as exc:
         problems.append(Problem(CSV_NAME, f"not UTF-8 ({exc.reason}); the file is ignored"))
-    except (OSError, csv.Error) as exc:
+    except (OSError, csv.Error, RaioxError) as exc:
         problems.append(Problem(CSV_NAME, f"cannot read: {exc}; the file is ignored"))
     return folder_rows, file_rows
 

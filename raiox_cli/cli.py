@@ -236,11 +236,10 @@ def _print_failures(failures: Any) -> None:
 @command("ingest")
 def ingest(
     path: Annotated[
-        Path,
+        str,
         typer.Argument(
-            help="catalogue root: <Manufacturer>/<Implant name>/<images>, optional catalogue.csv",
-            exists=True,
-            file_okay=False,
+            help="catalogue root: <Manufacturer>/<Implant name>/<images>, optional catalogue.csv; "
+            "a folder or s3://bucket/prefix (read with the RAIOX_S3_ENDPOINT/REGION settings)",
         ),
     ],
     prune: Annotated[
@@ -264,8 +263,8 @@ def ingest(
     """Embed a catalogue folder into the database; unchanged files are skipped.
 
     Safe to interrupt and run again. Exit 1 when some files failed (listed on
-    stderr), 75 when another ingest/reindex is running.
-    Example: raiox ingest ./catalogue --prune --json
+    stderr), 2 when PATH is not a catalogue folder, 75 when another ingest/reindex
+    is running. Example: raiox ingest ./catalogue --prune --json
     """
     from raiox_cli import ingest as core
 

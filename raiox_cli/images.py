@@ -232,6 +232,12 @@ def read_bytes(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     return data
 
 
+def check_size(size: int, max_bytes: int) -> None:
+    """Refuse bytes over the limit before reading them (for sources other than files)."""
+    if size > max_bytes:
+        raise ImageTooLarge(_bytes_message(size, max_bytes))
+
+
 def _bytes_message(size: int, max_bytes: int) -> str:
     return f"file of {size} bytes is over the {max_bytes}-byte limit (RAIOX_MAX_BYTES)"
 

@@ -266,20 +266,20 @@ class IngestOptions:
 
 def ingest_catalogue(
     settings: Settings,
-    root: Path,
+    root: str | Path,
     options: IngestOptions = IngestOptions(),
     *,
     progress: Progress | None = None,
 ) -> IngestReport:
-    """Bring the database in line with one catalogue folder (see README,
-    "Catalogue format"). Returns what happened; per-file failures are in
-    `report.failed`, never raised."""
+    """Bring the database in line with one catalogue folder or s3://bucket/prefix
+    (see README, "Catalogue format"). Returns what happened; per-file failures are
+    in `report.failed`, never raised."""
     spec = embedding.ModelSpec.from_settings(settings)
     model = ModelHandle(spec, activate=True)
     if options.dry_run:
         with db.connect(settings, autocommit=True) as conn:
             db.check_schema(conn)
-            return RootIngest(conn, settings, Path(root), model, options, progress).dry_run()
+            return RootIngest(conn, settings, root, model, options, progress).dry_run()
     with writer_lock(settings, wait=options.wait, command="ingest") as conn:
         active = queries.active_model(conn)
         if active is not None and active.model_id != model.model_id:
@@ -289,7 +289,7 @@ def ingest_catalogue(
                 f"ingest with --model {name} --pretrained {tag}, or switch the whole "
                 f'catalogue with "raiox reindex --model {spec.name} --pretrained {spec.pretrained}"'
             )
-        return RootIngest(conn, settings, Path(root), model, options, progress).run()
+        return RootIngest(conn, settings, root, model, options, progress).run()
 
 
 class RootIngest:
@@ -299,14 +299,14 @@ class RootIngest:
         self,
         conn: psycopg.Connection,
         settings: Settings,
-        root: Path,
+        root: str | Path | catalogue.Root,
         model: ModelHandle,
         options: IngestOptions,
         progress: Progress | None,
     ):
         self.conn = conn
         self.settings = settings
-        self.root = root.expanduser().resolve()
+        self.root = catalogue.open_root(root, settings)
         self.model = model
         self.options = options
         self.progress = progress or (lambda phase, done, total: None)
@@ -486,7 +486,7 @@ class RootIngest:
         """In a decode worker: read, hash, and decode + preprocess only content the
         catalogue does not already have an embedding for."""
         try:
-            data = images.read_bytes(f.path, self.settings.max_bytes)
+            data = f.read(self.settings.max_bytes)
             sha = hashlib.sha256(data).hexdigest()
             known = self.known.get((f.implant.key, sha))
             if known is not None and known["embedded"]:
@@ -516,7 +516,11 @@ class RootIngest:
             return known["source_path"] in self.scan_paths
         if known["root_path"] is None or known["source_path"] is None:
             return False
-        return (Path(known["root_path"]) / known["source_path"]).is_file()
+        try:
+            root = catalogue.open_root(known["root_path"], self.settings)
+            return root.has(known["source_path"])
+        except RaioxError:  # unreachable: as if it were gone
+            return False
 
     def _write(self, conn: psycopg.Connection, batch: tuple[list[Prepared], Any]) -> None:
         """In the writer thread, inside one transaction."""

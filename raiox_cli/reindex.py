@@ -14,12 +14,11 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from raiox_cli import embedding, images, queries, storage
+from raiox_cli import catalogue, embedding, images, queries, storage
 from raiox_cli.config import Settings
 from raiox_cli.errors import ModelMismatch, RaioxError
 from raiox_cli.ingest import (
@@ -102,7 +101,8 @@ def reindex(
         report = ReindexReport(model.model_id, active.model_id if active else None)
         options = IngestOptions(prune=True, store=store)
         for path in queries.catalogue_root_paths(conn):
-            if not Path(path).is_dir():
+            root = catalogue.open_root(path, settings)
+            if not _reachable(root):
                 if queries.forget_empty_catalogue_root(conn, path):
                     continue  # moved away and re-ingested elsewhere: nothing refers to it
                 # An unmounted share must not look like an emptied catalogue.
@@ -110,9 +110,7 @@ def reindex(
                     Failure(path, "catalogue folder is missing; skipped, its images are kept")
                 )
                 continue
-            report.roots.append(
-                RootIngest(conn, settings, Path(path), model, options, progress).run()
-            )
+            report.roots.append(RootIngest(conn, settings, root, model, options, progress).run())
         report.reembedded = _embed_missing(conn, settings, model, report, progress)
         _switch(conn, model, active, report)
         report.model_loaded = model.loaded
@@ -213,7 +211,7 @@ def _embed_missing(
 
 def _describe(row: dict[str, Any]) -> str:
     if row.get("root_path") and row.get("source_path"):
-        return str(Path(row["root_path"]) / row["source_path"])
+        return catalogue.open_root(row["root_path"]).location(row["source_path"])
     return f"image {row['id']} ({row['sha256'][:12]})"
 
 
@@ -230,13 +228,22 @@ def _prepare(
         return Prepared("failed", row, reason=str(exc))
 
 
+def _reachable(root: catalogue.Root) -> bool:
+    try:
+        return root.exists()
+    except RaioxError:  # a bucket that cannot be listed now: like an unmounted share
+        return False
+
+
 def _original_bytes(row: dict[str, Any], settings: Settings, store: storage.Store) -> bytes:
     if row.get("root_path") and row.get("source_path"):
-        path = Path(row["root_path"]) / row["source_path"]
-        if path.is_file():
-            data = images.read_bytes(path, settings.max_bytes)
-            if hashlib.sha256(data).hexdigest() == row["sha256"]:
-                return data
+        root = catalogue.open_root(row["root_path"], settings)
+        try:
+            data = root.read(row["source_path"], settings.max_bytes)
+        except RaioxError:  # changed or gone: the image store may still have it
+            data = b""
+        if hashlib.sha256(data).hexdigest() == row["sha256"]:
+            return data
     if row.get("storage_key"):
         data = store.get(row["storage_key"])
         if hashlib.sha256(data).hexdigest() == row["sha256"]:

@@ -194,7 +194,9 @@ def _image_path(row: dict[str, Any]) -> str | None:
     if not row["source_path"]:
         return None
     if row["root_path"]:
-        return str(Path(row["root_path"]) / row["source_path"])
+        from raiox_cli.catalogue import open_root
+
+        return open_root(row["root_path"]).location(row["source_path"])
     return row["source_path"] if Path(row["source_path"]).is_absolute() else None
 
 

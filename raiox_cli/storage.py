@@ -12,6 +12,9 @@ import hashlib
 import os
 import re
 import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -222,6 +225,96 @@ def _s3_client(endpoint: str | None, region: str | None, attempts: int) -> BaseC
     )
     # Credentials come from boto3's usual chain (AWS_* variables, ~/.aws, roles).
     return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+
+
+# --- catalogue files in a bucket (an s3://bucket/prefix catalogue root) ----------------
+
+_clients: dict[tuple[str | None, str | None], BaseClient] = {}
+_clients_lock = threading.Lock()
+
+
+def _shared_client(endpoint: str | None, region: str | None) -> BaseClient:
+    """One client per endpoint and process: clients are thread-safe, but creating
+    them from boto3's default session is not, and each costs milliseconds."""
+    with _clients_lock:
+        if (endpoint, region) not in _clients:
+            _clients[endpoint, region] = _s3_client(endpoint, region, S3_ATTEMPTS)
+        return _clients[endpoint, region]
+
+
+@dataclass(frozen=True)
+class S3Object:
+    key: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A bucket read through the storage settings' endpoint and region. Plain data:
+    it travels to other processes (Ray workers), which open their own client with
+    their own credentials (boto3's usual chain)."""
+
+    name: str
+    endpoint: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def from_settings(cls, name: str, settings: Settings) -> Bucket:
+        return cls(name, settings.s3_endpoint, settings.s3_region)
+
+    @property
+    def client(self) -> BaseClient:
+        return _shared_client(self.endpoint, self.region)
+
+    def _fail(self, action: str, key: str, exc: Exception) -> StorageError:
+        where = f" at {self.endpoint}" if self.endpoint else ""
+        return StorageError(f"s3://{self.name}/{key}{where}: {action} failed: {exc}")
+
+    def list(self, prefix: str) -> Iterator[S3Object]:
+        """Every object under `prefix`, in key order."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.name, Prefix=prefix
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    mtime_ns = int(obj["LastModified"].timestamp()) * 1_000_000_000
+                    yield S3Object(obj["Key"], int(obj["Size"]), mtime_ns)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail("list", prefix, exc) from exc
+
+    def read(self, key: str, max_bytes: int) -> bytes:
+        """The object's bytes; refused unread when it is over `max_bytes`."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from raiox_cli.images import check_size
+
+        try:
+            response = self.client.get_object(Bucket=self.name, Key=key)
+            check_size(int(response["ContentLength"]), max_bytes)
+            return response["Body"].read()
+        except ClientError as exc:
+            if _status(exc) == 404:
+                raise ObjectNotFound(f"s3://{self.name}/{key} does not exist") from None
+            raise self._fail("get", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._fail("get", key, exc) from exc
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_object(Bucket=self.name, Key=key)
+        except ClientError as exc:
+            if _status(exc) == 404:
+                return False
+            raise self._fail("head", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._fail("head", key, exc) from exc
+        return True
 
 
 def open_store(settings: Settings) -> Store:

@@ -150,3 +150,52 @@ def store_synthetic_catalogue(conn, embedder, info, store=None) -> list[int]:
     queries.analyze_embeddings(conn)
     conn.commit()
     return implant_ids
+
+
+# --- comparing what two runs left in their databases ----------------------------------
+
+
+def fresh_database(pg_server_url: str) -> str:
+    """Another empty database on the session server (for a second, clean run)."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return _database_url(pg_server_url, name)
+
+
+def catalogue_rows(settings: config.Settings) -> dict:
+    """What an ingest leaves behind, independent of ids, timestamps and where the
+    catalogue root is: implants, images (key, sha256, source path, storage key, size)
+    and each image's vectors by (implant key, sha256, model)."""
+    from raiox_cli import queries
+
+    with db.connect(settings) as conn:
+        images = conn.execute(
+            """SELECT i.key, i.name, i.manufacturer, i.system, i.diameter_mm, im.sha256,
+                      im.source_path, im.storage_key, im.width, im.height
+               FROM implant_images im JOIN implants i ON i.id = im.implant_id"""
+        ).fetchall()
+        vectors = conn.execute(
+            """SELECT i.key, im.sha256, e.model_id, e.embedding
+               FROM image_embeddings e JOIN implant_images im ON im.id = e.image_id
+               JOIN implants i ON i.id = im.implant_id"""
+        ).fetchall()
+        implants = conn.execute("SELECT key, extra FROM implants").fetchall()
+        active = queries.active_model(conn)
+    return {
+        "images": sorted(images),
+        "implants": sorted(implants, key=lambda r: r[0]),
+        "vectors": {(k, s, m): v.to_numpy() for k, s, m, v in vectors},
+        "active": active.model_id if active else None,
+    }
+
+
+def assert_same_rows(got: dict, want: dict, atol: float = 1e-5) -> None:
+    import numpy as np
+
+    assert got["images"] == want["images"]
+    assert got["implants"] == want["implants"]
+    assert got["active"] == want["active"]
+    assert got["vectors"].keys() == want["vectors"].keys()
+    for key, vector in want["vectors"].items():
+        np.testing.assert_allclose(got["vectors"][key], vector, atol=atol)
