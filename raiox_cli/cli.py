@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -22,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from raiox_cli import __version__, config
-from raiox_cli.errors import RaioxError
+from raiox_cli.errors import RaioxError, UsageError
 from raiox_cli.stderr import StderrHandler
 
 EXIT_CODES = """Exit codes: 0 ok, 1 some inputs failed, 2 usage error, 3 database problem,
@@ -592,11 +593,46 @@ def serve_webhook_minimal(
     )
 
 
+Since = Annotated[
+    datetime | None,
+    typer.Option(
+        formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"],
+        help="only analyses submitted on or after this date (UTC), e.g. 2026-01-31",
+        show_default=False,
+    ),
+]
+ClientFilter = Annotated[
+    str | None,
+    typer.Option("--client", help="only analyses submitted by this client id", show_default=False),
+]
+
+
 @command("eval")
 def eval_(
     queries: Annotated[
-        Path, typer.Argument(help="labelled queries: <Manufacturer>/<Implant>/*.png or a CSV")
-    ],
+        Path | None,
+        typer.Argument(
+            help="labelled queries: <Manufacturer>/<Implant>/*.png or a CSV", show_default=False
+        ),
+    ] = None,
+    confirmed: Annotated[
+        bool,
+        typer.Option(
+            "--confirmed",
+            help="measure the answers raiox gave (stored matches) against the dentists' "
+            "confirmations instead of labelled files; loads no model",
+        ),
+    ] = False,
+    since: Since = None,
+    client: ClientFilter = None,
+    min_score: Annotated[
+        float | None,
+        typer.Option(
+            help="--confirmed: count how often the best score was under it, right and wrong "
+            "[env RAIOX_MIN_SCORE; default 0.8]",
+            show_default=False,
+        ),
+    ] = None,
     tta: Annotated[
         bool | None,
         typer.Option(
@@ -618,9 +654,19 @@ def eval_(
     QUERIES is a folder laid out like a catalogue (<Manufacturer>/<Implant name>/
     images) or a CSV of path,expected_key (key: manufacturer/system/name or
     manufacturer/name). Example: raiox eval ./labelled-xrays --json
+
+    --confirmed measures real-world accuracy instead: the matches raiox stored for
+    each confirmed analysis against the latest confirmation, per month and per
+    manufacturer, with how often the best score was under --min-score when raiox
+    was right and when it was wrong. "Not in the catalogue" confirmations are
+    counted apart. Example: raiox eval --confirmed --since 2026-01-01 --client clinic-42
     """
     from raiox_cli import evaluate
 
+    if confirmed == (queries is not None):
+        raise UsageError("give QUERIES (labelled X-rays) or --confirmed, one of them")
+    if not confirmed and (since or client or min_score is not None):
+        raise UsageError("--since, --client and --min-score go with --confirmed")
     settings = config.resolve(
         database_url=database_url,
         model=model,
@@ -628,7 +674,16 @@ def eval_(
         weights=weights,
         device=device,
         tta=tta,
+        min_score=min_score,
     )
+    if confirmed:
+        real = evaluate.evaluate_confirmed_source(settings, since=since, client=client)
+        if json_out:
+            _print_json(real.to_dict())
+        else:
+            _print_confirmed(real)
+        return
+    assert queries is not None
     report = evaluate.evaluate_source(settings, queries)
     for skipped in report.skipped:
         err.print(f"skipped {skipped.path}: {skipped.error}", markup=False, highlight=False)
@@ -636,6 +691,57 @@ def eval_(
         _print_json(report.to_dict())
     else:
         _print_eval(report)
+
+
+def _accuracy_table(title: str, first: str, rows: list[dict[str, Any]], key: str) -> Table:
+    table = Table(title=title)
+    for column in (first, "analyses", "top-1", "top-3", "top-5", "MRR"):
+        table.add_column(column, justify="left" if column == first else "right")
+    for row in rows:
+        metrics = (row["top1"], row["top3"], row["top5"], row["mrr"])
+        table.add_row(str(row[key]), str(row["analyses"]), *(f"{v:.3f}" for v in metrics))
+    return table
+
+
+def _print_confirmed(report: Any) -> None:
+    scope = ", ".join(
+        part
+        for part in (
+            f"since {report.since[:10]}" if report.since else "",
+            f"client {report.client}" if report.client else "",
+        )
+        if part
+    )
+    title = f"confirmed analyses ({scope})" if scope else "confirmed analyses"
+    out.print(_accuracy_table(title, "", [{**report.to_dict(), "all": "all"}], "all"))
+    out.print(
+        f"{report.not_in_catalogue} confirmed as not in the catalogue (not counted above); "
+        f"matches stored per analysis: at least {report.depth}"
+        + (" (top-5 cannot see past them)" if report.depth < 5 else ""),
+        highlight=False,
+    )
+    for label, counts in report.under_min_score.items():
+        if counts["of"]:
+            out.print(
+                f"best score under --min-score {report.min_score:g} when "
+                f"{label.replace('_', ' ')}: {counts['under']} of {counts['of']} "
+                f"({counts['rate']:.0%})",
+                highlight=False,
+            )
+    if report.analyses:
+        out.print(_accuracy_table("per month", "month", report.by_month, "month"))
+        out.print(
+            _accuracy_table(
+                "per manufacturer", "manufacturer", report.by_manufacturer, "manufacturer"
+            )
+        )
+    if report.confused:
+        confused = Table(title="most confused (confirmed -> raiox answered)")
+        for column in ("confirmed", "raiox answered", "times"):
+            confused.add_column(column)
+        for pair in report.confused:
+            confused.add_row(pair["expected"], pair["predicted"], str(pair["count"]))
+        out.print(confused)
 
 
 def _print_eval(report: Any, *, details: bool = True) -> None:
@@ -672,6 +778,111 @@ def _print_eval(report: Any, *, details: bool = True) -> None:
             rank = str(o.rank) if o.rank else f">{report.depth}"
             failures.add_row(o.path, o.expected_key or o.label, rank, first, f"{score:.3f}")
         out.print(failures)
+
+
+# --- confirmations -------------------------------------------------------------------
+
+
+@command("confirm")
+def confirm(
+    analysis_id: Annotated[int, typer.Argument(help="the analysis (raiox search --save, API)")],
+    implant_key: Annotated[
+        str | None,
+        typer.Argument(
+            help="the implant it really is: its key manufacturer/system/name (or "
+            "manufacturer/name), any implant of the catalogue",
+            show_default=False,
+        ),
+    ] = None,
+    not_in_catalogue: Annotated[
+        bool,
+        typer.Option("--not-in-catalogue", help="the implant is not in the catalogue at all"),
+    ] = False,
+    note: Annotated[
+        str | None, typer.Option(help="a free-text note (at most 2000 characters)")
+    ] = None,
+    client_id: Annotated[
+        str | None, typer.Option(help="who confirms (stored with the confirmation)")
+    ] = None,
+    json_out: JsonOut = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Record which implant an analysis really shows (the dentist's answer).
+
+    Confirming again keeps the history; the latest answer counts (eval --confirmed,
+    export-labels). Exit 1 when the analysis or the implant does not exist or the
+    analysis has no result yet; 2 on contradicting or oversized arguments.
+
+    Examples:
+      raiox confirm 42 "straumann/bone level/blx 4.0"
+      raiox confirm 42 "Straumann/BLX 4.5" --note "seen on the surgical report"
+      raiox confirm 43 --not-in-catalogue --note "Neodent Helix GM, not catalogued"
+    """
+    from raiox_cli import feedback
+
+    settings = config.resolve(database_url=database_url)
+    done = feedback.confirm_analysis(
+        settings,
+        analysis_id,
+        implant_key,
+        not_in_catalogue=not_in_catalogue,
+        note=note,
+        client_id=client_id,
+    )
+    if json_out:
+        _print_json(done.to_dict())
+        return
+    if done.implant is None:
+        said = "not in the catalogue"
+    else:
+        implant = done.implant
+        rank = f"raiox ranked it #{done.raiox_rank}" if done.raiox_rank else "raiox did not list it"
+        said = f"{implant['key']} ({implant['manufacturer']} {implant['name']}); {rank}"
+    out.print(f"analysis {done.analysis_id} confirmed: {said}", highlight=False)
+    if done.previous is not None:
+        before = (done.previous["implant"] or {}).get("key") or "not in the catalogue"
+        out.print(
+            f"replaces the answer of {done.previous['confirmed_at'][:19]}: {before}",
+            highlight=False,
+        )
+
+
+@command("export-labels")
+def export_labels(
+    out_dir: Annotated[Path, typer.Argument(help="a new (or empty) folder to write into")],
+    since: Since = None,
+    client: ClientFilter = None,
+    json_out: JsonOut = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Write the confirmed X-rays from the image store as labelled queries.
+
+    Layout: OUT/<Manufacturer>/<Implant name>/<analysis>-<sha>.<ext> (what raiox eval
+    reads) and OUT/labels.csv (path,expected_key,analysis_id,image_sha256,
+    confirmed_at). X-rays confirmed "not in the catalogue" go to OUT/not-in-catalogue/
+    with OUT/not-in-catalogue.csv (their notes), where eval does not look. Only the
+    latest confirmation of an analysis counts; unconfirmed analyses are never
+    written. Exit 1 when some stored X-rays could not be read (listed on stderr).
+
+    Example: raiox export-labels ./confirmed --since 2026-01-01 && raiox eval ./confirmed
+    """
+    from raiox_cli import feedback
+
+    settings = config.resolve(database_url=database_url)
+    report = feedback.export_labels_to(settings, out_dir, since=since, client=client)
+    _print_failures(report.failed)
+    if json_out:
+        _print_json(report.to_dict())
+    else:
+        out.print(
+            f"exported {report.exported} confirmed X-rays of {report.implants} implants to "
+            f"{report.out}; {report.not_in_catalogue} not in the catalogue "
+            f"({feedback.NOT_IN_CATALOGUE_DIR}/); {report.without_image} confirmed without a "
+            "stored X-ray",
+            highlight=False,
+        )
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @command("demo")

@@ -12,6 +12,7 @@ import csv
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from raiox_cli import queries, search
 from raiox_cli.catalogue import IMAGE_SUFFIXES, implant_key
 from raiox_cli.config import Settings
 from raiox_cli.embedding import Embedder
-from raiox_cli.errors import UsageError
+from raiox_cli.errors import RaioxError, UsageError
 
 DEPTH = 10  # implants ranked per query; MRR counts a label found deeper as 0
 BATCH = 32
@@ -130,6 +131,12 @@ def _normalise(label: str) -> str:
         manufacturer, _, name = implant_key(parts[0], None, parts[1]).split("/")
         return f"{manufacturer}/{name}"
     return label
+
+
+def resolve_label(conn: psycopg.Connection, label: str) -> str | None:
+    """The implant key a label names (a key, or manufacturer/name, in any case and
+    spacing), or None when it names no implant of the catalogue."""
+    return _label_index(conn).get(_normalise(label.strip()))
 
 
 def _vectors(
@@ -240,3 +247,155 @@ def evaluate_source(settings: Settings, source: Path) -> EvalReport:
         search.catalogue_model(conn, embedding.model_id(spec))
         embedder = embedding.load_embedder(spec)
         return evaluate(conn, embedder, labelled, settings, tta=settings.tta)
+
+
+# --- eval --confirmed: the answers raiox gave, against the dentists' confirmations ---
+
+
+class NoConfirmations(RaioxError):
+    """No finished analysis has a confirmation (within the filters)."""
+
+
+@dataclass
+class ConfirmedReport:
+    """Real-world accuracy: the stored matches of confirmed analyses (what raiox
+    answered then, whatever model it was) against the latest confirmation."""
+
+    since: str | None
+    client: str | None
+    analyses: int  # confirmed as a catalogue implant: the ones the metrics count
+    top1: float
+    top3: float
+    top5: float
+    mrr: float
+    depth: int  # fewest matches stored for an analysis: top-k beyond it counts as a miss
+    not_in_catalogue: int  # confirmed "not in the catalogue": never right, listed apart
+    models: dict[str, int] = field(default_factory=dict)
+    confused: list[dict[str, Any]] = field(default_factory=list)
+    by_month: list[dict[str, Any]] = field(default_factory=list)
+    by_manufacturer: list[dict[str, Any]] = field(default_factory=list)
+    # How often the best score was under --min-score ("no confident match"), when
+    # raiox was right, when it was wrong, and when the implant is not in the catalogue.
+    min_score: float = 0.0
+    under_min_score: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scores_right: list[float] = field(default_factory=list)
+    scores_wrong: list[float] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _accuracy(ranks: Sequence[int | None]) -> dict[str, float]:
+    n = len(ranks)
+
+    def within(k: int) -> float:
+        return sum(1 for r in ranks if r is not None and r <= k) / n if n else 0.0
+
+    return {
+        "top1": within(1),
+        "top3": within(3),
+        "top5": within(5),
+        "mrr": sum(1 / r for r in ranks if r) / n if n else 0.0,
+    }
+
+
+def _groups(rows: Sequence[dict[str, Any]], by: str) -> list[dict[str, Any]]:
+    found: dict[str, list[int | None]] = {}
+    for row in rows:
+        found.setdefault(row[by], []).append(row["rank"])
+    return [
+        {by: name, "analyses": len(ranks), **_accuracy(ranks)}
+        for name, ranks in sorted(found.items())
+    ]
+
+
+def _under(scores: Sequence[float | None], min_score: float) -> dict[str, Any]:
+    known = [s for s in scores if s is not None]
+    below = sum(1 for s in known if s < min_score)
+    return {"under": below, "of": len(known), "rate": below / len(known) if known else None}
+
+
+def evaluate_confirmed(
+    conn: psycopg.Connection,
+    *,
+    since: datetime | None = None,
+    client: str | None = None,
+    min_score: float = 0.8,
+) -> ConfirmedReport:
+    """Top-1/3/5, MRR, confusions, per month and manufacturer, and the --min-score
+    check, of the answers raiox gave to confirmed analyses."""
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=timezone.utc)
+    rows = []
+    outside: list[float | None] = []
+    models: Counter[str] = Counter()
+    for row in queries.confirmed_outcomes(conn, since=since, client=client):
+        top = row["scores"][0] if row["scores"] else None
+        if row["not_in_catalogue"]:
+            outside.append(top)
+            continue
+        ranked = list(row["ranked"])
+        key = row["implant_key"]
+        rank = ranked.index(key) + 1 if key in ranked else None
+        models[row["model_id"] or "unknown"] += 1
+        rows.append({**row, "rank": rank, "top": top, "first": ranked[0] if ranked else None})
+    if not rows and not outside:
+        where = f" since {since:%Y-%m-%d}" if since else ""
+        where += f" from client {client!r}" if client else ""
+        raise NoConfirmations(
+            f"no confirmed analysis{where}: confirm results with "
+            '"raiox confirm ANALYSIS_ID IMPLANT_KEY" (or POST /analyses/{id}/feedback)'
+        )
+    right = [r for r in rows if r["rank"] == 1]
+    wrong = [r for r in rows if r["rank"] != 1]
+    pairs = Counter((r["implant_key"], r["first"]) for r in wrong if r["first"])
+
+    def spread(scores: list[float]) -> list[float]:
+        return [min(scores), float(np.median(scores)), max(scores)] if scores else []
+
+    return ConfirmedReport(
+        since=since.isoformat() if since else None,
+        client=client,
+        analyses=len(rows),
+        **_accuracy([r["rank"] for r in rows]),
+        depth=min((len(r["ranked"]) for r in rows), default=0),
+        not_in_catalogue=len(outside),
+        models=dict(models),
+        confused=[
+            {"expected": expected, "predicted": predicted, "count": count}
+            for (expected, predicted), count in pairs.most_common(10)
+        ],
+        by_month=_groups(rows, "month"),
+        by_manufacturer=_groups(rows, "manufacturer"),
+        min_score=min_score,
+        under_min_score={
+            "right": _under([r["top"] for r in right], min_score),
+            "wrong": _under([r["top"] for r in wrong], min_score),
+            "not_in_catalogue": _under(outside, min_score),
+        },
+        scores_right=spread([r["top"] for r in right if r["top"] is not None]),
+        scores_wrong=spread([r["top"] for r in wrong if r["top"] is not None]),
+        failures=[
+            {
+                "analysis_id": r["analysis_id"],
+                "expected_key": r["implant_key"],
+                "rank": r["rank"],
+                "ranked_first": r["first"],
+                "score": r["top"],
+                "month": r["month"],
+            }
+            for r in wrong
+        ],
+    )
+
+
+def evaluate_confirmed_source(
+    settings: Settings, *, since: datetime | None = None, client: str | None = None
+) -> ConfirmedReport:
+    """`raiox eval --confirmed`: needs the database only, never the model."""
+    from raiox_cli import db
+
+    with db.connect(settings) as conn:
+        db.check_schema(conn)
+        return evaluate_confirmed(conn, since=since, client=client, min_score=settings.min_score)

@@ -17,13 +17,15 @@ from typing import Any
 import psycopg
 import psycopg_pool
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pgvector.psycopg import register_vector
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 
-from raiox_cli import __version__, db, images, queries, search
+from raiox_cli import __version__, db, feedback, images, queries, search
 from raiox_cli.config import Settings
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import DatabaseUnavailable, RaioxError, UsageError
@@ -33,6 +35,7 @@ from raiox_cli.server.worker import CONTENT_TYPES, Store, Worker
 MAX_WAIT_S = 60
 MAX_PAGE = 100
 SHUTDOWN_GRACE_S = 20.0
+FEEDBACK_MAX_BYTES = 16_384  # a confirmation is a few short fields
 
 
 @dataclass
@@ -49,6 +52,39 @@ class ServerConfig:
 
 class TooLarge(RaioxError):
     pass
+
+
+class FeedbackIn(BaseModel):
+    """The dentist's answer for an analysis: the implant it really is (any implant
+    of the catalogue, by key), or `not_in_catalogue: true`; one of the two."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"implant_key": "straumann/bone level/blx 4.0", "note": "surgical report"},
+                {"not_in_catalogue": True, "note": "Neodent Helix GM"},
+            ]
+        },
+    )
+
+    implant_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=feedback.MAX_KEY,
+        description="manufacturer/system/name (or manufacturer/name), any case",
+    )
+    not_in_catalogue: bool = False
+    note: str | None = Field(None, max_length=feedback.MAX_NOTE)
+    client_id: str | None = Field(
+        None, max_length=feedback.MAX_CLIENT_ID, description="who confirms"
+    )
+
+    @model_validator(mode="after")
+    def one_answer(self) -> FeedbackIn:
+        if (self.implant_key is None) == (not self.not_in_catalogue):
+            raise ValueError("give implant_key or not_in_catalogue: true, one of them")
+        return self
 
 
 def check_auth_configured(settings: Settings, insecure_no_auth: bool) -> None:
@@ -138,6 +174,10 @@ ERROR_STATUS: list[tuple[type[Exception], int]] = [
     (DatabaseUnavailable, 503),
     (search.EmptyCatalogue, 503),
     (search.ModelMismatch, 503),
+    (feedback.UnknownAnalysis, 404),
+    (feedback.AnalysisNotDone, 409),
+    (feedback.UnknownImplant, 422),
+    (feedback.BadConfirmation, 422),
 ]
 
 
@@ -342,6 +382,46 @@ def create_app(config: ServerConfig) -> FastAPI:
         if view is None:
             raise HTTPException(404, f"no analysis {analysis_id}")
         return JSONResponse(_json(view))
+
+    @app.post(
+        "/analyses/{analysis_id}/feedback",
+        status_code=201,
+        summary="Confirm which implant an analysis really shows",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": FeedbackIn.model_json_schema()}},
+            }
+        },
+    )
+    async def post_feedback(request: Request, analysis_id: int) -> JSONResponse:
+        """Record the dentist's answer; answering again keeps the history and the
+        latest answer counts. 201 with the confirmation (`raiox_rank`: where raiox
+        had ranked that implant, null when it did not list it; `previous`: the answer
+        this one replaces). 404 unknown analysis, 409 analysis without a result yet,
+        422 unknown implant key or invalid body."""
+        body = await read_body(request, FEEDBACK_MAX_BYTES)
+        authenticate(request, body, signed_delivery=False)
+        request.state.analysis_id = analysis_id
+        try:
+            answer = FeedbackIn.model_validate_json(body)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_url=False)) from None
+
+        def record(conn: psycopg.Connection) -> feedback.Confirmation:
+            done = feedback.confirm(
+                conn,
+                analysis_id,
+                answer.implant_key,
+                note=answer.note,
+                client_id=answer.client_id,
+            )
+            conn.commit()
+            return done
+
+        done = await run_in_threadpool(_with_db, request, record)
+        logs.event("confirmed", analysis_id=analysis_id, confirmation_id=done.id)
+        return JSONResponse(_json(done.to_dict()), status_code=201)
 
     @app.get("/implants", summary="The catalogue, a page at a time")
     async def list_implants(

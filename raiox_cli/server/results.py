@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import psycopg
 
-from raiox_cli import queries
+from raiox_cli import feedback, queries
 from raiox_cli.server import logs
 
 
@@ -63,6 +63,8 @@ def analysis(
             for m in matches
         ],
     }
+    confirmed = feedback.latest(conn, analysis_id)
+    view["confirmation"] = confirmed.to_dict() if confirmed else None
     if row["notify_status"]:
         view["notification"] = {
             "status": row["notify_status"],

@@ -1,0 +1,126 @@
+"""POST /analyses/{id}/feedback over real HTTP (uvicorn on loopback, the embedded
+PostgreSQL, moto's S3), then the CLI reading what the server recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+from test_server import TOKEN, Catalogue, running
+from test_server import catalogue as catalogue  # the fixture, re-exported for pytest
+from typer.testing import CliRunner
+
+from raiox_cli import db, queries
+from raiox_cli.cli import app
+
+runner = CliRunner()
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+def _keys(cat: Catalogue) -> list[str]:
+    with db.connect(cat.settings) as conn:
+        return [queries.get_implant(conn, i)["key"] for i in cat.implant_ids]
+
+
+def test_feedback_over_http_then_eval_and_export(
+    catalogue: Catalogue, tiny_embedder: Any, tmp_path: Path
+) -> None:
+    keys = _keys(catalogue)
+    with running(catalogue, tiny_embedder, webhook_token=TOKEN) as base:
+        upload = httpx.post(
+            f"{base}/upload",
+            files={"file": ("q.png", catalogue.query_png, "image/png")},
+            headers=AUTH,
+            timeout=30,
+        )
+        assert upload.status_code == 200, upload.text
+        analysis = upload.json()
+        ranked = [m["key"] for m in analysis["matches"]]
+        assert analysis["confirmation"] is None
+        url = f"{base}/analyses/{analysis['id']}/feedback"
+
+        first = httpx.post(
+            url, json={"implant_key": ranked[0], "client_id": "dr-ana"}, headers=AUTH
+        )
+        assert first.status_code == 201, first.text
+        answer = first.json()
+        assert answer["implant"]["key"] == ranked[0] and answer["raiox_rank"] == 1
+        assert answer["client_id"] == "dr-ana" and answer["previous"] is None
+
+        # The dentist changes their mind: an implant raiox did not list, upper case.
+        unlisted = next(k for k in keys if k not in ranked)
+        second = httpx.post(
+            url, json={"implant_key": unlisted.upper(), "note": "seen on the report"}, headers=AUTH
+        )
+        assert second.status_code == 201, second.text
+        assert second.json()["implant"]["key"] == unlisted
+        assert second.json()["raiox_rank"] is None
+        assert second.json()["previous"]["implant"]["key"] == ranked[0]
+        shown = httpx.get(f"{base}/analyses/{analysis['id']}", headers=AUTH).json()
+        assert shown["confirmation"]["id"] == second.json()["id"]
+        assert shown["confirmation"]["note"] == "seen on the report"
+
+        refused = {
+            "no token": httpx.post(url, json={"implant_key": ranked[0]}),
+            "wrong token": httpx.post(
+                url, json={"implant_key": ranked[0]}, headers={"authorization": "Bearer x"}
+            ),
+            "unknown analysis": httpx.post(
+                f"{base}/analyses/999999/feedback", json={"implant_key": ranked[0]}, headers=AUTH
+            ),
+            "unknown implant": httpx.post(
+                url, json={"implant_key": "nobody/none/nothing"}, headers=AUTH
+            ),
+            "both answers": httpx.post(
+                url, json={"implant_key": ranked[0], "not_in_catalogue": True}, headers=AUTH
+            ),
+            "no answer": httpx.post(url, json={"note": "hm"}, headers=AUTH),
+            "stray field": httpx.post(
+                url, json={"implant_key": ranked[0], "patient": "Ana"}, headers=AUTH
+            ),
+            "long note": httpx.post(
+                url, json={"not_in_catalogue": True, "note": "x" * 2001}, headers=AUTH
+            ),
+            "not json": httpx.post(url, content=b"implant=a", headers=AUTH),
+            "huge body": httpx.post(url, content=b"{" + b" " * 20_000 + b"}", headers=AUTH),
+            "id not a number": httpx.post(
+                f"{base}/analyses/abc/feedback", json={"implant_key": ranked[0]}, headers=AUTH
+            ),
+        }
+        status = {name: r.status_code for name, r in refused.items()}
+        assert status == {
+            "no token": 401,
+            "wrong token": 401,
+            "unknown analysis": 404,
+            "unknown implant": 422,
+            "both answers": 422,
+            "no answer": 422,
+            "stray field": 422,
+            "long note": 422,
+            "not json": 422,
+            "huge body": 413,
+            "id not a number": 422,
+        }
+        assert "no implant 'nobody/none/nothing'" in refused["unknown implant"].json()["detail"]
+        assert "one of them" in json.dumps(refused["both answers"].json()["detail"])
+        schema = httpx.get(f"{base}/openapi.json").json()
+        body = schema["paths"]["/analyses/{analysis_id}/feedback"]["post"]["requestBody"]
+        assert "implant_key" in body["content"]["application/json"]["schema"]["properties"]
+
+    with db.connect(catalogue.settings) as conn:
+        assert len(queries.confirmation_history(conn, analysis["id"])) == 2
+
+    result = runner.invoke(app, ["eval", "--confirmed", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["analyses"] == 1 and report["top1"] == 0.0 and report["top5"] == 0.0
+    assert report["confused"] == [{"expected": unlisted, "predicted": ranked[0], "count": 1}]
+
+    out = tmp_path / "labels"
+    result = runner.invoke(app, ["export-labels", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["exported"] == 1
+    (exported,) = [p for p in out.rglob("*.png")]
+    assert exported.read_bytes() == catalogue.query_png  # read back from S3
