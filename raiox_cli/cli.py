@@ -44,8 +44,9 @@ err = Console(stderr=True, soft_wrap=True)  # progress, logs, warnings: stderr
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def command(name: str, **kwargs: Any) -> Callable[[F], F]:
-    """Register a command whose RaioxErrors become one stderr line and an exit code."""
+def command(name: str, *, parent: typer.Typer | None = None, **kwargs: Any) -> Callable[[F], F]:
+    """Register a command whose RaioxErrors become one stderr line and an exit code
+    (on `parent`, a command group, when given)."""
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
@@ -56,13 +57,14 @@ def command(name: str, **kwargs: Any) -> Callable[[F], F]:
             except RaioxError as exc:
                 if _debug():
                     raise
-                err.print(f"raiox {name}: {exc}", style="red", markup=False, highlight=False)
+                where = f"{parent.info.name} {name}" if parent is not None else name
+                err.print(f"raiox {where}: {exc}", style="red", markup=False, highlight=False)
                 raise typer.Exit(exc.exit_code) from None
             except KeyboardInterrupt:
                 err.print("interrupted", style="red")
                 raise typer.Exit(130) from None
 
-        app.command(name, **kwargs)(run)
+        (parent or app).command(name, **kwargs)(run)
         return fn
 
     return decorate
@@ -964,6 +966,139 @@ def _print_demo(report: Any) -> None:
         " (README: model weights)",
         highlight=False,
     )
+
+
+# --- clinics: API keys, retention -------------------------------------------------
+
+clients_app = typer.Typer(
+    name="clients",
+    help="Clinics that use the server with their own API key (README: Clinics).\n\n"
+    "Example: raiox clients add sorriso-sp --email dr@sorriso.example",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(clients_app)
+
+
+@contextlib.contextmanager
+def _database(database_url: str | None) -> Iterator[Any]:
+    from raiox_cli import db
+
+    with db.connect(config.resolve(database_url=database_url)) as conn:
+        db.check_schema(conn)
+        yield conn
+
+
+def _client_json(row: dict[str, Any], key: str | None = None) -> dict[str, Any]:
+    data = {k: v for k, v in row.items() if k != "id"}
+    return {**data, "key": key} if key else data
+
+
+def _print_new_key(row: dict[str, Any], key: str, json_out: bool, what: str) -> None:
+    if json_out:
+        _print_json(_client_json(row, key))
+        return
+    out.print(key, highlight=False)  # alone on stdout: KEY=$(raiox clients add ...)
+    err.print(
+        f"{what} for {row['name']}; it is shown only now: store it in a password manager. "
+        f"Use it as 'Authorization: Bearer KEY', 'X-Raiox-Key: KEY' or ?key=KEY (Jotform).",
+        markup=False,
+        highlight=False,
+    )
+
+
+@command("add", parent=clients_app)
+def clients_add(
+    name: Annotated[str, typer.Argument(help="the clinic's name, unique (e.g. sorriso-sp)")],
+    notify_url: Annotated[
+        str | None, typer.Option(help="POST finished analyses of this clinic here")
+    ] = None,
+    email: Annotated[str | None, typer.Option(help="the clinic's contact for results")] = None,
+    json_out: JsonOut = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Create a clinic and print its API key (once: only a hash is stored).
+
+    Example: KEY=$(raiox clients add sorriso-sp --email dr@sorriso.example)
+    """
+    from raiox_cli import clients
+
+    with _database(database_url) as conn:
+        row, key = clients.add(conn, name, notify_url=notify_url, email=email)
+    _print_new_key(row, key, json_out, "new API key")
+
+
+@command("list", parent=clients_app)
+def clients_list(json_out: JsonOut = False, database_url: DatabaseUrl = None) -> None:
+    """Every clinic: created, last used, analyses kept (and purged), state. Never keys.
+
+    Example: raiox clients list --json
+    """
+    from raiox_cli import clients
+
+    with _database(database_url) as conn:
+        rows = clients.list_rows(conn)
+    if json_out:
+        _print_json([{**_client_json(row), "state": clients.state(row)} for row in rows])
+        return
+    table = Table(title="clients")
+    for column in ("name", "created", "last used", "analyses", "purged", "state", "contact"):
+        table.add_column(column, justify="right" if column in {"analyses", "purged"} else "left")
+    for row in rows:
+        table.add_row(
+            row["name"],
+            f"{row['created_at']:%Y-%m-%d %H:%M}",
+            f"{row['last_used_at']:%Y-%m-%d %H:%M}" if row["last_used_at"] else "never",
+            str(row["analyses"]),
+            str(row["purged"]),
+            clients.state(row),
+            ", ".join(x for x in (row["email"], row["notify_url"]) if x),
+        )
+    out.print(table)
+    if not rows:
+        out.print('no clients yet; add one with "raiox clients add NAME"')
+
+
+@command("rotate", parent=clients_app)
+def clients_rotate(
+    name: Annotated[str, typer.Argument(help="the clinic")],
+    grace: Annotated[
+        str, typer.Option(help="how long the old key keeps working: 24h, 7d, 0s (none)")
+    ] = "24h",
+    json_out: JsonOut = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Give a clinic a new API key; the old one keeps working for --grace.
+
+    Example: raiox clients rotate sorriso-sp --grace 2h
+    """
+    from raiox_cli import clients
+
+    grace_s = config.parse_duration(grace, what="--grace")
+    with _database(database_url) as conn:
+        row, key = clients.rotate(conn, name, grace_s=grace_s)
+    _print_new_key(row, key, json_out, f"new API key (the old one works for {grace} more)")
+
+
+@command("revoke", parent=clients_app)
+def clients_revoke(
+    name: Annotated[str, typer.Argument(help="the clinic")],
+    json_out: JsonOut = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Stop every key of a clinic now (401 from the next request). Its analyses stay
+    until purged.
+
+    Example: raiox clients revoke sorriso-sp
+    """
+    from raiox_cli import clients
+
+    with _database(database_url) as conn:
+        row = clients.revoke(conn, name)
+    if json_out:
+        _print_json(_client_json(row))
+    else:
+        out.print(f"revoked {row['name']} at {row['revoked_at']:%Y-%m-%d %H:%M:%S %Z}")
 
 
 def main() -> None:

@@ -87,6 +87,24 @@ class Settings:
     job_lease_s: float = field(default=300.0, metadata={"env": "RAIOX_JOB_LEASE_S"})
     job_retry_base_s: float = field(default=2.0, metadata={"env": "RAIOX_JOB_RETRY_BASE_S"})
     link_expires_s: int = field(default=3600, metadata={"env": "RAIOX_LINK_EXPIRES_S"})
+    # --- clinics and privacy (README "Clinics, keys and patient data")
+    # Signs result links (/r/<token>); unset: a random key kept in RAIOX_HOME/secret.key.
+    secret_key: str | None = field(default=None, repr=False, metadata={"env": "RAIOX_SECRET_KEY"})
+    result_link_expires_s: int = field(
+        default=7 * 24 * 3600, metadata={"env": "RAIOX_RESULT_LINK_EXPIRES_S"}
+    )
+    # Failed authentications a source address may make per window before it gets 429.
+    auth_max_failures: int = field(default=20, metadata={"env": "RAIOX_AUTH_MAX_FAILURES"})
+    auth_failure_window_s: float = field(
+        default=600.0, metadata={"env": "RAIOX_AUTH_FAILURE_WINDOW_S"}
+    )
+    # A shared Jotform form: its client field's answer names the clinic (needs the
+    # RAIOX_JOTFORM_FORM_IDS allow-list; README says what this trusts).
+    jotform_clinic_from_answer: bool = field(
+        default=False, metadata={"env": "RAIOX_JOTFORM_CLINIC_FROM_ANSWER"}
+    )
+    # Nightly reindex purges analyses older than this many days (unset: keep all).
+    retention_days: int | None = field(default=None, metadata={"env": "RAIOX_RETENTION_DAYS"})
 
     @property
     def storage_dir(self) -> Path:
@@ -108,7 +126,7 @@ def _convert(f: dataclasses.Field, raw: Any) -> Any:
     if isinstance(raw, str):
         if "Path" in kind:
             return Path(raw).expanduser()
-        if kind == "int":
+        if kind in ("int", "int | None"):
             return _int(name, raw)
         if kind == "float":
             try:
@@ -118,6 +136,24 @@ def _convert(f: dataclasses.Field, raw: Any) -> Any:
         if kind == "bool":
             return _bool(raw)
     return raw
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str, *, what: str = "duration") -> float:
+    """'90d', '24h', '30m', '45s', '2w' -> seconds."""
+    value = text.strip().lower()
+    number, unit = value[:-1], value[-1:]
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if unit not in DURATION_UNITS or amount < 0:
+        raise UsageError(
+            f"{what} {text!r} is not a duration; write a number and a unit: 90d, 24h, 30m, 45s"
+        )
+    return amount * DURATION_UNITS[unit]
 
 
 def resolve(env: Mapping[str, str] | None = None, **options: Any) -> Settings:

@@ -4,6 +4,7 @@ PostgreSQL, moto's S3), then the CLI reading what the server recorded."""
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ def test_feedback_over_http_then_eval_and_export(
             "long note": 422,
             "not json": 422,
             "huge body": 413,
-            "id not a number": 422,
+            "id not a number": 404,  # ids are UUIDs: anything else names no analysis
         }
         assert "no implant 'nobody/none/nothing'" in refused["unknown implant"].json()["detail"]
         assert "one of them" in json.dumps(refused["both answers"].json()["detail"])
@@ -110,7 +111,9 @@ def test_feedback_over_http_then_eval_and_export(
         assert "implant_key" in body["content"]["application/json"]["schema"]["properties"]
 
     with db.connect(catalogue.settings) as conn:
-        assert len(queries.confirmation_history(conn, analysis["id"])) == 2
+        row = queries.find_analysis(conn, uuid.UUID(analysis["id"]), clinic_id=None)
+        assert row is not None
+        assert len(queries.confirmation_history(conn, row["id"])) == 2
 
     result = runner.invoke(app, ["eval", "--confirmed", "--json"])
     assert result.exit_code == 0, result.output

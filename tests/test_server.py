@@ -295,7 +295,7 @@ def test_jotform_and_json_deliveries_complete_once_and_notify(
     assert count_analyses(catalogue.settings) == 2
     assert site.hits.count("/xray.png") == 2
     logged = capsys.readouterr().err
-    assert f'"analysis_id": {jot["id"]}' in logged and '"event": "job done"' in logged
+    assert f'"analysis_id": "{jot["id"]}"' in logged and '"event": "job done"' in logged
     assert TOKEN not in logged
 
 
@@ -496,7 +496,7 @@ def test_graceful_shutdown_gives_running_jobs_back(
             assert time.monotonic() < deadline
             time.sleep(0.05)
     with db.connect(catalogue.settings) as conn:
-        row = queries.get_analysis(conn, answer["id"])
+        row = queries.find_analysis(conn, uuid.UUID(answer["id"]), clinic_id=None)
     assert row is not None
     assert (row["status"], row["attempts"], row["locked_until"]) == ("pending", 0, None)
 
@@ -542,7 +542,7 @@ def test_killed_server_resumes_its_job_after_restart(
         proc.send_signal(signal.SIGKILL)  # mid-download: no chance to clean up
         proc.wait(10)
         with db.connect(catalogue.settings) as conn:
-            row = queries.get_analysis(conn, answer["id"])
+            row = queries.find_analysis(conn, uuid.UUID(answer["id"]), clinic_id=None)
         assert row is not None and (row["status"], row["attempts"]) == ("running", 1)
         proc = start()
         result = poll(

@@ -22,12 +22,17 @@ def create_analysis(
     storage_key: str | None = None,
     metadata: dict[str, Any] | None = None,
     status: str = "pending",
+    clinic_id: int | None = None,
 ) -> tuple[int, bool]:
     """Record a submitted X-ray; returns (id, created). A repeated idempotency key
-    returns the existing analysis with created=False."""
+    returns the existing analysis with created=False. Keys are per clinic: another
+    clinic sending the same delivery id gets its own analysis, never this one."""
+    if idempotency_key is not None and clinic_id is not None:
+        idempotency_key = f"clinic-{clinic_id}:{idempotency_key}"
     params = {
         "source": source,
         "client_id": client_id,
+        "clinic_id": clinic_id,
         "key": idempotency_key,
         "image_url": image_url,
         "sha": image_sha256,
@@ -36,9 +41,9 @@ def create_analysis(
         "status": status,
     }
     row = conn.execute(
-        """INSERT INTO analyses (source, client_id, idempotency_key, image_url, image_sha256,
-                                 storage_key, metadata, status)
-           VALUES (%(source)s, %(client_id)s, %(key)s, %(image_url)s, %(sha)s,
+        """INSERT INTO analyses (source, client_id, clinic_id, idempotency_key, image_url,
+                                 image_sha256, storage_key, metadata, status)
+           VALUES (%(source)s, %(client_id)s, %(clinic_id)s, %(key)s, %(image_url)s, %(sha)s,
                    %(storage_key)s, %(metadata)s, %(status)s)
            ON CONFLICT (idempotency_key) DO NOTHING
            RETURNING id""",
@@ -91,8 +96,14 @@ def finish_analysis(
 
 
 def get_analysis(conn: psycopg.Connection, analysis_id: int) -> dict[str, Any] | None:
+    """An analysis by its internal id, unscoped (workers, tests); requests use
+    queries.find_analysis, which is scoped to the caller's clinic."""
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute("SELECT * FROM analyses WHERE id = %(a)s", {"a": analysis_id})
+        cur.execute(
+            """SELECT a.*, c.name AS clinic FROM analyses a
+               LEFT JOIN clients c ON c.id = a.clinic_id WHERE a.id = %(a)s""",
+            {"a": analysis_id},
+        )
         return cur.fetchone()
 
 
@@ -131,8 +142,8 @@ def claim_next_job(conn: psycopg.Connection, *, lease_s: float) -> dict[str, Any
                              AND (status = 'pending' OR locked_until < now())
                            ORDER BY next_attempt_at, id
                            LIMIT 1 FOR UPDATE SKIP LOCKED)
-               RETURNING id, source, client_id, image_url, image_sha256, storage_key,
-                         metadata, attempts""",
+               RETURNING id, public_id, clinic_id, source, client_id, image_url,
+                         image_sha256, storage_key, metadata, attempts""",
             {"lease": lease_s},
         )
         return cur.fetchone()

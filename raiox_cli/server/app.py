@@ -8,15 +8,17 @@ connection from Jotform open, and nothing accepted is lost when the process is.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import psycopg
 import psycopg_pool
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pgvector.psycopg import register_vector
@@ -25,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 
-from raiox_cli import __version__, db, feedback, images, queries, search
+from raiox_cli import __version__, clients, db, feedback, images, queries, search
 from raiox_cli.config import Settings
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import DatabaseUnavailable, RaioxError, UsageError
@@ -100,34 +102,92 @@ def check_auth_configured(settings: Settings, insecure_no_auth: bool) -> None:
         )
     if settings.webhook_secret:
         auth.secret_key(settings.webhook_secret)  # a malformed whsec_ fails now, not per request
+    if settings.jotform_clinic_from_answer and not settings.jotform_form_ids:
+        raise UsageError(
+            "RAIOX_JOTFORM_CLINIC_FROM_ANSWER needs RAIOX_JOTFORM_FORM_IDS: a form answer "
+            "names the clinic only on forms you list (README: shared Jotform form)"
+        )
 
 
-def _provided_token(request: Request) -> str | None:
+def _credential(request: Request) -> str | None:
+    """A clinic key or the operator token: `Authorization: Bearer`, `X-Raiox-Key`
+    (or `X-Raiox-Token`), or in the URL as ?key= (or ?token=) for Jotform."""
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
         return header[7:].strip()
-    return request.headers.get("x-raiox-token") or request.query_params.get("token")
+    for name in ("x-raiox-key", "x-raiox-token"):
+        if request.headers.get(name):
+            return request.headers[name].strip()
+    return request.query_params.get("key") or request.query_params.get("token")
 
 
-def authenticate(request: Request, body: bytes, *, signed_delivery: bool) -> str | None:
-    """Check what the settings ask for; returns the verified webhook-id, if any.
+def _source_address(request: Request) -> str:
+    # uvicorn's proxy_headers already replaced it with X-Forwarded-For's, from nginx.
+    return request.client.host if request.client else "unknown"
 
-    The token, when set, is needed on every API request. A signature, when a
-    secret is set, is needed on JSON webhook deliveries, and stands in for the
-    token elsewhere when no token is set. Jotform can send neither headers nor
-    signatures: it carries the token in the URL (?token=).
+
+def authenticate(
+    request: Request, body: bytes, *, signed_delivery: bool
+) -> tuple[auth.Caller, str | None]:
+    """Who the request acts as, and the verified webhook-id, if any. Blocking (a
+    clinic key is looked up in the database): call it in a thread.
+
+    A clinic key (rxk_...) acts as that clinic. Otherwise the operator's rules: the
+    token, when set, is needed on every API request; a signature, when a secret is
+    set, is needed on JSON webhook deliveries, and stands in for the token
+    elsewhere when no token is set. Jotform can send neither headers nor
+    signatures: it carries the key or token in the URL (?key=, ?token=). Failures
+    count against the source address (auth.FailureLimiter).
     """
     config: ServerConfig = request.app.state.config
-    settings = config.settings
     if config.insecure_no_auth:
-        return None
-    if settings.webhook_token and not auth.token_matches(
-        settings.webhook_token, _provided_token(request)
-    ):
+        return auth.OPERATOR, None
+    limiter: auth.FailureLimiter = request.app.state.limiter
+    address = _source_address(request)
+    limiter.check(address)
+    try:
+        return _identify(request, body, signed_delivery=signed_delivery)
+    except auth.Unauthorized:
+        limiter.failed(address)
+        raise
+
+
+def _identify(
+    request: Request, body: bytes, *, signed_delivery: bool
+) -> tuple[auth.Caller, str | None]:
+    settings: Settings = request.app.state.config.settings
+    provided = _credential(request)
+    if provided and clients.looks_like_key(provided):
+        clinic = _with_db(request, lambda conn: clients.authenticate(conn, provided))
+        if clinic is None:
+            raise auth.Unauthorized("unknown, revoked or expired key")
+        return auth.Caller(clinic.id, clinic.name), None
+    if not (settings.webhook_token or settings.webhook_secret):
+        raise auth.Unauthorized("this server accepts clinic keys only")
+    if settings.webhook_token and not auth.token_matches(settings.webhook_token, provided):
         raise auth.Unauthorized("missing or wrong token")
     if settings.webhook_secret and (signed_delivery or not settings.webhook_token):
-        return auth.verify_signature(settings.webhook_secret, request.headers, body)
-    return None
+        return auth.OPERATOR, auth.verify_signature(settings.webhook_secret, request.headers, body)
+    return auth.OPERATOR, None
+
+
+async def current_caller(request: Request) -> auth.Caller:
+    """FastAPI dependency: the authenticated caller of a request without a signed
+    body (reads, lists, feedback). Pass `caller.clinic_id` to the scoped queries."""
+    caller, _ = await run_in_threadpool(authenticate, request, b"", signed_delivery=False)
+    request.state.caller = caller
+    return caller
+
+
+CurrentCaller = Annotated[auth.Caller, Depends(current_caller)]
+
+
+def parse_public_id(value: str) -> uuid.UUID | None:
+    """An analysis id from a URL; None (answer 404) for anything not a UUID."""
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -167,6 +227,7 @@ def _error(status: int, message: str) -> JSONResponse:
 
 ERROR_STATUS: list[tuple[type[Exception], int]] = [
     (auth.Unauthorized, 401),
+    (clients.ClientNotFound, 404),
     (jotform.FormNotAllowed, 403),
     (TooLarge, 413),
     (jotform.BadSubmission, 400),
@@ -233,6 +294,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.config = config
+    app.state.limiter = auth.FailureLimiter(
+        settings.auth_max_failures, settings.auth_failure_window_s
+    )
 
     @app.middleware("http")
     async def access_log(request: Request, call_next: Callable) -> Any:
@@ -262,6 +326,14 @@ def create_app(config: ServerConfig) -> FastAPI:
     for error_class, status in ERROR_STATUS:
         app.add_exception_handler(
             error_class, lambda _req, exc, status=status: _error(status, str(exc))
+        )
+
+    @app.exception_handler(auth.TooManyFailures)
+    async def too_many_failures(_req: Request, exc: auth.TooManyFailures) -> JSONResponse:
+        return JSONResponse(
+            {"detail": str(exc)},
+            status_code=429,
+            headers={"Retry-After": str(exc.retry_after_s)},
         )
 
     @app.post(
@@ -301,14 +373,19 @@ def create_app(config: ServerConfig) -> FastAPI:
         `?wait=N` waits up to N seconds for the result."""
         body = await read_body(request, settings.server_max_bytes)
         is_form = _is_form(request)
-        delivery_id = authenticate(request, body, signed_delivery=not is_form)
+        caller, delivery_id = await run_in_threadpool(
+            authenticate, request, body, signed_delivery=not is_form
+        )
+        allowed_forms = frozenset(
+            f.strip() for f in (settings.jotform_form_ids or "").split(",") if f.strip()
+        )
         if is_form:
             form = await parse_form(request.headers, body)
             submission = jotform.parse_jotform(
                 {k: v for k, v in form.items() if isinstance(v, str)},
-                allowed_form_ids=frozenset(
-                    f.strip() for f in (settings.jotform_form_ids or "").split(",") if f.strip()
-                ),
+                # A clinic's key is enough for its own forms; the allow-list guards
+                # the operator token's URL (and is what lets an answer name a clinic).
+                allowed_form_ids=allowed_forms if caller.is_operator else frozenset(),
                 client_field=settings.jotform_client_field,
                 upload_field=settings.jotform_upload_field,
             )
@@ -320,31 +397,40 @@ def create_app(config: ServerConfig) -> FastAPI:
             )
             submission = jotform.parse_json(body, delivery_id)
 
-        def record(conn: psycopg.Connection) -> tuple[int, bool]:
-            created = queries.create_analysis(
+        def record(conn: psycopg.Connection) -> tuple[int, bool, uuid.UUID]:
+            clinic_id = caller.clinic_id
+            if (
+                clinic_id is None
+                and is_form
+                and settings.jotform_clinic_from_answer
+                and allowed_forms  # parse_jotform refused any other form
+                and submission.client_id
+            ):
+                clinic_id = queries.clinic_by_name(conn, submission.client_id)
+            analysis_id, created = queries.create_analysis(
                 conn,
                 source="webhook",
                 client_id=submission.client_id,
+                clinic_id=clinic_id,
                 idempotency_key=submission.idempotency_key,
                 image_url=submission.image_url,
                 metadata=submission.metadata,
             )
+            row = queries.get_analysis(conn, analysis_id)
             conn.commit()
-            return created
+            assert row is not None
+            return analysis_id, created, row["public_id"]
 
-        analysis_id, created = await run_in_threadpool(_with_db, request, record)
-        request.state.analysis_id = analysis_id
+        analysis_id, created, public_id = await run_in_threadpool(_with_db, request, record)
+        request.state.analysis_id = public_id
         if created:
             request.app.state.worker.wake()
-        logs.event(
-            "accepted" if created else "replayed",
-            analysis_id=analysis_id,
-            client_id=submission.client_id,
-        )
+        logs.event("accepted" if created else "replayed", analysis_id=public_id)
+        logs.audit("create" if created else "replay", client=caller.name, analysis=public_id)
         answer: dict[str, Any] = {
-            "id": analysis_id,
+            "id": str(public_id),
             "status": "pending",
-            "url": str(request.url_for("get_analysis", analysis_id=analysis_id)),
+            "url": str(request.url_for("get_analysis", analysis_id=str(public_id))),
             "replayed": not created,
         }
         if wait or not created:
@@ -358,7 +444,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def upload(request: Request, k: int = Query(3, ge=1, le=MAX_PAGE)) -> JSONResponse:
         """The old synchronous API: answers with the top-k implants."""
         body = await read_body(request, settings.server_max_bytes)
-        authenticate(request, body, signed_delivery=False)
+        caller, _ = await run_in_threadpool(authenticate, request, body, signed_delivery=False)
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise jotform.BadSubmission("send the image as multipart/form-data field 'file'")
         form = await parse_form(request.headers, body)
@@ -366,21 +452,59 @@ def create_app(config: ServerConfig) -> FastAPI:
         if not isinstance(part, UploadFile):
             raise jotform.BadSubmission("no file in multipart field 'file'")
         data = await part.read()
-        view = await run_in_threadpool(_analyse_now, request, data, k)
+        view = await run_in_threadpool(_analyse_now, request, caller, data, k)
         request.state.analysis_id = view["id"]
+        logs.audit("create", client=caller.name, analysis=view["id"])
         return JSONResponse(_json(view))
 
-    @app.get("/analyses/{analysis_id}", name="get_analysis", summary="An analysis and its result")
-    async def get_analysis(request: Request, analysis_id: int) -> JSONResponse:
-        authenticate(request, b"", signed_delivery=False)
-        request.state.analysis_id = analysis_id
-        view = await run_in_threadpool(
+    @app.get("/analyses", summary="The caller's analyses, newest first")
+    async def list_analyses(
+        request: Request,
+        caller: CurrentCaller,
+        status: Literal["pending", "running", "done", "failed"] | None = None,
+        since: dt.datetime | None = Query(None, description="created at or after (ISO 8601)"),
+        limit: int = Query(20, ge=1, le=MAX_PAGE),
+    ) -> JSONResponse:
+        """A clinic sees its own analyses; the operator every clinic's."""
+        if since is not None and since.tzinfo is None:
+            since = since.replace(tzinfo=dt.timezone.utc)
+        rows = await run_in_threadpool(
             _with_db,
             request,
-            lambda conn: results.analysis(conn, config.store, analysis_id, settings.link_expires_s),
+            lambda conn: queries.list_analyses(
+                conn, clinic_id=caller.clinic_id, status=status, since=since, limit=limit
+            ),
         )
+        items = [
+            {
+                **{k: v for k, v in row.items() if k != "public_id"},
+                "id": str(row["public_id"]),
+                "url": str(request.url_for("get_analysis", analysis_id=str(row["public_id"]))),
+            }
+            for row in rows
+        ]
+        logs.audit("list", client=caller.name, analysis=None, count=len(items))
+        return JSONResponse(_json({"limit": limit, "items": items}))
+
+    @app.get("/analyses/{analysis_id}", name="get_analysis", summary="An analysis and its result")
+    async def get_analysis(
+        request: Request, analysis_id: str, caller: CurrentCaller
+    ) -> JSONResponse:
+        """Another clinic's analysis answers 404, exactly like one that does not exist."""
+        public_id = parse_public_id(analysis_id)
+        view = None
+        if public_id is not None:
+            request.state.analysis_id = public_id
+            view = await run_in_threadpool(
+                _with_db,
+                request,
+                lambda conn: results.analysis_for(
+                    conn, config.store, public_id, caller.clinic_id, settings.link_expires_s
+                ),
+            )
         if view is None:
-            raise HTTPException(404, f"no analysis {analysis_id}")
+            raise HTTPException(404, "no such analysis")
+        logs.audit("read", client=caller.name, analysis=public_id)
         return JSONResponse(_json(view))
 
     @app.post(
@@ -394,24 +518,30 @@ def create_app(config: ServerConfig) -> FastAPI:
             }
         },
     )
-    async def post_feedback(request: Request, analysis_id: int) -> JSONResponse:
+    async def post_feedback(request: Request, analysis_id: str) -> JSONResponse:
         """Record the dentist's answer; answering again keeps the history and the
         latest answer counts. 201 with the confirmation (`raiox_rank`: where raiox
         had ranked that implant, null when it did not list it; `previous`: the answer
-        this one replaces). 404 unknown analysis, 409 analysis without a result yet,
-        422 unknown implant key or invalid body."""
+        this one replaces). 404 unknown analysis (or another clinic's), 409 analysis
+        without a result yet, 422 unknown implant key or invalid body."""
         body = await read_body(request, FEEDBACK_MAX_BYTES)
-        authenticate(request, body, signed_delivery=False)
-        request.state.analysis_id = analysis_id
+        caller, _ = await run_in_threadpool(authenticate, request, body, signed_delivery=False)
+        public_id = parse_public_id(analysis_id)
+        if public_id is None:
+            raise HTTPException(404, "no such analysis")
+        request.state.analysis_id = public_id
         try:
             answer = FeedbackIn.model_validate_json(body)
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_url=False)) from None
 
         def record(conn: psycopg.Connection) -> feedback.Confirmation:
+            row = queries.find_analysis(conn, public_id, clinic_id=caller.clinic_id)
+            if row is None:
+                raise HTTPException(404, "no such analysis")
             done = feedback.confirm(
                 conn,
-                analysis_id,
+                row["id"],
                 answer.implant_key,
                 note=answer.note,
                 client_id=answer.client_id,
@@ -420,17 +550,22 @@ def create_app(config: ServerConfig) -> FastAPI:
             return done
 
         done = await run_in_threadpool(_with_db, request, record)
-        logs.event("confirmed", analysis_id=analysis_id, confirmation_id=done.id)
-        return JSONResponse(_json(done.to_dict()), status_code=201)
+        logs.audit("feedback", client=caller.name, analysis=public_id)
+        return JSONResponse(
+            _json({**done.to_dict(), "analysis_id": str(public_id)}), status_code=201
+        )
 
-    @app.get("/implants", summary="The catalogue, a page at a time")
+    # The catalogue is not patient data: any authenticated caller may browse it.
+    @app.get(
+        "/implants",
+        summary="The catalogue, a page at a time",
+        dependencies=[Depends(current_caller)],
+    )
     async def list_implants(
         request: Request,
         skip: int = Query(0, ge=0),
         limit: int = Query(20, ge=1, le=MAX_PAGE),
     ) -> JSONResponse:
-        authenticate(request, b"", signed_delivery=False)
-
         def page(conn: psycopg.Connection) -> dict[str, Any]:
             items = queries.list_implants(conn, skip=skip, limit=limit)
             return {
@@ -442,9 +577,12 @@ def create_app(config: ServerConfig) -> FastAPI:
 
         return JSONResponse(_json(await run_in_threadpool(_with_db, request, page)))
 
-    @app.get("/implants/{implant_id}", summary="One implant and its reference images")
+    @app.get(
+        "/implants/{implant_id}",
+        summary="One implant and its reference images",
+        dependencies=[Depends(current_caller)],
+    )
     async def get_implant(request: Request, implant_id: int) -> JSONResponse:
-        authenticate(request, b"", signed_delivery=False)
         view = await run_in_threadpool(
             _with_db,
             request,
@@ -492,7 +630,7 @@ def _wait_for(request: Request, analysis_id: int, wait_s: float) -> dict[str, An
     return latest
 
 
-def _analyse_now(request: Request, data: bytes, k: int) -> dict[str, Any]:
+def _analyse_now(request: Request, caller: auth.Caller, data: bytes, k: int) -> dict[str, Any]:
     config: ServerConfig = request.app.state.config
     settings = config.settings
     loaded = images.load_image(
@@ -503,7 +641,12 @@ def _analyse_now(request: Request, data: bytes, k: int) -> dict[str, Any]:
         search.catalogue_model(conn, config.embedder.model_id)
         key = config.store.put(loaded.sha256, data, content_type=CONTENT_TYPES.get(loaded.format))
         analysis_id, _ = queries.create_analysis(
-            conn, source="upload", image_sha256=loaded.sha256, storage_key=key, status="running"
+            conn,
+            source="upload",
+            clinic_id=caller.clinic_id,
+            image_sha256=loaded.sha256,
+            storage_key=key,
+            status="running",
         )
         result = search.search_image(
             conn,

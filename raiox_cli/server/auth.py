@@ -1,4 +1,7 @@
-"""Request authentication: a shared token and Standard Webhooks signatures.
+"""Request authentication: who is calling (the operator or a clinic), a shared
+token, Standard Webhooks signatures, and a limit on failed attempts per address.
+
+Clinic keys are checked by clients.py (hash lookup); this module only decides.
 
 Standard Webhooks (https://www.standardwebhooks.com): the sender signs
 "{webhook-id}.{webhook-timestamp}.{raw body}" with HMAC-SHA256 and sends
@@ -12,8 +15,11 @@ import base64
 import binascii
 import hashlib
 import hmac
+import threading
 import time
+from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from raiox_cli.errors import RaioxError
 
@@ -22,6 +28,77 @@ TOLERANCE_S = 300  # a delivery older (or newer) than this is a replay, not a re
 
 class Unauthorized(RaioxError):
     """The request did not prove it comes from a configured sender."""
+
+
+class TooManyFailures(RaioxError):
+    """This address failed to authenticate too often: 429 until the window passes."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"too many failed authentications; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request acts as. `clinic_id` None is the operator (RAIOX_WEBHOOK_TOKEN,
+    or a signed delivery): every clinic's analyses. Pass `clinic_id` to the scoped
+    queries (queries.find_analysis, list_analyses) as it is."""
+
+    clinic_id: int | None
+    name: str  # the clinic's name, or "operator"
+
+    @property
+    def is_operator(self) -> bool:
+        return self.clinic_id is None
+
+
+OPERATOR = Caller(None, "operator")
+
+
+class FailureLimiter:
+    """Failed authentications per source address in a sliding window; an address
+    over the limit is refused (even with a right key) until old failures age out.
+    Per process: N servers behind nginx each allow the limit (nginx limit_req can
+    cap the total)."""
+
+    MAX_ADDRESSES = 100_000  # memory bound under a spray from many addresses
+
+    def __init__(self, max_failures: int, window_s: float) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, address: str, now: float) -> deque[float] | None:
+        times = self._failures.get(address)
+        if times is None:
+            return None
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        if not times:
+            del self._failures[address]
+            return None
+        return times
+
+    def check(self, address: str, *, now: float | None = None) -> None:
+        """Raise TooManyFailures while the address is over its limit."""
+        current = time.monotonic() if now is None else now
+        with self._lock:
+            times = self._recent(address, current)
+            if times is not None and len(times) >= self.max_failures:
+                raise TooManyFailures(max(1, int(times[0] + self.window_s - current + 0.999)))
+
+    def failed(self, address: str, *, now: float | None = None) -> None:
+        current = time.monotonic() if now is None else now
+        with self._lock:
+            times = self._recent(address, current)
+            if times is None:
+                if len(self._failures) >= self.MAX_ADDRESSES:
+                    self._failures.pop(next(iter(self._failures)))  # the oldest entry
+                times = self._failures[address] = deque()
+            times.append(current)
+            while len(times) > self.max_failures:
+                times.popleft()
 
 
 def token_matches(expected: str, provided: str | None) -> bool:

@@ -36,3 +36,10 @@ def setup(debug: bool = False) -> None:
 
 def event(name: str, level: int = logging.INFO, exc_info: bool = False, **fields: Any) -> None:
     log.log(level, name, exc_info=exc_info, extra={"fields": fields})
+
+
+def audit(action: str, *, client: str, analysis: object | None, **fields: Any) -> None:
+    """One line per access to patient data: who (a clinic's name, or "operator"),
+    which analysis (its public id), what (read, list, create, delete, feedback,
+    page). Never image bytes, never keys."""
+    event("audit", action=action, client=client, analysis=analysis, **fields)

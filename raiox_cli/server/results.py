@@ -4,6 +4,7 @@ short-lived presigned links instead of public object URLs."""
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any, Protocol
 
 import psycopg
@@ -29,14 +30,34 @@ def link(store: LinkStore, key: str | None, expires_s: int) -> str | None:
 def analysis(
     conn: psycopg.Connection, store: LinkStore, analysis_id: int, expires_s: int
 ) -> dict[str, Any] | None:
+    """By internal id, unscoped: for the worker and for a request's own new analysis."""
     row = queries.get_analysis(conn, analysis_id)
-    if row is None:
-        return None
+    return None if row is None else view_of(conn, store, row, expires_s)
+
+
+def analysis_for(
+    conn: psycopg.Connection,
+    store: LinkStore,
+    public_id: uuid.UUID,
+    clinic_id: int | None,
+    expires_s: int,
+) -> dict[str, Any] | None:
+    """By public id, as the caller may see it (clinic_id None: the operator)."""
+    row = queries.find_analysis(conn, public_id, clinic_id=clinic_id)
+    return None if row is None else view_of(conn, store, row, expires_s)
+
+
+def view_of(
+    conn: psycopg.Connection, store: LinkStore, row: dict[str, Any], expires_s: int
+) -> dict[str, Any]:
+    """The answer for one analysis row: its public id, never the internal one."""
+    analysis_id = row["id"]
     matches = queries.analysis_matches(conn, analysis_id) if row["status"] == "done" else []
     view: dict[str, Any] = {
-        "id": row["id"],
+        "id": str(row["public_id"]),
         "status": row["status"],
         "source": row["source"],
+        "clinic": row["clinic"],
         "client_id": row["client_id"],
         "metadata": row["metadata"],
         "model_id": row["model_id"],
@@ -64,7 +85,7 @@ def analysis(
         ],
     }
     confirmed = feedback.latest(conn, analysis_id)
-    view["confirmation"] = confirmed.to_dict() if confirmed else None
+    view["confirmation"] = {**confirmed.to_dict(), "analysis_id": view["id"]} if confirmed else None
     if row["notify_status"]:
         view["notification"] = {
             "status": row["notify_status"],

@@ -1,0 +1,246 @@
+"""Clinics (API clients) and what is scoped to them: keys, analyses by public id,
+listing, deletion and retention. Scoping is a WHERE clause here, never a filter
+applied in Python afterwards.
+
+`clinic_id=None` in a scoped function means the operator: every clinic's rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+# --- clients ---------------------------------------------------------------------
+
+_CLIENT_COLUMNS = """c.id, c.name, c.notify_url, c.email, c.created_at, c.rotated_at,
+                     c.last_used_at, c.revoked_at, c.previous_expires_at"""
+
+
+def create_client(
+    conn: psycopg.Connection,
+    *,
+    name: str,
+    key_hash: bytes,
+    notify_url: str | None,
+    email: str | None,
+) -> dict[str, Any] | None:
+    """Insert a clinic; None when the name is taken."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            f"""INSERT INTO clients AS c (name, key_hash, notify_url, email)
+                VALUES (%(name)s, %(hash)s, %(url)s, %(email)s)
+                ON CONFLICT (name) DO NOTHING
+                RETURNING {_CLIENT_COLUMNS}""",
+            {"name": name, "hash": key_hash, "url": notify_url, "email": email},
+        )
+        return cur.fetchone()
+
+
+def list_clients(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Every clinic with its analyses count (rows kept now, and those purged)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            f"""SELECT {_CLIENT_COLUMNS},
+                       (SELECT count(*) FROM analyses a WHERE a.clinic_id = c.id) AS analyses,
+                       (SELECT coalesce(sum(n.analyses), 0) FROM analysis_counts n
+                        WHERE n.clinic_id = c.id) AS purged
+                FROM clients c ORDER BY c.name"""
+        )
+        return list(cur.fetchall())
+
+
+def get_client(conn: psycopg.Connection, name: str) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(f"SELECT {_CLIENT_COLUMNS} FROM clients c WHERE c.name = %(n)s", {"n": name})
+        return cur.fetchone()
+
+
+def get_client_by_id(conn: psycopg.Connection, clinic_id: int) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(f"SELECT {_CLIENT_COLUMNS} FROM clients c WHERE c.id = %(i)s", {"i": clinic_id})
+        return cur.fetchone()
+
+
+def rotate_client_key(
+    conn: psycopg.Connection, name: str, *, key_hash: bytes, grace_s: float
+) -> dict[str, Any] | None:
+    """Make key_hash the clinic's key; the current one keeps working for grace_s
+    seconds (a previous key still in its grace period is dropped). None: no such
+    active clinic."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            f"""UPDATE clients AS c SET
+                       previous_key_hash = CASE WHEN %(grace)s > 0 THEN c.key_hash END,
+                       previous_expires_at = CASE WHEN %(grace)s > 0
+                           THEN now() + make_interval(secs => %(grace)s) END,
+                       key_hash = %(hash)s, rotated_at = now()
+                WHERE c.name = %(name)s AND c.revoked_at IS NULL
+                RETURNING {_CLIENT_COLUMNS}""",
+            {"name": name, "hash": key_hash, "grace": grace_s},
+        )
+        return cur.fetchone()
+
+
+def revoke_client(conn: psycopg.Connection, name: str) -> dict[str, Any] | None:
+    """Revoke every key of the clinic at once; None: no such clinic."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            f"""UPDATE clients AS c SET revoked_at = coalesce(c.revoked_at, now()),
+                       previous_key_hash = NULL, previous_expires_at = NULL
+                WHERE c.name = %(name)s RETURNING {_CLIENT_COLUMNS}""",
+            {"name": name},
+        )
+        return cur.fetchone()
+
+
+def client_for_key_hash(conn: psycopg.Connection, key_hash: bytes) -> dict[str, Any] | None:
+    """The active clinic whose current key, or previous key within its grace period,
+    hashes to key_hash; marks it used (at most once a minute: no write per request)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            """WITH hit AS (
+                   SELECT id, name, key_hash FROM clients
+                   WHERE revoked_at IS NULL
+                     AND (key_hash = %(h)s
+                          OR (previous_key_hash = %(h)s AND previous_expires_at > now()))),
+               touched AS (
+                   UPDATE clients c SET last_used_at = now() FROM hit
+                   WHERE c.id = hit.id
+                     AND (c.last_used_at IS NULL
+                          OR c.last_used_at < now() - interval '1 minute'))
+               SELECT id, name, key_hash = %(h)s AS current FROM hit""",
+            {"h": key_hash},
+        )
+        return cur.fetchone()
+
+
+def clinic_by_name(conn: psycopg.Connection, name: str) -> int | None:
+    """An active clinic's id by its exact name (Jotform shared-form mapping)."""
+    row = conn.execute(
+        "SELECT id FROM clients WHERE name = %(n)s AND revoked_at IS NULL", {"n": name}
+    ).fetchone()
+    return int(row[0]) if row else None
+
+
+# --- analyses, scoped to a clinic ---------------------------------------------------
+
+ANALYSIS_SELECT = """SELECT a.*, c.name AS clinic FROM analyses a
+                     LEFT JOIN clients c ON c.id = a.clinic_id"""
+
+
+def find_analysis(
+    conn: psycopg.Connection, public_id: uuid.UUID, *, clinic_id: int | None
+) -> dict[str, Any] | None:
+    """The analysis with this public id, if the caller may see it: any for the
+    operator (clinic_id None), else only the clinic's own. Another clinic's
+    analysis is None, exactly like a missing one."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            ANALYSIS_SELECT
+            + """ WHERE a.public_id = %(p)s
+                                    AND (%(c)s::bigint IS NULL OR a.clinic_id = %(c)s)""",
+            {"p": public_id, "c": clinic_id},
+        )
+        return cur.fetchone()
+
+
+def list_analyses(
+    conn: psycopg.Connection,
+    *,
+    clinic_id: int | None,
+    status: str | None = None,
+    since: dt.datetime | None = None,
+    limit: int = 20,
+) -> list[dict[str, Any]]:
+    """The caller's analyses, newest first."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            """SELECT a.public_id, a.status, a.source, a.client_id, c.name AS clinic,
+                      a.created_at, a.finished_at,
+                      m.implant_key AS top_implant, m.score AS top_score
+               FROM analyses a
+               LEFT JOIN clients c ON c.id = a.clinic_id
+               LEFT JOIN analysis_matches m ON m.analysis_id = a.id AND m.rank = 1
+               WHERE (%(c)s::bigint IS NULL OR a.clinic_id = %(c)s)
+                 AND (%(status)s::text IS NULL OR a.status = %(status)s)
+                 AND (%(since)s::timestamptz IS NULL OR a.created_at >= %(since)s)
+               ORDER BY a.created_at DESC, a.id DESC
+               LIMIT %(limit)s""",
+            {"c": clinic_id, "status": status, "since": since, "limit": limit},
+        )
+        return list(cur.fetchall())
+
+
+def storage_keys_in_use(conn: psycopg.Connection, keys: list[str]) -> set[str]:
+    """Which of these object keys an analysis or catalogue image still refers to
+    (objects are content-addressed: one object may serve several rows)."""
+    if not keys:
+        return set()
+    rows = conn.execute(
+        """SELECT storage_key FROM analyses WHERE storage_key = ANY(%(k)s)
+           UNION SELECT storage_key FROM implant_images WHERE storage_key = ANY(%(k)s)""",
+        {"k": keys},
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def lock_old_analyses(
+    conn: psycopg.Connection,
+    *,
+    older_than_s: float,
+    clinic_id: int | None = None,
+    limit: int = 1000,
+) -> list[dict[str, Any]]:
+    """Lock (FOR UPDATE) up to `limit` analyses created more than older_than_s ago,
+    of one clinic or of all; rows a worker holds right now are skipped."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            """SELECT id, public_id, storage_key, clinic_id FROM analyses
+               WHERE created_at < now() - make_interval(secs => %(age)s)
+                 AND (%(c)s::bigint IS NULL OR clinic_id = %(c)s)
+               ORDER BY id LIMIT %(limit)s
+               FOR UPDATE SKIP LOCKED""",
+            {"age": older_than_s, "c": clinic_id, "limit": limit},
+        )
+        return list(cur.fetchall())
+
+
+def count_old_analyses(
+    conn: psycopg.Connection, *, older_than_s: float, clinic_id: int | None = None
+) -> tuple[int, list[str]]:
+    """(how many analyses are older than older_than_s, their distinct storage keys)."""
+    rows = conn.execute(
+        """SELECT count(*), coalesce(array_agg(DISTINCT storage_key)
+                                      FILTER (WHERE storage_key IS NOT NULL), '{}')
+           FROM analyses
+           WHERE created_at < now() - make_interval(secs => %(age)s)
+             AND (%(c)s::bigint IS NULL OR clinic_id = %(c)s)""",
+        {"age": older_than_s, "c": clinic_id},
+    ).fetchone()
+    assert rows is not None
+    return int(rows[0]), list(rows[1])
+
+
+def delete_analyses_keeping_counts(conn: psycopg.Connection, ids: list[int]) -> int:
+    """Delete these analyses (their matches cascade), adding them to the anonymous
+    daily counts first; returns how many were deleted."""
+    if not ids:
+        return 0
+    row = conn.execute(
+        """WITH gone AS (DELETE FROM analyses WHERE id = ANY(%(ids)s)
+                         RETURNING created_at, clinic_id, source, status),
+                counted AS (
+                    INSERT INTO analysis_counts AS n (day, clinic_id, source, status, analyses)
+                    SELECT (created_at AT TIME ZONE 'UTC')::date, coalesce(clinic_id, 0),
+                           source, status, count(*)
+                    FROM gone GROUP BY 1, 2, 3, 4
+                    ON CONFLICT (day, clinic_id, source, status)
+                    DO UPDATE SET analyses = n.analyses + EXCLUDED.analyses)
+           SELECT count(*) FROM gone""",
+        {"ids": ids},
+    ).fetchone()
+    return int(row[0]) if row else 0
