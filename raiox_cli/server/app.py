@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 import psycopg
 import psycopg_pool
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pgvector.psycopg import register_vector
@@ -31,11 +31,13 @@ from raiox_cli import __version__, clients, db, feedback, images, queries, searc
 from raiox_cli.config import Settings
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import DatabaseUnavailable, RaioxError, UsageError
-from raiox_cli.server import auth, jotform, logs, results
+from raiox_cli.server import auth, inputs, jotform, logs, results
 from raiox_cli.server.worker import CONTENT_TYPES, Store, Worker
 
 MAX_WAIT_S = 60
 MAX_PAGE = 100
+MAX_ID = 2**63 - 1  # PostgreSQL bigint: a larger id cannot exist, so it is a 404 or a 422
+MAX_SKIP = 2**31 - 1
 SHUTDOWN_GRACE_S = 20.0
 FEEDBACK_MAX_BYTES = 16_384  # a confirmation is a few short fields
 
@@ -214,6 +216,8 @@ async def parse_form(headers: Headers, body: bytes) -> FormData:
         return await FormParser(headers, stream()).parse()
     except MultiPartException as exc:
         raise jotform.BadSubmission(f"malformed form data: {exc.message}") from None
+    except (ValueError, KeyError, UnicodeError) as exc:  # garbage the parsers trip over
+        raise jotform.BadSubmission(f"malformed form data: {type(exc).__name__}") from None
 
 
 def _is_form(request: Request) -> bool:
@@ -225,12 +229,24 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status)
 
 
+def _refused_value(request: Request, exc: Exception) -> JSONResponse:
+    """A value PostgreSQL refused: input validation missed a case. The client sent
+    it, so the answer is a 400; the log says which check to add."""
+    logs.event(
+        "value refused by the database",
+        logging.WARNING,
+        path=request.url.path,
+        error=inputs.for_log(str(exc).splitlines()[0] if str(exc) else type(exc).__name__),
+    )
+    return _error(400, "a request field holds a value that cannot be stored")
+
+
 ERROR_STATUS: list[tuple[type[Exception], int]] = [
     (auth.Unauthorized, 401),
     (clients.ClientNotFound, 404),
     (jotform.FormNotAllowed, 403),
     (TooLarge, 413),
-    (jotform.BadSubmission, 400),
+    (inputs.BadInput, 400),
     (images.ImageError, 422),
     (DatabaseUnavailable, 503),
     (search.EmptyCatalogue, 503),
@@ -327,6 +343,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         app.add_exception_handler(
             error_class, lambda _req, exc, status=status: _error(status, str(exc))
         )
+    app.add_exception_handler(psycopg.DataError, _refused_value)
 
     @app.exception_handler(auth.TooManyFailures)
     async def too_many_failures(_req: Request, exc: auth.TooManyFailures) -> JSONResponse:
@@ -392,8 +409,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         else:
             delivery_id = (
                 delivery_id
-                or request.headers.get("webhook-id")
-                or request.headers.get("idempotency-key")
+                or inputs.header(request.headers.get("webhook-id"), "webhook-id")
+                or inputs.header(request.headers.get("idempotency-key"), "Idempotency-Key")
             )
             submission = jotform.parse_json(body, delivery_id)
 
@@ -563,7 +580,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     )
     async def list_implants(
         request: Request,
-        skip: int = Query(0, ge=0),
+        skip: int = Query(0, ge=0, le=MAX_SKIP),
         limit: int = Query(20, ge=1, le=MAX_PAGE),
     ) -> JSONResponse:
         def page(conn: psycopg.Connection) -> dict[str, Any]:
@@ -582,7 +599,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         summary="One implant and its reference images",
         dependencies=[Depends(current_caller)],
     )
-    async def get_implant(request: Request, implant_id: int) -> JSONResponse:
+    async def get_implant(
+        request: Request, implant_id: int = Path(ge=1, le=MAX_ID)
+    ) -> JSONResponse:
         view = await run_in_threadpool(
             _with_db,
             request,

@@ -253,8 +253,10 @@ def _read_body(
             if size > policy.max_bytes:
                 raise DownloadTooLarge(f"image is over the {policy.max_bytes}-byte cap")
             if time.monotonic() > deadline:
+                # The sender's doing (it never stops sending): retrying would hold a
+                # worker for the deadline again, five times over.
                 raise DownloadFailed(
-                    f"download took longer than {policy.deadline_s:g} s", transient=True
+                    f"download took longer than {policy.deadline_s:g} s", transient=False
                 )
             chunks.append(chunk)
     except httpx.TimeoutException:

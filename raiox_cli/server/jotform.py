@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raiox_cli.errors import RaioxError
+from raiox_cli.server import inputs
+from raiox_cli.server.inputs import MAX_ID, MAX_TEXT, MAX_URL
 
+MAX_OTHER_FILES = 20
 ANSWER_KEY = re.compile(r"^q\d+_(.+)$")
 
 
-class BadSubmission(RaioxError):
+class BadSubmission(inputs.BadInput):
     """The delivery is malformed: answered with 400 and never queued."""
 
 
@@ -49,23 +52,28 @@ def _text(value: Any) -> str | None:
 
 def parse_json(body: bytes, delivery_id: str | None) -> Submission:
     """The old API: {"image_url": ..., "client_id": ..., "metadata": {...}}."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadSubmission(f"body is not valid JSON: {exc}") from None
+    data = inputs.loads(body, "body")
     if not isinstance(data, dict):
         raise BadSubmission("body must be a JSON object")
     image_url = data.get("image_url")
     if not isinstance(image_url, str) or not image_url.strip():
         raise BadSubmission('"image_url" (a string) is required')
+    inputs.text(image_url, "image_url", max_len=MAX_URL)
     metadata = data.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise BadSubmission('"metadata" must be an object')
+    inputs.json_value(metadata, "metadata")
     client_id = data.get("client_id")
+    if isinstance(client_id, (int, float)) and not isinstance(client_id, bool):
+        client_id = str(client_id)
     return Submission(
         image_url=image_url.strip(),
-        client_id=None if client_id is None else str(client_id),
-        idempotency_key=f"webhook-id:{delivery_id}" if delivery_id else None,
+        client_id=inputs.optional_text(client_id, "client_id", max_len=MAX_ID),
+        idempotency_key=(
+            f"webhook-id:{inputs.text(delivery_id, 'webhook-id', max_len=MAX_ID)}"
+            if delivery_id
+            else None
+        ),
         metadata=metadata,
     )
 
@@ -106,32 +114,38 @@ def parse_jotform(
     client_field: str,
     upload_field: str | None,
 ) -> Submission:
-    form_id = (form.get("formID") or "").strip()
-    submission_id = (form.get("submissionID") or "").strip()
+    form_id = inputs.text(form.get("formID") or "", "formID", max_len=MAX_ID).strip()
+    submission_id = inputs.text(
+        form.get("submissionID") or "", "submissionID", max_len=MAX_ID
+    ).strip()
     if not form_id or not submission_id:
         raise BadSubmission("a Jotform delivery needs formID and submissionID")
     if allowed_form_ids and form_id not in allowed_form_ids:
         raise FormNotAllowed(f"form {form_id} is not in RAIOX_JOTFORM_FORM_IDS")
-    try:
-        raw = json.loads(form.get("rawRequest") or "")
-    except json.JSONDecodeError as exc:
-        raise BadSubmission(f"rawRequest is not valid JSON: {exc}") from None
+    raw = inputs.loads(form.get("rawRequest") or "", "rawRequest")
     if not isinstance(raw, dict):
         raise BadSubmission("rawRequest must be a JSON object")
     field_name, urls = _upload_urls(raw, upload_field)
+    for index, url in enumerate(urls[: MAX_OTHER_FILES + 1]):
+        inputs.text(url, f"{field_name}[{index}]", max_len=MAX_URL)
+    title = inputs.optional_text(form.get("formTitle"), "formTitle", max_len=MAX_TEXT)
     metadata: dict[str, Any] = {
         "jotform": {
             "form_id": form_id,
             "submission_id": submission_id,
-            "form_title": form.get("formTitle"),
+            "form_title": title,
             "upload_field": field_name,
         }
     }
     if len(urls) > 1:  # one X-ray per analysis; the others are kept for the record
-        metadata["jotform"]["other_files"] = urls[1:]
+        metadata["jotform"]["other_files"] = urls[1 : MAX_OTHER_FILES + 1]
     return Submission(
         image_url=urls[0],
-        client_id=_text(_answer(raw, client_field)),
+        client_id=inputs.optional_text(
+            _text(inputs.json_value(_answer(raw, client_field), client_field)),
+            client_field,
+            max_len=MAX_ID,
+        ),
         idempotency_key=f"jotform:{form_id}:{submission_id}",
         metadata=metadata,
     )

@@ -20,10 +20,17 @@ class _JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "event": record.getMessage(),
         }
-        entry.update(getattr(record, "fields", {}))
+        # Bounded: a field may come from a client (a 1 MB client_id must not be logged whole).
+        entry.update({k: _bounded(v) for k, v in getattr(record, "fields", {}).items()})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info).splitlines()[-1]
         return json.dumps(entry, default=str)
+
+
+def _bounded(value: Any, limit: int = 300) -> Any:
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + f"...(+{len(value) - limit} chars)"
+    return value
 
 
 def setup(debug: bool = False) -> None:
