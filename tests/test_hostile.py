@@ -5,15 +5,30 @@ takes a body."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_server import TOKEN, Catalogue, catalogue, count_analyses, jotform_fields, running
+from pydicom.data import get_testdata_file
+from test_server import (
+    TOKEN,
+    Catalogue,
+    catalogue,
+    count_analyses,
+    jotform_fields,
+    poll,
+    running,
+)
+from typer.testing import CliRunner
 
+from raiox_cli.cli import app as cli_app
 from raiox_cli.server import inputs
 
 __all__ = ["catalogue"]  # the fixture, imported for the tests below
@@ -195,3 +210,54 @@ def test_arbitrary_json_and_multipart_never_answer_5xx(
 
         check()
         assert client.get("/healthcheck").status_code == 200
+
+
+# --- a download that never ends, and the CLI's stderr --------------------------------
+
+
+class _Drip(BaseHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "image/png")
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            for _ in range(200):  # never done within the deadline
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.05)
+
+
+def test_a_download_past_its_deadline_fails_on_the_first_attempt(
+    catalogue: Catalogue, tiny_embedder: Any
+) -> None:
+    drip = ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
+    drip.daemon_threads = True
+    threading.Thread(target=drip.serve_forever, daemon=True).start()
+    try:
+        with running(
+            catalogue,
+            tiny_embedder,
+            webhook_token=TOKEN,
+            download_allow_loopback=True,
+            download_deadline_s=1.0,
+        ) as base:
+            image_url = f"http://127.0.0.1:{drip.server_address[1]}/pano.png"
+            answer = httpx.post(f"{base}/webhook", json={"image_url": image_url}, headers=AUTH)
+            final = poll(answer.json()["url"], headers=AUTH)
+    finally:
+        drip.shutdown()
+        drip.server_close()
+    assert final["status"] == "failed" and "longer than 1 s" in final["error"]
+    assert final["attempts"] == 1
+
+
+def test_cli_refuses_a_12_bit_jpeg_dicom_in_one_line(raiox_env: Any) -> None:
+    path = get_testdata_file("JPEG-lossy.dcm")  # 12-bit JPEG: Pillow cannot decode it
+    result = CliRunner().invoke(cli_app, ["embed", str(path)])
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if "WARNING" not in line]
+    assert lines == [lines[0]] and lines[0].startswith(f"{path}: cannot decode DICOM")
+    assert "Traceback" not in result.stderr and "NotImplementedError" not in result.stderr
