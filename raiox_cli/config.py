@@ -105,6 +105,9 @@ class Settings:
     )
     # Nightly reindex purges analyses older than this many days (unset: keep all).
     retention_days: int | None = field(default=None, metadata={"env": "RAIOX_RETENTION_DAYS"})
+    metrics_port: int = field(default=0, metadata={"env": "RAIOX_METRICS_PORT"})
+    metrics_host: str = field(default="127.0.0.1", metadata={"env": "RAIOX_METRICS_HOST"})
+    health_stuck_s: float = field(default=900.0, metadata={"env": "RAIOX_HEALTH_STUCK_S"})
 
     @property
     def storage_dir(self) -> Path:

@@ -20,7 +20,7 @@ import psycopg
 import psycopg_pool
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pgvector.psycopg import register_vector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
@@ -32,6 +32,8 @@ from raiox_cli.config import Settings
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import DatabaseUnavailable, RaioxError, UsageError
 from raiox_cli.server import auth, inputs, jotform, logs, results
+from raiox_cli.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from raiox_cli.server.metrics import Metrics, route_of
 from raiox_cli.server.worker import CONTENT_TYPES, Store, Worker
 
 MAX_WAIT_S = 60
@@ -286,12 +288,15 @@ def create_app(config: ServerConfig) -> FastAPI:
             open=False,
         )
         pool.open(wait=False)
+        metrics.watch_pool(pool)
+        stop_forward_timing = metrics.start_forward_timing()
         worker = Worker(
             settings,
             config.embedder,
             config.store,
             threads=config.worker_threads,
             poll_s=config.poll_s,
+            metrics=metrics,
         )
         app.state.pool, app.state.worker = pool, worker
         worker.start()
@@ -300,6 +305,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             yield
         finally:
             released = await run_in_threadpool(worker.stop, config.shutdown_grace_s)
+            stop_forward_timing()
             pool.close()
             logs.event("server stopped", released=len(released))
 
@@ -313,6 +319,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.limiter = auth.FailureLimiter(
         settings.auth_max_failures, settings.auth_failure_window_s
     )
+    metrics = app.state.metrics = Metrics()
 
     @app.middleware("http")
     async def access_log(request: Request, call_next: Callable) -> Any:
@@ -328,7 +335,11 @@ def create_app(config: ServerConfig) -> FastAPI:
                 path=request.url.path,
                 exc_info=True,
             )
+            metrics.requests.labels(request.method, route_of(request.scope), "500").inc()
             raise
+        route = route_of(request.scope)
+        metrics.requests.labels(request.method, route, str(response.status_code)).inc()
+        metrics.request_seconds.labels(route).observe(time.monotonic() - started)
         logs.event(
             "request",
             method=request.method,
@@ -388,6 +399,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         """Record the submission (status pending) and answer 202 with its id; the
         same delivery again (Jotform submissionID or webhook-id) answers the same id.
         `?wait=N` waits up to N seconds for the result."""
+        accept_started = time.monotonic()
         body = await read_body(request, settings.server_max_bytes)
         is_form = _is_form(request)
         caller, delivery_id = await run_in_threadpool(
@@ -450,6 +462,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             "url": str(request.url_for("get_analysis", analysis_id=str(public_id))),
             "replayed": not created,
         }
+        metrics.webhook_accept_seconds.observe(time.monotonic() - accept_started)
         if wait or not created:
             view = await run_in_threadpool(_wait_for, request, analysis_id, wait)
             answer.update(status=view["status"])
@@ -613,16 +626,36 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/healthcheck", summary="Version, database, model and queue state")
     async def healthcheck(request: Request) -> JSONResponse:
-        def state(conn: psycopg.Connection) -> int:
+        """503 when the database is unreachable, or when a due job has waited longer
+        than RAIOX_HEALTH_STUCK_S for a worker (the queue is stuck)."""
+
+        def state(conn: psycopg.Connection) -> tuple[int, float | None]:
             queries.ping(conn)
-            return queries.count_pending_jobs(conn)
+            return queries.count_pending_jobs(conn), queries.oldest_due_job_age_s(conn)
 
         answer: dict[str, Any] = {"version": __version__, "model_id": config.embedder.model_id}
         try:
-            pending = await run_in_threadpool(_with_db, request, state, 3.0)
+            pending, oldest = await run_in_threadpool(_with_db, request, state, 3.0)
         except DatabaseUnavailable:
             return JSONResponse({**answer, "status": "error", "database": False}, 503)
-        return JSONResponse({**answer, "status": "ok", "database": True, "pending": pending})
+        stuck = oldest is not None and oldest > settings.health_stuck_s
+        answer.update(
+            status="stuck" if stuck else "ok",
+            database=True,
+            pending=pending,
+            oldest_due_s=None if oldest is None else round(oldest, 1),
+        )
+        return JSONResponse(answer, 503 if stuck else 200)
+
+    @app.get("/metrics", summary="Prometheus metrics (text format)", include_in_schema=True)
+    async def prometheus_metrics(caller: CurrentCaller) -> Response:
+        """For the operator's token (they count every clinic's work; a clinic key gets
+        403). RAIOX_METRICS_PORT serves them on a separate port instead (bound to
+        RAIOX_METRICS_HOST, loopback by default)."""
+        if not caller.is_operator:
+            raise HTTPException(403, "metrics need the operator token (RAIOX_WEBHOOK_TOKEN)")
+        body = await run_in_threadpool(metrics.render)
+        return Response(body, media_type=METRICS_CONTENT_TYPE)
 
     return app
 
@@ -718,5 +751,13 @@ def serve(
             timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
         )
     )
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        # Unauthenticated, so loopback by default: for a Prometheus on the same host.
+        start_http_server(
+            settings.metrics_port, addr=settings.metrics_host, registry=app.state.metrics.registry
+        )
+        logs.event("metrics listening", host=settings.metrics_host, port=settings.metrics_port)
     logs.event("listening", host=host, port=port, model_id=embedder.model_id)
     server.run()

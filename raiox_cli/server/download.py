@@ -29,9 +29,11 @@ TRANSIENT_STATUS = (408, 425, 429, 500, 502, 503, 504)
 
 
 class DownloadError(RaioxError):
-    """A submitted URL could not be fetched. `transient` ones are worth retrying."""
+    """A submitted URL could not be fetched. `transient` ones are worth retrying;
+    `reason` is a short fixed label for metrics."""
 
     transient = False
+    reason = "refused"
 
 
 class UnsafeURL(DownloadError):
@@ -39,13 +41,14 @@ class UnsafeURL(DownloadError):
 
 
 class DownloadTooLarge(DownloadError):
-    pass
+    reason = "too_large"
 
 
 class DownloadFailed(DownloadError):
-    def __init__(self, message: str, *, transient: bool) -> None:
+    def __init__(self, message: str, *, transient: bool, reason: str = "error") -> None:
         super().__init__(message)
         self.transient = transient
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -164,11 +167,11 @@ def check_url(url: str, policy: DownloadPolicy, resolve: Resolver = socket.getad
     except socket.gaierror as exc:
         permanent = exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5))
         raise DownloadFailed(
-            f"cannot resolve {host}: {exc.strerror}", transient=not permanent
+            f"cannot resolve {host}: {exc.strerror}", transient=not permanent, reason="dns"
         ) from None
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     if not addresses:
-        raise DownloadFailed(f"{host} has no address", transient=True)
+        raise DownloadFailed(f"{host} has no address", transient=True, reason="dns")
     # Every answer must pass, so a DNS name mixing public and private answers is refused.
     for ip in addresses:
         reason = address_refusal(ip, allow_loopback=policy.allow_loopback)
@@ -216,11 +219,11 @@ def download(
                 response = client.send(request, stream=True)
             except httpx.TimeoutException:
                 raise DownloadFailed(
-                    f"timed out connecting to {target.hostname}", transient=True
+                    f"timed out connecting to {target.hostname}", transient=True, reason="timeout"
                 ) from None
             except httpx.TransportError as exc:
                 raise DownloadFailed(
-                    f"cannot fetch from {target.hostname}: {exc}", transient=True
+                    f"cannot fetch from {target.hostname}: {exc}", transient=True, reason="connect"
                 ) from None
             try:
                 if response.status_code in REDIRECTS and "location" in response.headers:
@@ -229,7 +232,9 @@ def download(
                 return _read_body(response, url, policy, deadline)
             finally:
                 response.close()
-    raise DownloadFailed(f"more than {policy.max_redirects} redirects", transient=False)
+    raise DownloadFailed(
+        f"more than {policy.max_redirects} redirects", transient=False, reason="redirects"
+    )
 
 
 def _read_body(
@@ -238,7 +243,9 @@ def _read_body(
     status = response.status_code
     if status != 200:
         raise DownloadFailed(
-            f"HTTP {status} from the image URL", transient=status in TRANSIENT_STATUS
+            f"HTTP {status} from the image URL",
+            transient=status in TRANSIENT_STATUS,
+            reason=f"http_{status // 100}xx",
         )
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > policy.max_bytes:
@@ -256,14 +263,18 @@ def _read_body(
                 # The sender's doing (it never stops sending): retrying would hold a
                 # worker for the deadline again, five times over.
                 raise DownloadFailed(
-                    f"download took longer than {policy.deadline_s:g} s", transient=False
+                    f"download took longer than {policy.deadline_s:g} s",
+                    transient=False,
+                    reason="deadline",
                 )
             chunks.append(chunk)
     except httpx.TimeoutException:
-        raise DownloadFailed("timed out reading the image", transient=True) from None
+        raise DownloadFailed(
+            "timed out reading the image", transient=True, reason="timeout"
+        ) from None
     except httpx.TransportError as exc:
         raise DownloadFailed(
-            f"connection broke while reading the image: {exc}", transient=True
+            f"connection broke while reading the image: {exc}", transient=True, reason="connect"
         ) from None
     content_type = response.headers.get("content-type")
     return Downloaded(b"".join(chunks), content_type, url)

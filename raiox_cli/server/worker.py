@@ -23,6 +23,7 @@ from raiox_cli.config import Settings
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import EmptyCatalogue, ModelMismatch, RaioxError
 from raiox_cli.server import download, logs, notify, results
+from raiox_cli.server.metrics import Metrics
 
 TOP_K = 3
 POLL_S = 1.0
@@ -92,8 +93,10 @@ class Worker:
         threads: int = 2,
         poll_s: float = POLL_S,
         connect: Callable[[], psycopg.Connection] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.embedder = embedder
         self.store = store
         self.threads = threads
@@ -196,12 +199,15 @@ class Worker:
             status = "done"
         except Exception as exc:
             conn.rollback()
+            if isinstance(exc, download.DownloadError):
+                self.metrics.download_failures.labels(exc.reason).inc()
             status = self._record_failure(conn, claim, _classify(exc))
         finally:
             with self._lock:
                 self._running.pop(threading.get_ident(), None)
         with self._finished:
             self._finished.notify_all()
+        self.metrics.job_ended(status, claim.attempt, started)
         logs.event(
             "job " + status,
             analysis_id=claim.analysis_id,
@@ -286,8 +292,10 @@ class Worker:
             if exc.transient and attempt < NOTIFY_MAX_ATTEMPTS:
                 delay = backoff_s(attempt, self.settings.job_retry_base_s)
                 queries.notification_retry(conn, analysis_id, error=str(exc), delay_s=delay)
+                self.metrics.notifications.labels("webhook", "retry").inc()
             else:
                 queries.notification_failed(conn, analysis_id, error=str(exc))
+                self.metrics.notifications.labels("webhook", "failed").inc()
             conn.commit()
             logs.event(
                 "notify error",
@@ -299,5 +307,6 @@ class Worker:
             return True
         queries.notification_sent(conn, analysis_id)
         conn.commit()
+        self.metrics.notifications.labels("webhook", "sent").inc()
         logs.event("notify sent", analysis_id=analysis_id, attempt=attempt)
         return True
