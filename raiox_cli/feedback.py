@@ -75,6 +75,12 @@ def _bounded(value: str | None, name: str, limit: int) -> str | None:
     value = value.strip()
     if len(value) > limit:
         raise BadConfirmation(f"{name} is {len(value)} characters long; at most {limit}")
+    if "\x00" in value:  # PostgreSQL cannot store it in text
+        raise BadConfirmation(f"{name} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadConfirmation(f"{name} is not valid Unicode (lone surrogate)") from None
     return value or None
 
 

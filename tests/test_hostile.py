@@ -1,7 +1,7 @@
 """What a hostile client can send never becomes a 500 or a traceback: through the real
 HTTP server (uvicorn on loopback, the embedded PostgreSQL, moto's S3), named cases
 first, then Hypothesis throwing arbitrary JSON and multipart at every endpoint that
-takes a body."""
+takes a body (/webhook, /upload, /analyses/{id}/feedback)."""
 
 from __future__ import annotations
 
@@ -135,11 +135,30 @@ def test_every_hostile_body_is_a_400_with_a_reason_and_no_traceback(
             assert httpx.get(base + path, headers=AUTH).status_code == 422, path
         assert httpx.get(f"{base}/analyses/99999999999999999999", headers=AUTH).status_code == 422
 
+        # Feedback bodies: the same checks before SQL (NUL, surrogates, depth, not UTF-8).
+        done = httpx.post(
+            f"{base}/upload", files={"file": ("q.png", catalogue.query_png)}, headers=AUTH
+        ).json()
+        for body in (
+            b'{"not_in_catalogue": true, "note": "a\\u0000b"}',
+            b'{"implant_key": "\\ud800"}',
+            b'{"not_in_catalogue": true, "client_id": "x\\u0000"}',
+            deep(10_000).encode(),
+            b'{"note": "\xff"}',
+        ):
+            answer = httpx.post(
+                f"{base}/analyses/{done['id']}/feedback",
+                content=body,
+                headers={**AUTH, "content-type": "application/json"},
+            )
+            assert 400 <= answer.status_code < 500, (body[:60], answer.text[:200])
+
         health = httpx.get(f"{base}/healthcheck")
         assert health.status_code == 200 and health.json()["database"] is True
-    assert count_analyses(catalogue.settings) == 0  # nothing reached the queue
+    assert count_analyses(catalogue.settings) == 1  # the upload; nothing else was queued
     logged = capsys.readouterr().err
     assert "Traceback" not in logged
+    assert "refused by the database" not in logged  # every case was caught before SQL
     assert "c" * 400 not in logged  # a 1 MB field is never logged whole
 
 
@@ -164,6 +183,15 @@ DELIVERY = st.one_of(
         {"image_url": st.one_of(TEXT, st.just(URL), JSON)},
         optional={"client_id": JSON, "metadata": JSON},
     ),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "implant_key": st.one_of(TEXT, JSON),
+            "not_in_catalogue": JSON,
+            "note": st.one_of(TEXT, JSON),
+            "client_id": st.one_of(TEXT, JSON),
+        },
+    ),
     JSON,
 )
 FIELD_VALUE = st.one_of(TEXT, st.binary(max_size=64), JSON.map(json.dumps))
@@ -187,14 +215,19 @@ def test_arbitrary_json_and_multipart_never_answer_5xx(
 ) -> None:
     with running(catalogue, tiny_embedder, webhook_token=TOKEN) as base:
         client = httpx.Client(base_url=base, headers=AUTH, timeout=30)
+        done = client.post("/upload", files={"file": ("q.png", catalogue.query_png)}).json()
+        feedback = f"/analyses/{done['id']}/feedback"  # a done analysis: bodies reach SQL
 
         @settings(
             max_examples=120,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         )
-        @given(body=DELIVERY, form=FORM, endpoint=st.sampled_from(["/webhook", "/upload"]))
+        @given(
+            body=DELIVERY, form=FORM, endpoint=st.sampled_from(["/webhook", "/upload", "feedback"])
+        )
         def check(body: Any, form: list[tuple[str, Any, bool]], endpoint: str) -> None:
+            endpoint = feedback if endpoint == "feedback" else endpoint
             text = json.dumps(body, allow_nan=True)  # ensure_ascii: surrogates as \\udXXX
             answer = client.post(
                 endpoint, content=text, headers={"content-type": "application/json"}

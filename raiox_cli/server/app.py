@@ -563,7 +563,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         try:
             answer = FeedbackIn.model_validate_json(body)
         except ValidationError as exc:
-            raise RequestValidationError(exc.errors(include_url=False)) from None
+            # Without the input: a body that is not UTF-8 cannot be echoed back as JSON.
+            errors = exc.errors(include_url=False, include_input=False)
+            raise RequestValidationError(errors) from None
 
         def record(conn: psycopg.Connection) -> feedback.Confirmation:
             row = queries.find_analysis(conn, public_id, clinic_id=caller.clinic_id)
