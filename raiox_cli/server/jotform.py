@@ -10,9 +10,10 @@ and their URLs sit under the bare `<field>` key.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,21 @@ class BadSubmission(inputs.BadInput):
 
 class FormNotAllowed(RaioxError):
     """A Jotform form that is not in RAIOX_JOTFORM_FORM_IDS: answered with 403."""
+
+
+def _submission_errors(parse: Callable[..., Submission]) -> Callable[..., Submission]:
+    """A field check's BadInput surfaces as this module's BadSubmission."""
+
+    @functools.wraps(parse)
+    def checked(*args: Any, **kwargs: Any) -> Submission:
+        try:
+            return parse(*args, **kwargs)
+        except BadSubmission:
+            raise
+        except inputs.BadInput as exc:
+            raise BadSubmission(str(exc)) from None
+
+    return checked
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,7 @@ def _text(value: Any) -> str | None:
     return json.dumps(value, sort_keys=True)  # e.g. a full-name answer {"first", "last"}
 
 
+@_submission_errors
 def parse_json(body: bytes, delivery_id: str | None) -> Submission:
     """The old API: {"image_url": ..., "client_id": ..., "metadata": {...}}."""
     data = inputs.loads(body, "body")
@@ -107,6 +124,7 @@ def _upload_urls(raw: Mapping[str, Any], upload_field: str | None) -> tuple[str,
     raise BadSubmission(f"rawRequest has no file URL under the upload field {names[0]!r}")
 
 
+@_submission_errors
 def parse_jotform(
     form: Mapping[str, str],
     *,
