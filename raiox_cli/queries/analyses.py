@@ -232,7 +232,7 @@ def claim_next_notification(conn: psycopg.Connection, *, lease_s: float) -> dict
                              AND (locked_until IS NULL OR locked_until < now())
                            ORDER BY next_attempt_at, id
                            LIMIT 1 FOR UPDATE SKIP LOCKED)
-               RETURNING id, notify_attempts""",
+               RETURNING id, public_id, notify_attempts""",
             {"lease": lease_s},
         )
         return cur.fetchone()

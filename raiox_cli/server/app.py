@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 
-from raiox_cli import __version__, clients, db, feedback, images, queries, search
+from raiox_cli import __version__, clients, db, feedback, images, queries, search, utc
 from raiox_cli.config import Settings
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import DatabaseUnavailable, RaioxError, UsageError
@@ -665,7 +665,8 @@ def create_app(config: ServerConfig) -> FastAPI:
 def _json(data: dict[str, Any]) -> dict[str, Any]:
     from fastapi.encoders import jsonable_encoder
 
-    return jsonable_encoder(data)
+    # Timestamps in UTC with an explicit offset, whatever the session's time zone.
+    return jsonable_encoder(data, custom_encoder={dt.datetime: utc.iso})
 
 
 def _wait_for(request: Request, analysis_id: int, wait_s: float) -> dict[str, Any]:

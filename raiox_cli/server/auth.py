@@ -112,7 +112,9 @@ def secret_key(secret: str) -> bytes:
     used as raw UTF-8 bytes."""
     if secret.startswith("whsec_"):
         try:
-            return base64.b64decode(secret[len("whsec_") :], validate=True)
+            encoded = secret[len("whsec_") :]
+            # Standard Webhooks libraries accept the secret without its = padding.
+            return base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
         except binascii.Error:
             raise RaioxError("RAIOX_WEBHOOK_SECRET starts with whsec_ but is not base64") from None
     return secret.encode()

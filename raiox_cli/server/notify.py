@@ -3,12 +3,14 @@ headers so the receiver can check it came from us and drop replays."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-import time
+import uuid
 from typing import Any
 
 import httpx
 
+from raiox_cli import utc
 from raiox_cli.errors import RaioxError
 from raiox_cli.server import auth
 
@@ -22,19 +24,25 @@ class NotifyFailed(RaioxError):
         self.transient = transient
 
 
-def message_id(analysis_id: int) -> str:
-    """Stable across retries: the receiver dedupes on webhook-id."""
-    return f"msg_raiox_analysis_{analysis_id}"
+def message_id(public_id: str) -> str:
+    """Stable across retries (the receiver dedupes on webhook-id) and unique across
+    installations and database resets: the analysis's random public id, never the
+    internal counter that restarts at 1 on every new database."""
+    return f"msg_{uuid.UUID(str(public_id)).hex}"
 
 
 def payload(result: dict[str, Any]) -> bytes:
     kind = "analysis.completed" if result["status"] == "done" else "analysis.failed"
-    body = {"type": kind, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ"), "data": result}
-    return json.dumps(body, default=str, separators=(",", ":")).encode()
+    body = {"type": kind, "timestamp": utc.iso(utc.now()), "data": result}
+    return json.dumps(body, default=_encode, separators=(",", ":")).encode()
 
 
-def send(url: str, secret: str, analysis_id: int, body: bytes) -> None:
-    headers = auth.signature_headers(secret, message_id(analysis_id), body)
+def _encode(value: Any) -> Any:
+    return utc.iso(value) if isinstance(value, dt.datetime) else str(value)
+
+
+def send(url: str, secret: str, public_id: str, body: bytes) -> None:
+    headers = auth.signature_headers(secret, message_id(public_id), body)
     headers["content-type"] = "application/json"
     try:
         # The URL is the operator's own setting, not submitted input, so it is not

@@ -282,11 +282,12 @@ class Worker:
         view = results.analysis(conn, self.store, analysis_id, self.settings.link_expires_s)
         conn.commit()
         try:
+            public_id = str(due["public_id"])
             notify.send(
                 url,
                 secret,
-                analysis_id,
-                notify.payload(view or {"id": analysis_id, "status": "failed"}),
+                public_id,
+                notify.payload(view or {"id": public_id, "status": "failed"}),
             )
         except notify.NotifyFailed as exc:
             if exc.transient and attempt < NOTIFY_MAX_ATTEMPTS:
