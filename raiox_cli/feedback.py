@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 
-from raiox_cli import queries
+from raiox_cli import queries, utc
 from raiox_cli.config import Settings
 from raiox_cli.errors import RaioxError, UsageError
 
@@ -65,7 +65,7 @@ class Confirmation:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["confirmed_at"] = self.confirmed_at.isoformat()
+        data["confirmed_at"] = utc.iso(self.confirmed_at)
         return data
 
 

@@ -19,19 +19,21 @@ from typing import Annotated, Any, Literal
 import psycopg
 import psycopg_pool
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pgvector.psycopg import register_vector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, Headers, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 
 from raiox_cli import __version__, clients, db, feedback, images, queries, search, utc
 from raiox_cli.config import Settings
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import DatabaseUnavailable, RaioxError, UsageError
-from raiox_cli.server import auth, inputs, jotform, logs, results
+from raiox_cli.server import auth, inputs, jotform, logs, openapi, results, schemas
 from raiox_cli.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from raiox_cli.server.metrics import Metrics, route_of
 from raiox_cli.server.worker import CONTENT_TYPES, Store, Worker
@@ -184,6 +186,8 @@ async def current_caller(request: Request) -> auth.Caller:
 
 
 CurrentCaller = Annotated[auth.Caller, Depends(current_caller)]
+# Any text up to 64 characters: what is not one of our UUIDs is simply not found (404).
+PublicId = Annotated[str, Path(min_length=1, max_length=64, description="the analysis's id")]
 
 
 def parse_public_id(value: str) -> uuid.UUID | None:
@@ -227,8 +231,29 @@ def _is_form(request: Request) -> bool:
     return content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded"))
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"detail": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one error shape (schemas.ErrorResponse) of every 4xx and 5xx."""
+    return JSONResponse(schemas.error_body(status, message), status_code=status, headers=headers)
+
+
+def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+
+def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+    first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    message = f"{where}: {first['msg']}" if where else str(first["msg"])
+    body = schemas.error_body(422, message[:300], detail=jsonable_encoder(problems))
+    return JSONResponse(body, status_code=422)
+
+
+def _crashed(_request: Request, exc: Exception) -> JSONResponse:
+    # The middleware logs it (one line); the client learns nothing of the internals.
+    return _error(500, "internal error")
 
 
 def _refused_value(request: Request, exc: Exception) -> JSONResponse:
@@ -355,45 +380,24 @@ def create_app(config: ServerConfig) -> FastAPI:
             error_class, lambda _req, exc, status=status: _error(status, str(exc))
         )
     app.add_exception_handler(psycopg.DataError, _refused_value)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _crashed)
 
     @app.exception_handler(auth.TooManyFailures)
     async def too_many_failures(_req: Request, exc: auth.TooManyFailures) -> JSONResponse:
-        return JSONResponse(
-            {"detail": str(exc)},
-            status_code=429,
-            headers={"Retry-After": str(exc.retry_after_s)},
-        )
+        return _error(429, str(exc), {"Retry-After": str(exc.retry_after_s)})
 
     @app.post(
         "/webhook",
         status_code=202,
         summary="Submit an X-ray by URL (JSON, or Jotform's multipart webhook)",
-        openapi_extra={
-            "requestBody": {
-                "content": {
-                    "application/json": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["image_url"],
-                            "properties": {
-                                "image_url": {"type": "string"},
-                                "client_id": {"type": "string"},
-                                "metadata": {"type": "object"},
-                            },
-                        }
-                    },
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {
-                                k: {"type": "string"}
-                                for k in ("formID", "submissionID", "formTitle", "rawRequest")
-                            },
-                        }
-                    },
-                }
-            }
+        response_model=schemas.Accepted,
+        responses={
+            200: {"model": schemas.AcceptedDone, "description": "Finished within ?wait=N"},
+            **schemas.errors(400, 401, 403, 413, 422, 429, 503),
         },
+        openapi_extra=openapi.WEBHOOK_EXTRA,
     )
     async def webhook(request: Request, wait: int = Query(0, ge=0, le=MAX_WAIT_S)) -> JSONResponse:
         """Record the submission (status pending) and answer 202 with its id; the
@@ -470,7 +474,13 @@ def create_app(config: ServerConfig) -> FastAPI:
                 return JSONResponse({**answer, **_json(view)}, status_code=200)
         return JSONResponse(answer, status_code=202)
 
-    @app.post("/upload", summary="Identify an uploaded X-ray now (multipart field 'file')")
+    @app.post(
+        "/upload",
+        summary="Identify an uploaded X-ray now (multipart field 'file')",
+        response_model=schemas.UploadResult,
+        responses=schemas.errors(400, 401, 413, 422, 429, 503),
+        openapi_extra=openapi.UPLOAD_EXTRA,
+    )
     async def upload(request: Request, k: int = Query(3, ge=1, le=MAX_PAGE)) -> JSONResponse:
         """The old synchronous API: answers with the top-k implants."""
         body = await read_body(request, settings.server_max_bytes)
@@ -487,7 +497,12 @@ def create_app(config: ServerConfig) -> FastAPI:
         logs.audit("create", client=caller.name, analysis=view["id"])
         return JSONResponse(_json(view))
 
-    @app.get("/analyses", summary="The caller's analyses, newest first")
+    @app.get(
+        "/analyses",
+        summary="The caller's analyses, newest first",
+        response_model=schemas.AnalysisPage,
+        responses=schemas.errors(401, 422, 429, 503),
+    )
     async def list_analyses(
         request: Request,
         caller: CurrentCaller,
@@ -516,9 +531,15 @@ def create_app(config: ServerConfig) -> FastAPI:
         logs.audit("list", client=caller.name, analysis=None, count=len(items))
         return JSONResponse(_json({"limit": limit, "items": items}))
 
-    @app.get("/analyses/{analysis_id}", name="get_analysis", summary="An analysis and its result")
+    @app.get(
+        "/analyses/{analysis_id}",
+        name="get_analysis",
+        summary="An analysis and its result",
+        response_model=schemas.Analysis,
+        responses=schemas.errors(401, 404, 422, 429, 503),
+    )
     async def get_analysis(
-        request: Request, analysis_id: str, caller: CurrentCaller
+        request: Request, analysis_id: PublicId, caller: CurrentCaller
     ) -> JSONResponse:
         """Another clinic's analysis answers 404, exactly like one that does not exist."""
         public_id = parse_public_id(analysis_id)
@@ -541,6 +562,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         "/analyses/{analysis_id}/feedback",
         status_code=201,
         summary="Confirm which implant an analysis really shows",
+        response_model=schemas.Confirmation,
+        responses=schemas.errors(400, 401, 404, 409, 413, 422, 429, 503),
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -548,7 +571,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             }
         },
     )
-    async def post_feedback(request: Request, analysis_id: str) -> JSONResponse:
+    async def post_feedback(request: Request, analysis_id: PublicId) -> JSONResponse:
         """Record the dentist's answer; answering again keeps the history and the
         latest answer counts. 201 with the confirmation (`raiox_rank`: where raiox
         had ranked that implant, null when it did not list it; `previous`: the answer
@@ -592,6 +615,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         "/implants",
         summary="The catalogue, a page at a time",
         dependencies=[Depends(current_caller)],
+        response_model=schemas.ImplantPage,
+        responses=schemas.errors(401, 422, 429, 503),
     )
     async def list_implants(
         request: Request,
@@ -613,6 +638,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         "/implants/{implant_id}",
         summary="One implant and its reference images",
         dependencies=[Depends(current_caller)],
+        response_model=schemas.Implant,
+        responses=schemas.errors(401, 404, 422, 429, 503),
     )
     async def get_implant(
         request: Request, implant_id: int = Path(ge=1, le=MAX_ID)
@@ -626,7 +653,12 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise HTTPException(404, f"no implant {implant_id}")
         return JSONResponse(_json(view))
 
-    @app.get("/healthcheck", summary="Version, database, model and queue state")
+    @app.get(
+        "/healthcheck",
+        summary="Version, database, model and queue state",
+        response_model=schemas.Health,
+        responses={503: {"model": schemas.Health, "description": "Database down or queue stuck"}},
+    )
     async def healthcheck(request: Request) -> JSONResponse:
         """503 when the database is unreachable, or when a due job has waited longer
         than RAIOX_HEALTH_STUCK_S for a worker (the queue is stuck)."""
@@ -649,7 +681,15 @@ def create_app(config: ServerConfig) -> FastAPI:
         )
         return JSONResponse(answer, 503 if stuck else 200)
 
-    @app.get("/metrics", summary="Prometheus metrics (text format)", include_in_schema=True)
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics (text format)",
+        response_class=Response,
+        responses={
+            200: {"content": {METRICS_CONTENT_TYPE: {"schema": {"type": "string"}}}},
+            **schemas.errors(401, 403, 429, 503),
+        },
+    )
     async def prometheus_metrics(caller: CurrentCaller) -> Response:
         """For the operator's token (they count every clinic's work; a clinic key gets
         403). RAIOX_METRICS_PORT serves them on a separate port instead (bound to
@@ -659,6 +699,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         body = await run_in_threadpool(metrics.render)
         return Response(body, media_type=METRICS_CONTENT_TYPE)
 
+    openapi.install(app)
     return app
 
 

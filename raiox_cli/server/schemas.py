@@ -1,0 +1,302 @@
+"""The API's answers as pydantic models: what /openapi.json documents and what the
+contract test holds every response to. The handlers build plain dicts (results.py);
+these models describe them, so keep the two in step (tests/test_contract.py fails
+when they drift)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Status = Literal["pending", "running", "done", "failed"]
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="stable machine-readable reason", examples=["not_found"])
+    message: str = Field(description="one line for a person", examples=["no such analysis"])
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx answer has this shape."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {"code": "not_found", "message": "no such analysis"},
+                    "detail": "no such analysis",
+                }
+            ]
+        }
+    )
+
+    error: ErrorBody
+    detail: Any = Field(description="the message again (or validation details), as before v1")
+
+
+class AnalysisImage(BaseModel):
+    sha256: str | None
+    url: str | None = Field(description="presigned link, expires after RAIOX_LINK_EXPIRES_S")
+
+
+class Match(BaseModel):
+    rank: int = Field(ge=1)
+    implant_id: int | None
+    key: str
+    name: str | None
+    manufacturer: str | None
+    system: str | None
+    score: float
+    image_id: int | None
+    image_url: str | None
+
+
+class Notification(BaseModel):
+    status: Literal["pending", "sent", "failed"]
+    attempts: int
+    error: str | None
+
+
+class ConfirmedImplant(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: int
+    key: str
+    name: str | None = None
+    manufacturer: str | None = None
+    system: str | None = None
+
+
+class Confirmation(BaseModel):
+    """The dentist's answer for an analysis (the latest one counts)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: int
+    analysis_id: str = Field(description="the analysis's public id")
+    not_in_catalogue: bool
+    implant: ConfirmedImplant | None
+    raiox_rank: int | None = Field(description="where raiox ranked it; null: not listed")
+    note: str | None
+    client_id: str | None
+    confirmed_at: str = Field(description="UTC, ISO 8601 with offset")
+    previous: dict[str, Any] | None = None
+
+
+class Analysis(BaseModel):
+    """One submitted X-ray and its result."""
+
+    model_config = ConfigDict(
+        extra="allow",  # additions (result_url, e-mail state) never break clients
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "6f1c2a4e-3b5d-4c8e-9a0b-1d2e3f405162",
+                    "status": "done",
+                    "source": "webhook",
+                    "clinic": "Clinica Sorriso",
+                    "client_id": "clinic-42",
+                    "metadata": {},
+                    "model_id": "ViT-B-32:laion2b_s34b_b79k",
+                    "attempts": 1,
+                    "error": None,
+                    "created_at": "2026-11-27T22:12:26.123456+00:00",
+                    "finished_at": "2026-11-27T22:12:27.654321+00:00",
+                    "image": {"sha256": "ab12...", "url": "https://..."},
+                    "matches": [
+                        {
+                            "rank": 1,
+                            "implant_id": 17,
+                            "key": "acme dental/acme active/acme active 4.1x10",
+                            "name": "Acme Active 4.1x10",
+                            "manufacturer": "Acme Dental",
+                            "system": "Acme Active",
+                            "score": 0.934,
+                            "image_id": 301,
+                            "image_url": "https://...",
+                        }
+                    ],
+                    "confirmation": None,
+                }
+            ]
+        },
+    )
+
+    id: str = Field(description="public id (UUID); internal ids are never exposed")
+    status: Status
+    source: Literal["cli", "upload", "webhook"]
+    clinic: str | None
+    client_id: str | None
+    metadata: dict[str, Any]
+    model_id: str | None
+    attempts: int
+    error: str | None
+    created_at: dt.datetime
+    finished_at: dt.datetime | None
+    image: AnalysisImage
+    matches: list[Match]
+    confirmation: Confirmation | None
+    notification: Notification | None = None
+
+
+class UploadResult(Analysis):
+    confident: bool = Field(description="the best score reached --min-score")
+
+
+class Accepted(BaseModel):
+    """202: recorded, a worker will process it."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "6f1c2a4e-3b5d-4c8e-9a0b-1d2e3f405162",
+                    "status": "pending",
+                    "url": "https://raiox.example/v1/analyses/6f1c2a4e-3b5d-4c8e-9a0b-1d2e3f405162",
+                    "replayed": False,
+                }
+            ]
+        },
+    )
+
+    id: str
+    status: Status
+    url: str
+    replayed: bool = Field(description="the same delivery was received before")
+
+
+class AcceptedDone(Analysis):
+    """200 (with ?wait=N, or a replay of a finished delivery): the result inline."""
+
+    url: str
+    replayed: bool
+
+
+class AnalysisSummary(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    url: str
+    status: Status
+    source: Literal["cli", "upload", "webhook"]
+    client_id: str | None
+    clinic: str | None
+    created_at: dt.datetime
+    finished_at: dt.datetime | None
+    top_implant: str | None
+    top_score: float | None
+
+
+class AnalysisPage(BaseModel):
+    limit: int
+    items: list[AnalysisSummary]
+
+
+class ImplantSummary(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: int
+    key: str
+    name: str | None
+    manufacturer: str | None
+    system: str | None
+    diameter_mm: float | None
+    length_mm: float | None
+    connection: str | None
+    images: int
+
+
+class ImplantPage(BaseModel):
+    total: int
+    skip: int
+    limit: int
+    items: list[ImplantSummary]
+
+
+class ImplantImage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: int
+    sha256: str
+    format: str | None
+    width: int | None
+    height: int | None
+    url: str | None
+
+
+class Implant(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: int
+    key: str
+    name: str | None
+    manufacturer: str | None
+    system: str | None
+    diameter_mm: float | None
+    length_mm: float | None
+    connection: str | None
+    notes: str | None
+    extra: dict[str, Any] | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    images: list[ImplantImage]
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["ok", "stuck", "error"]
+    version: str
+    model_id: str
+    database: bool
+    pending: int | None = None
+    oldest_due_s: float | None = None
+
+
+# --- errors: codes and the responses each operation declares ---------------------
+
+CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    410: "gone",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "unprocessable",
+    429: "too_many_requests",
+    500: "internal",
+    503: "unavailable",
+}
+
+DESCRIPTIONS = {
+    400: "Malformed request (a field out of bounds, not valid JSON, ...)",
+    401: "Missing or wrong token, key or signature",
+    403: "Not allowed (a Jotform form outside the allow-list, a clinic key on /metrics)",
+    404: "Not found (also another clinic's analysis)",
+    409: "The analysis has no result to confirm yet",
+    413: "Body over RAIOX_SERVER_MAX_BYTES",
+    422: "A parameter or field fails validation, or the image cannot be read",
+    429: "Too many failed authentications from this address",
+    503: "Database unreachable, catalogue empty or built with another model",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` entry declaring these error statuses with the error model."""
+    return {
+        status: {"model": ErrorResponse, "description": DESCRIPTIONS.get(status, CODES[status])}
+        for status in statuses
+    }
+
+
+def error_body(status: int, message: str, detail: Any = None) -> dict[str, Any]:
+    return {
+        "error": {"code": CODES.get(status, "error"), "message": message},
+        "detail": message if detail is None else detail,
+    }
