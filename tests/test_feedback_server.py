@@ -107,7 +107,7 @@ def test_feedback_over_http_then_eval_and_export(
         assert "no implant 'nobody/none/nothing'" in refused["unknown implant"].json()["detail"]
         assert "one of them" in json.dumps(refused["both answers"].json()["detail"])
         schema = httpx.get(f"{base}/openapi.json").json()
-        body = schema["paths"]["/analyses/{analysis_id}/feedback"]["post"]["requestBody"]
+        body = schema["paths"]["/v1/analyses/{analysis_id}/feedback"]["post"]["requestBody"]
         assert "implant_key" in body["content"]["application/json"]["schema"]["properties"]
 
     with db.connect(catalogue.settings) as conn:

@@ -85,7 +85,10 @@ def test_a_clinic_sees_only_its_own_analyses(
             == (404, missing.json())
             == (
                 404,
-                {"detail": "no such analysis"},
+                {
+                    "error": {"code": "not_found", "message": "no such analysis"},
+                    "detail": "no such analysis",
+                },
             )
         )
         assert get(theirs["id"], key_a).status_code == 404

@@ -339,6 +339,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         version=__version__,
         summary="Identify the dental implant system in a radiograph.",
         lifespan=lifespan,
+        # operationId = the handler's name (upload, get_analysis, ...): what generated
+        # clients call their functions.
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.config = config
     app.state.limiter = auth.FailureLimiter(
