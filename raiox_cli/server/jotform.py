@@ -19,6 +19,7 @@ from typing import Any
 from raiox_cli.errors import RaioxError
 
 ANSWER_KEY = re.compile(r"^q\d+_(.+)$")
+EMAIL = re.compile(r"^[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;]+$")
 
 
 class BadSubmission(RaioxError):
@@ -35,6 +36,7 @@ class Submission:
     client_id: str | None
     idempotency_key: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    reply_email: str | None = None  # the submitter's e-mail answer: told when it is done
 
 
 def _text(value: Any) -> str | None:
@@ -105,6 +107,7 @@ def parse_jotform(
     allowed_form_ids: frozenset[str],
     client_field: str,
     upload_field: str | None,
+    email_field: str | None = None,
 ) -> Submission:
     form_id = (form.get("formID") or "").strip()
     submission_id = (form.get("submissionID") or "").strip()
@@ -134,4 +137,11 @@ def parse_jotform(
         client_id=_text(_answer(raw, client_field)),
         idempotency_key=f"jotform:{form_id}:{submission_id}",
         metadata=metadata,
+        reply_email=_email(_answer(raw, email_field)) if email_field else None,
     )
+
+
+def _email(value: Any) -> str | None:
+    """An e-mail answer, if it is one address (anything else is ignored, not sent to)."""
+    text = _text(value)
+    return text if text and len(text) <= 254 and EMAIL.match(text) else None
