@@ -108,6 +108,17 @@ class Settings:
     metrics_port: int = field(default=0, metadata={"env": "RAIOX_METRICS_PORT"})
     metrics_host: str = field(default="127.0.0.1", metadata={"env": "RAIOX_METRICS_HOST"})
     health_stuck_s: float = field(default=900.0, metadata={"env": "RAIOX_HEALTH_STUCK_S"})
+    # --- pages and e-mail (server/pages.py, server/notify.py)
+    # The address people reach the server at (https://raiox.example.com): links in
+    # e-mails and in webhook notifications start with it.
+    public_url: str | None = field(default=None, metadata={"env": "RAIOX_PUBLIC_URL"})
+    default_lang: str = field(default="pt-BR", metadata={"env": "RAIOX_LANG"})
+    # "strong match" needs the best score >= min_score AND this lead over the next implant.
+    min_margin: float = field(default=0.02, metadata={"env": "RAIOX_MIN_MARGIN"})
+    smtp_url: str | None = field(default=None, repr=False, metadata={"env": "RAIOX_SMTP_URL"})
+    smtp_from: str | None = field(default=None, metadata={"env": "RAIOX_SMTP_FROM"})
+    smtp_cafile: Path | None = field(default=None, metadata={"env": "RAIOX_SMTP_CAFILE"})
+    jotform_email_field: str = field(default="email", metadata={"env": "RAIOX_JOTFORM_EMAIL_FIELD"})
 
     @property
     def storage_dir(self) -> Path:

@@ -91,6 +91,20 @@ class SearchResult:
         return bool(self.matches) and self.matches[0].score >= self.min_score
 
 
+CONFIDENCE = ("strong", "possible", "none")
+
+
+def confidence(scores: Sequence[float], min_score: float, min_margin: float) -> str:
+    """Plain-language confidence of a ranked result: "strong" when the best score
+    reaches min_score and leads the next implant by min_margin, "possible" when it
+    reaches min_score only, "none" below it (or with no match at all)."""
+    if not scores or scores[0] < min_score:
+        return "none"
+    if len(scores) > 1 and scores[0] - scores[1] < min_margin:
+        return "possible"
+    return "strong"
+
+
 def catalogue_model(conn: psycopg.Connection, wanted_model_id: str) -> queries.ModelRow:
     """The active catalogue model, refusing a query embedded with another model."""
     model = queries.active_model(conn)
@@ -318,6 +332,7 @@ def save_analysis(
             "confident": result.confident,
         },
         status="running",
+        crop=result.crop_box,
     )
     queries.finish_analysis(conn, analysis_id, model_id=result.model_id, matches=result.matches)
     return analysis_id

@@ -85,3 +85,11 @@ def test_json_api() -> None:
     for bad in (b"[]", b"{", b'{"image_url": 3}', b'{"image_url": "u", "metadata": [1]}'):
         with pytest.raises(jotform.BadSubmission):
             jotform.parse_json(bad, None)
+
+
+def test_submitters_email_answer_is_kept_when_it_is_one_address() -> None:
+    raw = {**RAW, "q7_email": " dentista@clinica.com.br "}
+    assert parse(form(raw), email_field="email").reply_email == "dentista@clinica.com.br"
+    for answer in ("not an address", "a@b.com, c@d.com", {"first": "x"}, ""):
+        assert parse(form({**RAW, "q7_email": answer}), email_field="email").reply_email is None
+    assert parse(form(raw)).reply_email is None  # no field configured

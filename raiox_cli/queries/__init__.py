@@ -15,5 +15,6 @@ from raiox_cli.queries.clients import *  # noqa: F403
 from raiox_cli.queries.feedback import *  # noqa: F403
 from raiox_cli.queries.models import *  # noqa: F403
 from raiox_cli.queries.nearest import *  # noqa: F403
+from raiox_cli.queries.notifications import *  # noqa: F403
 from raiox_cli.queries.ops import *  # noqa: F403
 from raiox_cli.queries.schema import *  # noqa: F403

@@ -1,4 +1,4 @@
-"""Analyses: submitted X-rays, the server's job queue, notifications, catalogue browsing."""
+"""Analyses: submitted X-rays, the server's job queue, catalogue browsing."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ def create_analysis(
     metadata: dict[str, Any] | None = None,
     status: str = "pending",
     clinic_id: int | None = None,
+    lang: str | None = None,
+    reply_email: str | None = None,
+    crop: Sequence[int] | None = None,
 ) -> tuple[int, bool]:
     """Record a submitted X-ray; returns (id, created). A repeated idempotency key
     returns the existing analysis with created=False. Keys are per clinic: another
@@ -39,12 +42,17 @@ def create_analysis(
         "storage_key": storage_key,
         "metadata": psycopg.types.json.Jsonb(metadata or {}),
         "status": status,
+        "lang": lang,
+        "reply_email": reply_email,
+        "crop": list(crop) if crop else None,
     }
     row = conn.execute(
         """INSERT INTO analyses (source, client_id, clinic_id, idempotency_key, image_url,
-                                 image_sha256, storage_key, metadata, status)
+                                 image_sha256, storage_key, metadata, status, lang,
+                                 reply_email, crop)
            VALUES (%(source)s, %(client_id)s, %(clinic_id)s, %(key)s, %(image_url)s, %(sha)s,
-                   %(storage_key)s, %(metadata)s, %(status)s)
+                   %(storage_key)s, %(metadata)s, %(status)s, %(lang)s, %(reply_email)s,
+                   %(crop)s)
            ON CONFLICT (idempotency_key) DO NOTHING
            RETURNING id""",
         params,
@@ -111,7 +119,8 @@ def analysis_matches(conn: psycopg.Connection, analysis_id: int) -> list[dict[st
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             """SELECT m.rank, m.implant_id, m.image_id, m.implant_key, m.score,
-                      i.name, i.manufacturer, i.system, im.storage_key
+                      i.name, i.manufacturer, i.system, i.diameter_mm, i.length_mm,
+                      i.connection, im.storage_key
                FROM analysis_matches m
                LEFT JOIN implants i ON i.id = m.implant_id
                LEFT JOIN implant_images im ON im.id = m.image_id
@@ -126,7 +135,7 @@ def analysis_matches(conn: psycopg.Connection, analysis_id: int) -> list[dict[st
 # leases the row until `locked_until`; a worker that dies leaves the lease to
 # expire and another claims the row again. Every later write names the attempt it
 # claimed, so a worker whose lease was taken over cannot overwrite the new owner.
-# After a job ends, `next_attempt_at` and `locked_until` drive its notification.
+# Notifications of a finished analysis have their own queue (queries/notifications.py).
 
 
 def claim_next_job(conn: psycopg.Connection, *, lease_s: float) -> dict[str, Any] | None:
@@ -143,7 +152,7 @@ def claim_next_job(conn: psycopg.Connection, *, lease_s: float) -> dict[str, Any
                            ORDER BY next_attempt_at, id
                            LIMIT 1 FOR UPDATE SKIP LOCKED)
                RETURNING id, public_id, clinic_id, source, client_id, image_url,
-                         image_sha256, storage_key, metadata, attempts""",
+                         image_sha256, storage_key, metadata, attempts, crop""",
             {"lease": lease_s},
         )
         return cur.fetchone()
@@ -181,12 +190,20 @@ def retry_job(
     return row is not None
 
 
-def fail_job(conn: psycopg.Connection, analysis_id: int, attempt: int, *, error: str) -> bool:
+def fail_job(
+    conn: psycopg.Connection,
+    analysis_id: int,
+    attempt: int,
+    *,
+    error: str,
+    error_kind: str | None = None,
+) -> bool:
     row = conn.execute(
-        """UPDATE analyses SET status = 'failed', error = %(error)s, locked_until = NULL,
-                  updated_at = clock_timestamp(), finished_at = clock_timestamp()
+        """UPDATE analyses SET status = 'failed', error = %(error)s, error_kind = %(kind)s,
+                  locked_until = NULL, updated_at = clock_timestamp(),
+                  finished_at = clock_timestamp()
            WHERE id = %(a)s AND status = 'running' AND attempts = %(n)s RETURNING id""",
-        {"a": analysis_id, "n": attempt, "error": error},
+        {"a": analysis_id, "n": attempt, "error": error, "kind": error_kind},
     ).fetchone()
     return row is not None
 
@@ -211,59 +228,6 @@ def count_pending_jobs(conn: psycopg.Connection) -> int:
 
 def ping(conn: psycopg.Connection) -> None:
     conn.execute("SELECT 1")
-
-
-def request_notification(conn: psycopg.Connection, analysis_id: int) -> None:
-    conn.execute(
-        """UPDATE analyses SET notify_status = 'pending', next_attempt_at = now(),
-                  locked_until = NULL
-           WHERE id = %(a)s AND status IN ('done', 'failed')""",
-        {"a": analysis_id},
-    )
-
-
-def claim_next_notification(conn: psycopg.Connection, *, lease_s: float) -> dict[str, Any] | None:
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            """UPDATE analyses SET notify_attempts = notify_attempts + 1,
-                      locked_until = now() + make_interval(secs => %(lease)s)
-               WHERE id = (SELECT id FROM analyses
-                           WHERE notify_status = 'pending' AND next_attempt_at <= now()
-                             AND (locked_until IS NULL OR locked_until < now())
-                           ORDER BY next_attempt_at, id
-                           LIMIT 1 FOR UPDATE SKIP LOCKED)
-               RETURNING id, public_id, notify_attempts""",
-            {"lease": lease_s},
-        )
-        return cur.fetchone()
-
-
-def notification_sent(conn: psycopg.Connection, analysis_id: int) -> None:
-    conn.execute(
-        """UPDATE analyses SET notify_status = 'sent', notify_error = NULL, locked_until = NULL
-           WHERE id = %(a)s""",
-        {"a": analysis_id},
-    )
-
-
-def notification_retry(
-    conn: psycopg.Connection, analysis_id: int, *, error: str, delay_s: float
-) -> None:
-    conn.execute(
-        """UPDATE analyses SET notify_error = %(error)s, locked_until = NULL,
-                  next_attempt_at = now() + make_interval(secs => %(delay)s)
-           WHERE id = %(a)s""",
-        {"a": analysis_id, "error": error, "delay": delay_s},
-    )
-
-
-def notification_failed(conn: psycopg.Connection, analysis_id: int, *, error: str) -> None:
-    conn.execute(
-        """UPDATE analyses SET notify_status = 'failed', notify_error = %(error)s,
-                  locked_until = NULL
-           WHERE id = %(a)s""",
-        {"a": analysis_id, "error": error},
-    )
 
 
 def list_implants(conn: psycopg.Connection, *, skip: int, limit: int) -> list[dict[str, Any]]:

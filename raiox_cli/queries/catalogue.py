@@ -343,3 +343,19 @@ def delete_model(conn: psycopg.Connection, model: ModelRow) -> int:
 def reindex_model_index(conn: psycopg.Connection, model: ModelRow) -> None:
     """Rebuild an index that a crash during CREATE INDEX left invalid."""
     conn.execute(sql.SQL("REINDEX INDEX {}").format(sql.Identifier(model.index_name)))
+
+
+def find_implants_by_name(
+    conn: psycopg.Connection, text: str, *, limit: int
+) -> list[dict[str, Any]]:
+    """Implants whose name, system or manufacturer contains `text` (any case),
+    names that start with it first: the result page's "search the catalogue"."""
+    pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            """SELECT id, key, name, manufacturer, system FROM implants
+               WHERE name ILIKE %(p)s OR system ILIKE %(p)s OR manufacturer ILIKE %(p)s
+               ORDER BY (name ILIKE %(start)s) DESC, name, id LIMIT %(limit)s""",
+            {"p": pattern, "start": pattern[1:], "limit": limit},
+        )
+        return list(cur.fetchall())

@@ -33,7 +33,7 @@ from raiox_cli import __version__, clients, db, feedback, images, queries, searc
 from raiox_cli.config import Settings
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import DatabaseUnavailable, RaioxError, UsageError
-from raiox_cli.server import auth, inputs, jotform, logs, openapi, results, schemas
+from raiox_cli.server import auth, inputs, jotform, logs, notify, openapi, results, schemas
 from raiox_cli.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from raiox_cli.server.metrics import Metrics, route_of
 from raiox_cli.server.worker import CONTENT_TYPES, Store, Worker
@@ -108,6 +108,7 @@ def check_auth_configured(settings: Settings, insecure_no_auth: bool) -> None:
         )
     if settings.webhook_secret:
         auth.secret_key(settings.webhook_secret)  # a malformed whsec_ fails now, not per request
+    notify.notifiers(settings)  # a malformed RAIOX_SMTP_URL (or no sender) fails now too
     if settings.jotform_clinic_from_answer and not settings.jotform_form_ids:
         raise UsageError(
             "RAIOX_JOTFORM_CLINIC_FROM_ANSWER needs RAIOX_JOTFORM_FORM_IDS: a form answer "
@@ -424,6 +425,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                 allowed_form_ids=allowed_forms if caller.is_operator else frozenset(),
                 client_field=settings.jotform_client_field,
                 upload_field=settings.jotform_upload_field,
+                email_field=settings.jotform_email_field,
             )
         else:
             delivery_id = (
@@ -451,6 +453,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                 idempotency_key=submission.idempotency_key,
                 image_url=submission.image_url,
                 metadata=submission.metadata,
+                reply_email=submission.reply_email,
             )
             row = queries.get_analysis(conn, analysis_id)
             conn.commit()
@@ -612,6 +615,36 @@ def create_app(config: ServerConfig) -> FastAPI:
         return JSONResponse(
             _json({**done.to_dict(), "analysis_id": str(public_id)}), status_code=201
         )
+
+    @app.get(
+        "/analyses/{analysis_id}/sheet.png",
+        summary="The contact sheet of a finished analysis (PNG), as `raiox search --sheet`",
+        response_class=Response,
+        responses={
+            200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+            **schemas.errors(401, 404, 409, 422, 429, 503),
+        },
+    )
+    async def get_sheet(request: Request, analysis_id: PublicId, caller: CurrentCaller) -> Response:
+        """Another clinic's analysis answers 404, exactly like one that does not exist."""
+        public_id = parse_public_id(analysis_id)
+
+        def draw(conn: psycopg.Connection) -> bytes | str | None:
+            row = queries.find_analysis(conn, public_id, clinic_id=caller.clinic_id)
+            if row is None or row["status"] != "done":
+                return None if row is None else row["status"]
+            return results.sheet_png(conn, config.store, row, settings.min_score)
+
+        drawn = None
+        if public_id is not None:
+            request.state.analysis_id = public_id
+            drawn = await run_in_threadpool(_with_db, request, draw)
+        if drawn is None:
+            raise HTTPException(404, "no such analysis")
+        if isinstance(drawn, str):
+            raise HTTPException(409, f"the analysis is {drawn}: no sheet until it is done")
+        logs.audit("sheet", client=caller.name, analysis=public_id)
+        return Response(drawn, media_type="image/png", headers={"cache-control": "private"})
 
     # The catalogue is not patient data: any authenticated caller may browse it.
     @app.get(

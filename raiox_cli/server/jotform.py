@@ -23,6 +23,7 @@ from raiox_cli.server.inputs import MAX_ID, MAX_TEXT, MAX_URL
 
 MAX_OTHER_FILES = 20
 ANSWER_KEY = re.compile(r"^q\d+_(.+)$")
+EMAIL = re.compile(r"^[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;]+$")
 
 
 class BadSubmission(inputs.BadInput):
@@ -54,6 +55,7 @@ class Submission:
     client_id: str | None
     idempotency_key: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    reply_email: str | None = None  # the submitter's e-mail answer: told when it is done
 
 
 def _text(value: Any) -> str | None:
@@ -131,6 +133,7 @@ def parse_jotform(
     allowed_form_ids: frozenset[str],
     client_field: str,
     upload_field: str | None,
+    email_field: str | None = None,
 ) -> Submission:
     form_id = inputs.text(form.get("formID") or "", "formID", max_len=MAX_ID).strip()
     submission_id = inputs.text(
@@ -166,4 +169,11 @@ def parse_jotform(
         ),
         idempotency_key=f"jotform:{form_id}:{submission_id}",
         metadata=metadata,
+        reply_email=_email(_answer(raw, email_field)) if email_field else None,
     )
+
+
+def _email(value: Any) -> str | None:
+    """An e-mail answer, if it is one address (anything else is ignored, not sent to)."""
+    text = _text(value)
+    return text if text and len(text) <= 254 and EMAIL.match(text) else None

@@ -1,15 +1,17 @@
 """What the API answers: analyses and implants as JSON-ready dicts, with
-short-lived presigned links instead of public object URLs."""
+short-lived presigned links instead of public object URLs, and contact sheets."""
 
 from __future__ import annotations
 
+import io
 import logging
 import uuid
 from typing import Any, Protocol
 
 import psycopg
+from PIL import Image
 
-from raiox_cli import feedback, queries
+from raiox_cli import feedback, images, queries, sheet
 from raiox_cli.server import logs
 
 
@@ -63,6 +65,9 @@ def view_of(
         "model_id": row["model_id"],
         "attempts": row["attempts"],
         "error": row["error"],
+        "error_kind": row["error_kind"],
+        "lang": row["lang"],
+        "crop": row["crop"],
         "created_at": row["created_at"],
         "finished_at": row["finished_at"],
         "image": {
@@ -77,6 +82,9 @@ def view_of(
                 "name": m["name"],
                 "manufacturer": m["manufacturer"],
                 "system": m["system"],
+                "diameter_mm": m["diameter_mm"],
+                "length_mm": m["length_mm"],
+                "connection": m["connection"],
                 "score": m["score"],
                 "image_id": m["image_id"],
                 "image_url": link(store, m["storage_key"], expires_s),
@@ -86,11 +94,11 @@ def view_of(
     }
     confirmed = feedback.latest(conn, analysis_id)
     view["confirmation"] = {**confirmed.to_dict(), "analysis_id": view["id"]} if confirmed else None
-    if row["notify_status"]:
-        view["notification"] = {
-            "status": row["notify_status"],
-            "attempts": row["notify_attempts"],
-            "error": row["notify_error"],
+    notifications = queries.notifications_of(conn, analysis_id)
+    if notifications:
+        view["notifications"] = {
+            n["channel"]: {"status": n["status"], "attempts": n["attempts"], "error": n["error"]}
+            for n in notifications
         }
     return view
 
@@ -101,7 +109,41 @@ def implant(
     row = queries.get_implant(conn, implant_id)
     if row is None:
         return None
-    images = queries.implant_images_of(conn, implant_id)
-    for image in images:
-        image["url"] = link(store, image.pop("storage_key"), expires_s)
-    return {**row, "images": images}
+    pictures = queries.implant_images_of(conn, implant_id)
+    for picture in pictures:
+        picture["url"] = link(store, picture.pop("storage_key"), expires_s)
+    return {**row, "images": pictures}
+
+
+def sheet_png(conn: psycopg.Connection, store: Any, row: dict[str, Any], min_score: float) -> bytes:
+    """The CLI's contact sheet of a finished analysis, as PNG bytes: the query (crop
+    box in red) beside the matches' reference images, read from the image store."""
+
+    def picture(key: str | None) -> Image.Image | None:
+        if not key:
+            return None
+        try:
+            return images.load_image(store.get(key)).image
+        except Exception as exc:  # a missing picture must not lose the sheet
+            logs.event("sheet image unavailable", key=key, error=type(exc).__name__)
+            return None
+
+    matches = queries.analysis_matches(conn, row["id"])
+    tiles = [
+        sheet.Tile(
+            picture(m["storage_key"]),
+            (
+                f"#{m['rank']} {m['name'] or m['implant_key']}",
+                (m["manufacturer"] or "") + (f" · {m['system']}" if m["system"] else ""),
+                f"score {float(m['score']):.3f}",
+            ),
+            sheet.CONFIDENT if float(m["score"]) >= min_score else sheet.WEAK,
+        )
+        for m in matches
+    ]
+    crop = tuple(row["crop"]) if row.get("crop") else None
+    query = sheet.Tile(picture(row["storage_key"]), ("query", f"analysis {row['public_id']}", ""))
+    rendered = sheet.render(query, tiles, title=f"analysis {row['public_id']}", crop_box=crop)
+    out = io.BytesIO()
+    rendered.save(out, format="PNG")
+    return out.getvalue()

@@ -22,7 +22,7 @@ from raiox_cli import db, images, queries, search
 from raiox_cli.config import Settings
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import EmptyCatalogue, ModelMismatch, RaioxError
-from raiox_cli.server import download, logs, notify, results
+from raiox_cli.server import download, i18n, logs, notify, results
 from raiox_cli.server.metrics import Metrics
 
 TOP_K = 3
@@ -48,9 +48,10 @@ class Store(Protocol):
 
 
 class JobFailed(RaioxError):
-    def __init__(self, message: str, *, transient: bool) -> None:
+    def __init__(self, message: str, *, transient: bool, kind: str = "internal") -> None:
         super().__init__(message)
         self.transient = transient
+        self.kind = kind  # image, download, catalogue, internal: what a page can explain
 
 
 def backoff_s(attempt: int, base_s: float) -> float:
@@ -62,13 +63,13 @@ def _classify(exc: Exception) -> JobFailed:
     if isinstance(exc, JobFailed):
         return exc
     if isinstance(exc, download.UnsafeURL):
-        return JobFailed(f"download refused: {exc}", transient=False)
+        return JobFailed(f"download refused: {exc}", transient=False, kind="download")
     if isinstance(exc, download.DownloadError):
-        return JobFailed(f"download failed: {exc}", transient=exc.transient)
+        return JobFailed(f"download failed: {exc}", transient=exc.transient, kind="download")
     if isinstance(exc, images.ImageError):
-        return JobFailed(f"not a usable image: {exc}", transient=False)
+        return JobFailed(f"not a usable image: {exc}", transient=False, kind="image")
     if isinstance(exc, (EmptyCatalogue, ModelMismatch)):
-        return JobFailed(str(exc), transient=False)
+        return JobFailed(str(exc), transient=False, kind="catalogue")
     if isinstance(exc, psycopg.Error):
         return JobFailed(f"database error: {type(exc).__name__}", transient=True)
     # Storage clients raise many classes (botocore, OSError); all worth a retry.
@@ -103,7 +104,7 @@ class Worker:
         self.poll_s = poll_s
         self.policy = download.DownloadPolicy.from_settings(settings)
         self._connect = connect or (lambda: db.connect(settings))
-        self._notify_secret = settings.notify_secret or settings.webhook_secret
+        self.notifiers = notify.notifiers(settings)
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._finished = threading.Condition()
@@ -163,7 +164,7 @@ class Worker:
                 if conn is None or conn.closed:
                     conn = self._connect()
                 worked = self.run_one_job(conn)
-                if not worked and self.settings.notify_url:
+                if not worked and self.notifiers:
                     worked = self.send_one_notification(conn)
             except Exception as exc:  # the thread must outlive any one failure
                 logs.event("worker error", logging.WARNING, error=str(exc)[:200], exc_info=True)
@@ -217,7 +218,11 @@ class Worker:
         return True
 
     def _process(self, conn: psycopg.Connection, job: dict[str, Any], claim: _Claim) -> None:
-        limits = {"max_pixels": self.settings.max_pixels, "max_bytes": self.policy.max_bytes}
+        limits: dict[str, Any] = {
+            "max_pixels": self.settings.max_pixels,
+            "max_bytes": self.policy.max_bytes,
+            "crop": images.Crop(*job["crop"]) if job.get("crop") else None,
+        }
         if job["storage_key"]:
             loaded = images.load_image(self.store.get(job["storage_key"]), **limits)
         else:
@@ -244,8 +249,7 @@ class Worker:
         queries.finish_analysis(
             conn, claim.analysis_id, model_id=result.model_id, matches=result.matches
         )
-        if self.settings.notify_url:
-            queries.request_notification(conn, claim.analysis_id)
+        self._request_notifications(conn, claim.analysis_id)
         conn.commit()
 
     def _record_failure(self, conn: psycopg.Connection, claim: _Claim, error: JobFailed) -> str:
@@ -263,51 +267,73 @@ class Worker:
                 error=message,
             )
             return "retrying"
-        failed = queries.fail_job(conn, claim.analysis_id, claim.attempt, error=message)
-        if failed and self.settings.notify_url:
-            queries.request_notification(conn, claim.analysis_id)
+        failed = queries.fail_job(
+            conn, claim.analysis_id, claim.attempt, error=message, error_kind=error.kind
+        )
+        if failed:
+            self._request_notifications(conn, claim.analysis_id)
         conn.commit()
         logs.event("job error", logging.WARNING, analysis_id=claim.analysis_id, error=message)
         return "failed"
 
+    def _request_notifications(self, conn: psycopg.Connection, analysis_id: int) -> None:
+        """Queue a delivery on every configured channel that has someone to tell."""
+        recipients: dict[str, str | None] = {}
+        if "webhook" in self.notifiers:
+            recipients["webhook"] = None
+        if "email" in self.notifiers:
+            address = queries.email_recipient(conn, analysis_id)
+            if address:
+                recipients["email"] = address
+        if recipients:
+            queries.request_notifications(conn, analysis_id, recipients)
+
     def send_one_notification(self, conn: psycopg.Connection) -> bool:
-        url, secret = self.settings.notify_url, self._notify_secret
-        if not url or not secret:
-            return False
-        due = queries.claim_next_notification(conn, lease_s=NOTIFY_LEASE_S)
+        due = queries.claim_next_notification(
+            conn, channels=list(self.notifiers), lease_s=NOTIFY_LEASE_S
+        )
         conn.commit()
         if due is None:
             return False
-        analysis_id, attempt = due["id"], due["notify_attempts"]
-        view = results.analysis(conn, self.store, analysis_id, self.settings.link_expires_s)
-        conn.commit()
+        analysis_id, channel, attempt = due["analysis_id"], due["channel"], due["attempts"]
         try:
-            public_id = str(due["public_id"])
-            notify.send(
-                url,
-                secret,
-                public_id,
-                notify.payload(view or {"id": public_id, "status": "failed"}),
-            )
+            finished = self._finished_analysis(conn, analysis_id)
+            conn.commit()
+            self.notifiers[channel].deliver(finished, due["recipient"])
         except notify.NotifyFailed as exc:
             if exc.transient and attempt < NOTIFY_MAX_ATTEMPTS:
                 delay = backoff_s(attempt, self.settings.job_retry_base_s)
-                queries.notification_retry(conn, analysis_id, error=str(exc), delay_s=delay)
-                self.metrics.notifications.labels("webhook", "retry").inc()
+                queries.notification_retry(
+                    conn, analysis_id, channel, error=str(exc), delay_s=delay
+                )
+                self.metrics.notifications.labels(channel, "retry").inc()
             else:
-                queries.notification_failed(conn, analysis_id, error=str(exc))
-                self.metrics.notifications.labels("webhook", "failed").inc()
+                queries.notification_failed(conn, analysis_id, channel, error=str(exc))
+                self.metrics.notifications.labels(channel, "failed").inc()
             conn.commit()
             logs.event(
                 "notify error",
                 logging.WARNING,
                 analysis_id=analysis_id,
+                channel=channel,
                 attempt=attempt,
                 error=str(exc),
             )
             return True
-        queries.notification_sent(conn, analysis_id)
+        queries.notification_sent(conn, analysis_id, channel)
         conn.commit()
-        self.metrics.notifications.labels("webhook", "sent").inc()
-        logs.event("notify sent", analysis_id=analysis_id, attempt=attempt)
+        self.metrics.notifications.labels(channel, "sent").inc()
+        logs.event("notify sent", analysis_id=analysis_id, channel=channel, attempt=attempt)
         return True
+
+    def _finished_analysis(self, conn: psycopg.Connection, analysis_id: int) -> notify.Finished:
+        view = results.analysis(conn, self.store, analysis_id, self.settings.link_expires_s)
+        if view is None:  # deleted since it was queued
+            raise notify.NotifyFailed("the analysis no longer exists", transient=False)
+        if view["status"] == "done":
+            view["confidence"] = search.confidence(
+                [float(m["score"]) for m in view["matches"]],
+                self.settings.min_score,
+                self.settings.min_margin,
+            )
+        return notify.Finished(view, i18n.preferred(view.get("lang"), self.settings.default_lang))
