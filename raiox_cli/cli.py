@@ -605,7 +605,9 @@ Since = Annotated[
 ]
 ClientFilter = Annotated[
     str | None,
-    typer.Option("--client", help="only analyses submitted by this client id", show_default=False),
+    typer.Option(
+        "--client", help="only analyses of this clinic (its name) or client id", show_default=False
+    ),
 ]
 
 
@@ -787,7 +789,13 @@ def _print_eval(report: Any, *, details: bool = True) -> None:
 
 @command("confirm")
 def confirm(
-    analysis_id: Annotated[int, typer.Argument(help="the analysis (raiox search --save, API)")],
+    analysis_id: Annotated[
+        str,
+        typer.Argument(
+            help="the analysis: its id in the API (a UUID) or the number raiox search --save "
+            "printed"
+        ),
+    ],
     implant_key: Annotated[
         str | None,
         typer.Argument(
@@ -819,6 +827,7 @@ def confirm(
       raiox confirm 42 "straumann/bone level/blx 4.0"
       raiox confirm 42 "Straumann/BLX 4.5" --note "seen on the surgical report"
       raiox confirm 43 --not-in-catalogue --note "Neodent Helix GM, not catalogued"
+      raiox confirm 5f0c6a2e-8d1b-4c7e-9a53-2b6f1d0e7c41 straumann/blx --json
     """
     from raiox_cli import feedback
 
@@ -840,7 +849,7 @@ def confirm(
         implant = done.implant
         rank = f"raiox ranked it #{done.raiox_rank}" if done.raiox_rank else "raiox did not list it"
         said = f"{implant['key']} ({implant['manufacturer']} {implant['name']}); {rank}"
-    out.print(f"analysis {done.analysis_id} confirmed: {said}", highlight=False)
+    out.print(f"analysis {analysis_id} confirmed: {said}", highlight=False)
     if done.previous is not None:
         before = (done.previous["implant"] or {}).get("key") or "not in the catalogue"
         out.print(
@@ -859,12 +868,13 @@ def export_labels(
 ) -> None:
     """Write the confirmed X-rays from the image store as labelled queries.
 
-    Layout: OUT/<Manufacturer>/<Implant name>/<analysis>-<sha>.<ext> (what raiox eval
+    Layout: OUT/<Manufacturer>/<Implant name>/<analysis id>.<ext> (what raiox eval
     reads) and OUT/labels.csv (path,expected_key,analysis_id,image_sha256,
-    confirmed_at). X-rays confirmed "not in the catalogue" go to OUT/not-in-catalogue/
-    with OUT/not-in-catalogue.csv (their notes), where eval does not look. Only the
-    latest confirmation of an analysis counts; unconfirmed analyses are never
-    written. Exit 1 when some stored X-rays could not be read (listed on stderr).
+    confirmed_at; analysis_id is the public id the API uses). X-rays confirmed "not
+    in the catalogue" go to OUT/not-in-catalogue/ with OUT/not-in-catalogue.csv
+    (their notes), where eval does not look. Only the latest confirmation of an
+    analysis counts; unconfirmed analyses are never written. Exit 1 when some
+    stored X-rays could not be read (listed on stderr).
 
     Example: raiox export-labels ./confirmed --since 2026-01-01 && raiox eval ./confirmed
     """
