@@ -86,6 +86,7 @@ class AdaptOptions:
     patience: int = 6  # evaluations without a better validation MRR before stopping
     labels: Path | None = None
     val_labels: Path | None = None
+    confirmed: bool = True  # train on X-rays confirmed in the database too
     # Not in the fingerprint: how long, where, and what to do afterwards.
     max_minutes: float | None = None
     checkpoint_every: int = 25  # steps (and after every evaluation)
@@ -117,6 +118,7 @@ class Data:
     splits: dict[str, list[Item]]  # validation queries per split
     held_out: list[str]  # implant keys never trained on
     skipped: list[str] = field(default_factory=list)  # "origin: reason"
+    confirmed: int = 0  # X-rays confirmed in the database (the rest came from folders)
 
     @property
     def train_images(self) -> int:
@@ -143,6 +145,7 @@ class Data:
             "held_out_implants": sorted(self.held_out),
             "catalogue_images": len(catalogue),
             "xrays": len(xrays),
+            "confirmed_xrays": self.confirmed,
             "images_per_implant": {
                 "min": counts[0],
                 "median": float(np.median(counts)),
@@ -190,6 +193,31 @@ def xray_items(conn: psycopg.Connection, source: Path) -> tuple[list[Item], list
             continue
         found.append(Item(key, digest, "xray", str(query.path), path=query.path))
     return found, skipped
+
+
+def confirmed_items(conn: psycopg.Connection) -> tuple[list[Item], list[str]]:
+    """X-rays a dentist confirmed (`raiox confirm`, the feedback endpoint), read back
+    from the image store; those whose implant has left the catalogue are skipped."""
+    found, skipped = [], []
+    for row in queries.confirmed_query_images(conn):
+        origin = f"analysis {row['analysis_id']}"
+        if row["implant_id"] is None:
+            skipped.append(f"{origin}: confirmed implant {row['implant_key']} left the catalogue")
+            continue
+        stored = {"id": row["analysis_id"], "sha256": row["image_sha256"]}
+        stored["storage_key"] = row["storage_key"]
+        found.append(Item(row["implant_key"], row["image_sha256"], "xray", origin, row=stored))
+    return found, skipped
+
+
+def _unique(items: Sequence[Item]) -> list[Item]:
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for item in items:
+        if (item.key, item.sha256) not in seen:
+            seen.add((item.key, item.sha256))
+            kept.append(item)
+    return kept
 
 
 def split_data(
@@ -256,14 +284,22 @@ def collect_data(conn: psycopg.Connection, options: AdaptOptions, rng: np.random
     skipped: list[str] = []
     xrays: list[Item] = []
     val: list[Item] = []
+    if options.confirmed:
+        xrays, skipped = confirmed_items(conn)
+    confirmed = len(xrays)
     if options.labels is not None:
-        xrays, more = xray_items(conn, options.labels)
+        more_xrays, more = xray_items(conn, options.labels)
+        xrays += more_xrays
         skipped += more
     if options.val_labels is not None:
         val, more = xray_items(conn, options.val_labels)
         skipped += more
+    val = _unique(val)
+    held_for_validation = {(i.key, i.sha256) for i in val}
+    xrays = [i for i in _unique(xrays) if (i.key, i.sha256) not in held_for_validation]
     data = split_data(catalogue, xrays, val, options, rng)
     data.skipped = skipped
+    data.confirmed = confirmed
     if len(data.train) < 2:
         raise NoTrainingData(
             f"only {len(data.train)} implant(s) left to train on: contrastive training needs "

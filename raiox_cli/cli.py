@@ -1154,7 +1154,8 @@ def _print_adapt(report: Any) -> None:
         f"data: {data.get('implants')} implants ({data.get('trained_implants')} trained, "
         f"{len(data.get('held_out_implants', []))} held out), {data.get('catalogue_images')} "
         f"catalogue images ({per.get('min')}-{per.get('max')} per implant), "
-        f"{data.get('xrays')} labelled X-rays; validation queries "
+        f"{data.get('xrays')} labelled X-rays ({data.get('confirmed_xrays')} confirmed in the "
+        "database); validation queries "
         + ", ".join(f"{k} {v}" for k, v in data.get("validation_queries", {}).items()),
         highlight=False,
     )
@@ -1205,6 +1206,12 @@ def adapt(
     val_labels: Annotated[
         Path | None, typer.Option(help="labelled X-rays used only for validation")
     ] = None,
+    confirmed: Annotated[
+        bool,
+        typer.Option(
+            "--confirmed/--no-confirmed", help="also train on X-rays confirmed with raiox confirm"
+        ),
+    ] = True,
     train: Annotated[
         str | None,
         typer.Option(
@@ -1285,8 +1292,8 @@ def adapt(
         train=train, blocks=blocks, epochs=epochs, steps=steps, batch_size=batch_size,
         views=views, lr=lr, temperature=temperature, seed=seed,
         holdout_implants=holdout_implants, eval_every=eval_every, patience=patience,
-        labels=labels, val_labels=val_labels, max_minutes=max_minutes, out=out_dir,
-        checkpoint_every=checkpoint_every,
+        labels=labels, val_labels=val_labels, confirmed=confirmed, max_minutes=max_minutes,
+        out=out_dir, checkpoint_every=checkpoint_every,
         apply=apply, force=force, dry_run=dry_run,
     )  # fmt: skip
     with _train_bar(progress) as bar:

@@ -375,3 +375,24 @@ def test_bad_input_is_one_clear_line(
     )
     assert result.exit_code == 0, result.output
     assert "label 'Nobody/Ghost 1' names no implant in the catalogue" in result.stderr
+
+
+def test_confirmed_xrays_in_the_database_are_training_data(
+    trained: dict, synthetic: synth.SynthInfo, pg_server_url: str, tmp_path: Path
+) -> None:
+    env = {**trained["env"], "RAIOX_DATABASE_URL": _new_database(pg_server_url)}
+    _ingested(env, synthetic)
+    query, implant = synthetic.query_files[0], synthetic.implants[0]
+    saved = runner.invoke(app, ["search", str(query), "--save", "--json"], env=env)
+    assert saved.exit_code == 0, saved.output
+    analysis_id = json.loads(saved.stdout)["analysis_id"]
+    confirmed = runner.invoke(app, ["confirm", str(analysis_id), implant.key], env=env)
+    assert confirmed.exit_code == 0, confirmed.output
+    args = ["adapt", "--steps", "2", "--batch-size", "8", "--holdout-implants", "0", "--dry-run"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "c"), "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)["data"]
+    assert (data["xrays"], data["confirmed_xrays"]) == (1, 1)
+    assert data["train_images"] + data["validation_queries"]["xrays"] == 6 * 3 + 1
+    result = runner.invoke(app, [*args, "--no-confirmed", "--json"], env=env)
+    assert json.loads(result.stdout)["data"]["xrays"] == 0
