@@ -96,6 +96,42 @@ def test_loss_goes_down_on_a_fixed_batch() -> None:
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+@pytest.mark.parametrize("mode", ["last", "lora"])
+def test_partial_training_saves_a_plain_checkpoint(mode: str, tmp_path: Path) -> None:
+    """--train last freezes all but the last blocks; LoRA adapters are merged into
+    the weights, so the checkpoint loads through --weights like any other."""
+    import torch
+
+    spec = embedding.ModelSpec("raiox-tiny", "none", None, "cpu")
+    tower = adapt.build_tower(spec, adapt.AdaptOptions(train=mode, blocks=1), seed=0)
+    visual = tower.visual
+    trainable = {n for n, p in visual.named_parameters() if p.requires_grad}
+    if mode == "last":
+        assert trainable and all(
+            n.startswith(("transformer.resblocks.1.", "ln_post.", "proj")) for n in trainable
+        )
+    else:
+        assert trainable and all(".parametrizations." in n for n in trainable)
+    pictures = [_implant_picture().resize((64, 80)) for _ in range(4)]
+    pixels = torch.stack([tower.embedder.preprocess(p) for p in pictures])
+    optimizer = torch.optim.AdamW(tower.params, lr=1e-2)
+    tower.train_mode()
+    for _ in range(3):
+        z = torch.nn.functional.normalize(tower.visual(pixels + torch.randn_like(pixels)), dim=-1)
+        loss = adapt.multi_positive_infonce(z, torch.tensor([0, 0, 1, 1]), 0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    tower.eval_mode()
+    trained = tower.embedder.embed_images(pictures)
+    path = tmp_path / "model.safetensors"
+    adapt.save_weights(tower, tower.visual.state_dict(), path)
+    loaded = embedding.load_embedder(embedding.ModelSpec("raiox-tiny", "none", path, "cpu"))
+    np.testing.assert_allclose(loaded.embed_images(pictures), trained, atol=1e-5)
+    base = embedding.load_embedder(spec).embed_images(pictures)
+    assert not np.allclose(base, trained, atol=1e-4)
+
+
 def test_rank_metrics_rank_implants_by_their_best_image() -> None:
     gallery = np.eye(3, dtype=np.float32)[[0, 1, 2, 2]]  # implant 2 has two images
     labels = np.array([0, 1, 2, 2])
