@@ -363,6 +363,7 @@ def test_guard_refuses_a_model_that_is_not_better(
     env = {**trained["env"], "RAIOX_DATABASE_URL": _new_database(pg_server_url)}
     _ingested(env, synthetic)
     args = [a if a != str(trained["out"]) else str(tmp_path / "flat") for a in trained["args"]]
+    args += ["--steps", "4", "--eval-every", "2"]  # the last of a repeated option counts
     # A learning rate of ~0 leaves the model as it was: equal is not better.
     result = runner.invoke(app, [*args, "--lr", "1e-12", "--apply"], env=env)
     assert result.exit_code == 1, result.output
