@@ -208,6 +208,13 @@ def load_embedder(spec: ModelSpec) -> Embedder:
         return _cache[spec]
 
 
+def load_trainable(spec: ModelSpec) -> Embedder:
+    """A private copy of the model for `raiox adapt` to train (never the process
+    cache, which other code must see unchanged). Same loader as every other path,
+    so the trained weights saved as a checkpoint load back through --weights."""
+    return _load(spec)
+
+
 def _load(spec: ModelSpec) -> Embedder:
     import open_clip
     import torch

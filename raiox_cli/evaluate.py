@@ -378,7 +378,7 @@ def evaluate_confirmed(
         scores_wrong=spread([r["top"] for r in wrong if r["top"] is not None]),
         failures=[
             {
-                "analysis_id": r["analysis_id"],
+                "analysis_id": str(r["public_id"]),
                 "expected_key": r["implant_key"],
                 "rank": r["rank"],
                 "ranked_first": r["first"],

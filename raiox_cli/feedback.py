@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -34,7 +35,8 @@ NOT_IN_CATALOGUE_CSV = "not-in-catalogue.csv"
 
 
 class UnknownAnalysis(RaioxError):
-    """No analysis has this id (or, with clinics, none the caller may see)."""
+    """No analysis has this id, or none the calling clinic may see (the same answer,
+    so ids of other clinics cannot be probed)."""
 
 
 class UnknownImplant(RaioxError):
@@ -54,7 +56,7 @@ class Confirmation:
     """One confirmation, as the CLI's --json and the API answer it."""
 
     id: int
-    analysis_id: int
+    analysis_id: str  # the analysis's public id (a UUID), as every URL and answer
     not_in_catalogue: bool
     implant: dict[str, Any] | None  # id, key, name, manufacturer, system; None: not in catalogue
     raiox_rank: int | None  # where raiox ranked the confirmed implant; None: not listed
@@ -119,7 +121,7 @@ def _confirmation(row: dict[str, Any], ranked: list[str], previous: Any = None) 
     key = row["implant_key"]
     return Confirmation(
         id=row["id"],
-        analysis_id=row["analysis_id"],
+        analysis_id=str(row["public_id"]),
         not_in_catalogue=row["not_in_catalogue"],
         implant=_implant(row),
         raiox_rank=ranked.index(key) + 1 if key in ranked else None,
@@ -130,32 +132,58 @@ def _confirmation(row: dict[str, Any], ranked: list[str], previous: Any = None) 
     )
 
 
+def find_analysis(
+    conn: psycopg.Connection, analysis: uuid.UUID | int | str, *, clinic_id: int | None = None
+) -> dict[str, Any]:
+    """An analysis by its public id (a UUID) or, for the operator's CLI, its internal
+    number (`raiox search --save` prints it), as the caller may see it: any for the
+    operator (clinic_id None), else only that clinic's own."""
+    if isinstance(analysis, str):
+        text = analysis.strip()
+        try:
+            analysis = int(text) if text.isdigit() else uuid.UUID(text)
+        except ValueError:
+            raise UnknownAnalysis(f"no analysis {text!r}: not an analysis id") from None
+    if isinstance(analysis, uuid.UUID):
+        row = queries.find_analysis(conn, analysis, clinic_id=clinic_id)
+    else:
+        row = queries.get_analysis(conn, analysis)
+        if row is not None and clinic_id is not None and row["clinic_id"] != clinic_id:
+            row = None
+    if row is None:
+        raise UnknownAnalysis(f"no analysis {analysis}")
+    return row
+
+
 def confirm(
     conn: psycopg.Connection,
-    analysis_id: int,
+    analysis: uuid.UUID | int | str,
     implant_key: str | None,
     *,
     note: str | None = None,
     client_id: str | None = None,
+    clinic_id: int | None = None,
 ) -> Confirmation:
-    """Record that analysis `analysis_id` shows the implant `implant_key` (None: an
-    implant that is not in the catalogue). Raises UnknownAnalysis, AnalysisNotDone,
-    UnknownImplant or BadConfirmation; commits nothing."""
+    """Record that `analysis` (public UUID, or internal number) shows the implant
+    `implant_key` (None: an implant that is not in the catalogue), confirmed by
+    `client_id`. With `clinic_id`, only that clinic's analyses can be confirmed
+    (another clinic's is UnknownAnalysis, like a missing one). Raises
+    UnknownAnalysis, AnalysisNotDone, UnknownImplant or BadConfirmation; commits
+    nothing. Its answer: Confirmation.to_dict() (README: Confirmations)."""
     note = _bounded(note, "note", MAX_NOTE)
     client_id = _bounded(client_id, "client id", MAX_CLIENT_ID)
     key = _bounded(implant_key, "implant key", MAX_KEY)
     if implant_key is not None and key is None:
         raise BadConfirmation("the implant key is empty; give one, or say not in the catalogue")
-    analysis = queries.get_analysis(conn, analysis_id)
-    if analysis is None:
-        raise UnknownAnalysis(f"no analysis {analysis_id}")
-    if analysis["status"] != "done":
+    row = find_analysis(conn, analysis, clinic_id=clinic_id)
+    analysis_id = row["id"]
+    if row["status"] != "done":
         why = (
-            f"it failed ({analysis['error']}); there is no answer to confirm"
-            if analysis["status"] == "failed"
-            else f"it is still {analysis['status']}; confirm it once its result is in"
+            f"it failed ({row['error']}); there is no answer to confirm"
+            if row["status"] == "failed"
+            else f"it is still {row['status']}; confirm it once its result is in"
         )
-        raise AnalysisNotDone(f"analysis {analysis_id} cannot be confirmed: {why}")
+        raise AnalysisNotDone(f"analysis {analysis} cannot be confirmed: {why}")
     implant = find_implant(conn, key) if key is not None else None
     history = queries.confirmation_history(conn, analysis_id)
     added = queries.add_confirmation(
@@ -166,9 +194,9 @@ def confirm(
         note=note,
         client_id=client_id,
     )
-    row = {
+    confirmed = {
         **added,
-        "analysis_id": analysis_id,
+        "public_id": row["public_id"],
         "not_in_catalogue": implant is None,
         "implant_id": implant["id"] if implant else None,
         "implant_key": implant["key"] if implant else None,
@@ -180,7 +208,7 @@ def confirm(
     }
     ranked = [m["implant_key"] for m in queries.analysis_matches(conn, analysis_id)]
     previous = _confirmation(history[0], ranked).to_dict() if history else None
-    return _confirmation(row, ranked, previous)
+    return _confirmation(confirmed, ranked, previous)
 
 
 def history(conn: psycopg.Connection, analysis_id: int) -> list[Confirmation]:
@@ -196,7 +224,7 @@ def latest(conn: psycopg.Connection, analysis_id: int) -> Confirmation | None:
 
 def confirm_analysis(
     settings: Settings,
-    analysis_id: int,
+    analysis: str,
     implant_key: str | None,
     *,
     not_in_catalogue: bool = False,
@@ -214,7 +242,7 @@ def confirm_analysis(
         )
     with db.connect(settings) as conn:
         db.check_schema(conn)
-        done = confirm(conn, analysis_id, implant_key, note=note, client_id=client_id)
+        done = confirm(conn, analysis, implant_key, note=note, client_id=client_id)
         conn.commit()
     return done
 
@@ -295,10 +323,10 @@ def export_labels(
         try:
             data = get(row["storage_key"])
         except RaioxError as exc:
-            report.failed.append(f"analysis {row['analysis_id']}: {exc}")
+            report.failed.append(f"analysis {row['public_id']}: {exc}")
             return None
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{row['analysis_id']}-{row['image_sha256'][:12]}{_suffix(data)}"
+        path = folder / f"{row['public_id']}{_suffix(data)}"
         path.write_bytes(data)
         return path.relative_to(out).as_posix()
 
@@ -314,7 +342,7 @@ def export_labels(
             path = write(folder, row)
             if path is not None:
                 labels.writerow(
-                    [path, row["implant_key"], row["analysis_id"], row["image_sha256"],
+                    [path, row["implant_key"], row["public_id"], row["image_sha256"],
                      row["confirmed_at"].isoformat()]
                 )  # fmt: skip
                 report.exported += 1
@@ -327,7 +355,7 @@ def export_labels(
             path = write(out / NOT_IN_CATALOGUE_DIR, row)
             if path is not None:
                 others.writerow(
-                    [path, row["analysis_id"], row["image_sha256"],
+                    [path, row["public_id"], row["image_sha256"],
                      row["confirmed_at"].isoformat(), row["note"] or ""]
                 )  # fmt: skip
                 report.not_in_catalogue += 1

@@ -219,7 +219,7 @@ def _prepare(
     row: dict[str, Any], settings: Settings, model: ModelHandle, store: storage.Store
 ) -> Prepared:
     try:
-        data = _original_bytes(row, settings, store)
+        data = original_bytes(row, settings, store)
         loaded = images.load_image(
             data, max_pixels=settings.max_pixels, max_bytes=settings.max_bytes
         )
@@ -235,7 +235,7 @@ def _reachable(root: catalogue.Root) -> bool:
         return False
 
 
-def _original_bytes(row: dict[str, Any], settings: Settings, store: storage.Store) -> bytes:
+def original_bytes(row: dict[str, Any], settings: Settings, store: storage.Store) -> bytes:
     if row.get("root_path") and row.get("source_path"):
         root = catalogue.open_root(row["root_path"], settings)
         try:

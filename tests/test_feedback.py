@@ -54,6 +54,13 @@ def confirm(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+def public_id(settings: config.Settings, analysis: int) -> str:
+    with db.connect(settings) as conn:
+        row = queries.get_analysis(conn, analysis)
+        assert row is not None
+        return str(row["public_id"])
+
+
 def count_confirmations(settings: config.Settings) -> int:
     with db.connect(settings) as conn:
         row = conn.execute("SELECT count(*) FROM confirmations").fetchone()
@@ -68,7 +75,8 @@ def test_confirm_twice_keeps_history_and_the_latest_wins(
     code, out, err = confirm(str(analysis), first_key, "--client-id", "dr-ana", "--json")
     assert code == 0, err
     first = json.loads(out)
-    assert first["analysis_id"] == analysis and first["implant"]["key"] == first_key
+    assert first["analysis_id"] == public_id(migrated, analysis)
+    assert first["implant"]["key"] == first_key
     assert first["raiox_rank"] == 1 and first["client_id"] == "dr-ana"
     assert first["not_in_catalogue"] is False and first["previous"] is None
 
@@ -88,7 +96,8 @@ def test_confirm_twice_keeps_history_and_the_latest_wins(
         latest = queries.latest_confirmations(conn)
         assert [(r["analysis_id"], r["implant_key"]) for r in latest] == [(analysis, other.key)]
 
-    code, out, err = confirm(str(analysis), "--not-in-catalogue", "--json")
+    # The public id (what the API and the pages use) names the same analysis.
+    code, out, err = confirm(public_id(migrated, analysis), "--not-in-catalogue", "--json")
     assert code == 0, err
     third = json.loads(out)
     assert third["implant"] is None and third["not_in_catalogue"] is True
@@ -106,6 +115,10 @@ def test_confirm_refuses_bad_input_and_records_nothing(
     assert f"no implant {key[:-2]!r} in the catalogue; did you mean {key!r}" in err
     code, _, err = confirm("999999", key)
     assert code == 1 and "no analysis 999999" in err
+    code, _, err = confirm("00000000-0000-4000-8000-000000000000", key)
+    assert code == 1 and "no analysis 00000000-0000-4000-8000-000000000000" in err
+    code, _, err = confirm("42abc", key)
+    assert code == 1 and "not an analysis id" in err
     code, _, err = confirm(analysis)
     assert code == 2 and "--not-in-catalogue" in err
     code, _, err = confirm(analysis, key, "--not-in-catalogue")
@@ -139,8 +152,8 @@ def test_export_labels_writes_what_eval_reads(
 
     with (out / "labels.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert [(r["expected_key"], int(r["analysis_id"])) for r in rows] == [
-        (analysed.truth[0], right)
+    assert [(r["expected_key"], r["analysis_id"]) for r in rows] == [
+        (analysed.truth[0], public_id(migrated, right))
     ]
     exported = out / rows[0]["path"]
     query = analysed.info.query_files[0]
@@ -148,10 +161,13 @@ def test_export_labels_writes_what_eval_reads(
     assert exported.parent.parent.parent == out and exported.suffix == ".png"
     with (out / "not-in-catalogue.csv").open() as fh:
         others = list(csv.DictReader(fh))
-    assert [(int(r["analysis_id"]), r["note"]) for r in others] == [(outside, "Helix GM")]
+    assert [(r["analysis_id"], r["note"]) for r in others] == [
+        (public_id(migrated, outside), "Helix GM")
+    ]
     assert (out / others[0]["path"]).parent == out / "not-in-catalogue"
     written = {p.name for p in out.rglob("*") if p.is_file()}
-    assert not any(name.startswith(f"{unconfirmed}-") for name in written)
+    assert len(written) == 4  # two X-rays, two CSVs: nothing of the unconfirmed one
+    assert not any(public_id(migrated, unconfirmed) in name for name in written)
 
     for source in (out, out / "labels.csv"):  # the folder layout and the CSV
         result = runner.invoke(app, ["eval", str(source), "--json"])
@@ -246,7 +262,9 @@ def eval_confirmed(*args: str) -> dict:
     return json.loads(result.stdout)
 
 
-def test_eval_confirmed_counts_the_answers_raiox_gave(answered: dict[str, int]) -> None:
+def test_eval_confirmed_counts_the_answers_raiox_gave(
+    answered: dict[str, int], migrated: config.Settings
+) -> None:
     every = eval_confirmed("--min-score", "0.5")
     assert every["analyses"] == 5 and every["not_in_catalogue"] == 1
     # ranks 1, 2, 1, 1 (latest answer wins), none (d was not listed)
@@ -268,7 +286,9 @@ def test_eval_confirmed_counts_the_answers_raiox_gave(answered: dict[str, int]) 
     assert since["under_min_score"]["wrong"] == {"under": 0, "of": 1, "rate": 0.0}
     assert since["under_min_score"]["not_in_catalogue"]["under"] == 0
     assert since["scores_right"] == pytest.approx([0.3, 0.45, 0.9])
-    assert [f["analysis_id"] for f in since["failures"]] == [answered["second"]]
+    assert [f["analysis_id"] for f in since["failures"]] == [
+        public_id(migrated, answered["second"])
+    ]
     assert since["failures"][0]["rank"] == 2
 
     other = eval_confirmed("--client", "b")
@@ -322,3 +342,27 @@ def test_confirmed_query_images_filters_and_keeps_the_latest(
     )
     assert sorted(r["implant_key"] for r in since) == [_key("b"), _key("c")]
     assert {r["analysis_id"] for r in since} == {answered["right-low"], answered["changed"]}
+
+
+def test_a_clinic_confirms_only_its_own_analyses(
+    answered: dict[str, int], conn: psycopg.Connection
+) -> None:
+    from raiox_cli import clients
+
+    mine, _ = clients.add(conn, "sorriso-sp")
+    theirs, _ = clients.add(conn, "outra-clinica")
+    conn.execute(
+        "UPDATE analyses SET clinic_id = %(c)s WHERE id = %(a)s",
+        {"c": mine["id"], "a": answered["unconfirmed"]},
+    )
+    analysis = queries.get_analysis(conn, answered["unconfirmed"])
+    for other in (analysis["public_id"], answered["unconfirmed"]):  # by UUID or number
+        with pytest.raises(feedback.UnknownAnalysis, match="no analysis"):
+            feedback.confirm(conn, other, _key("a"), clinic_id=theirs["id"])
+    done = feedback.confirm(conn, analysis["public_id"], _key("a"), clinic_id=mine["id"])
+    assert done.analysis_id == str(analysis["public_id"]) and done.raiox_rank == 1
+    conn.commit()
+    # --client names a clinic (or the client id its sender labelled analyses with).
+    result = runner.invoke(app, ["eval", "--confirmed", "--client", "sorriso-sp", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["analyses"] == 1

@@ -13,7 +13,7 @@ from test_server import TOKEN, Catalogue, running
 from test_server import catalogue as catalogue  # the fixture, re-exported for pytest
 from typer.testing import CliRunner
 
-from raiox_cli import db, queries
+from raiox_cli import clients, db, queries
 from raiox_cli.cli import app
 
 runner = CliRunner()
@@ -127,3 +127,38 @@ def test_feedback_over_http_then_eval_and_export(
     assert json.loads(result.stdout)["exported"] == 1
     (exported,) = [p for p in out.rglob("*.png")]
     assert exported.read_bytes() == catalogue.query_png  # read back from S3
+
+
+def test_a_clinic_confirms_its_own_analyses_in_its_own_name(
+    catalogue: Catalogue, tiny_embedder: Any
+) -> None:
+    with db.connect(catalogue.settings) as conn:
+        key_a = clients.add(conn, "sorriso-sp")[1]
+        key_b = clients.add(conn, "outra-clinica")[1]
+    with running(catalogue, tiny_embedder, webhook_token=TOKEN) as base:
+        upload = httpx.post(
+            f"{base}/upload",
+            files={"file": ("q.png", catalogue.query_png, "image/png")},
+            headers={"authorization": f"Bearer {key_a}"},
+            timeout=30,
+        )
+        assert upload.status_code == 200, upload.text
+        analysis = upload.json()
+        url = f"{base}/analyses/{analysis['id']}/feedback"
+        key = analysis["matches"][0]["key"]
+        spoof = {"implant_key": key, "client_id": "outra-clinica"}
+        other = httpx.post(url, json=spoof, headers={"authorization": f"Bearer {key_b}"})
+        missing = httpx.post(
+            f"{base}/analyses/{uuid.uuid4()}/feedback",
+            json=spoof,
+            headers={"authorization": f"Bearer {key_b}"},
+        )
+        assert other.status_code == missing.status_code == 404
+        mine = httpx.post(url, json=spoof, headers={"authorization": f"Bearer {key_a}"})
+        assert mine.status_code == 201, mine.text
+        # Who confirmed is the key's clinic, whatever the body says.
+        assert mine.json()["client_id"] == "sorriso-sp"
+        assert mine.json()["analysis_id"] == analysis["id"]
+        operator = httpx.post(url, json={"implant_key": key, "client_id": "dr-ana"}, headers=AUTH)
+        assert operator.status_code == 201 and operator.json()["client_id"] == "dr-ana"
+        assert operator.json()["previous"]["analysis_id"] == analysis["id"]  # never internal

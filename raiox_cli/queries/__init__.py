@@ -18,3 +18,4 @@ from raiox_cli.queries.nearest import *  # noqa: F403
 from raiox_cli.queries.notifications import *  # noqa: F403
 from raiox_cli.queries.ops import *  # noqa: F403
 from raiox_cli.queries.schema import *  # noqa: F403
+from raiox_cli.queries.training import *  # noqa: F403

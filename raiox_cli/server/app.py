@@ -597,24 +597,21 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise RequestValidationError(errors) from None
 
         def record(conn: psycopg.Connection) -> feedback.Confirmation:
-            row = queries.find_analysis(conn, public_id, clinic_id=caller.clinic_id)
-            if row is None:
-                raise HTTPException(404, "no such analysis")
             done = feedback.confirm(
                 conn,
-                row["id"],
+                public_id,
                 answer.implant_key,
                 note=answer.note,
-                client_id=answer.client_id,
+                # A clinic's key says who it is; only the operator's token may name one.
+                client_id=answer.client_id if caller.is_operator else caller.name,
+                clinic_id=caller.clinic_id,
             )
             conn.commit()
             return done
 
         done = await run_in_threadpool(_with_db, request, record)
         logs.audit("feedback", client=caller.name, analysis=public_id)
-        return JSONResponse(
-            _json({**done.to_dict(), "analysis_id": str(public_id)}), status_code=201
-        )
+        return JSONResponse(_json(done.to_dict()), status_code=201)
 
     @app.get(
         "/analyses/{analysis_id}/sheet.png",

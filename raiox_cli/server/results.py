@@ -93,7 +93,7 @@ def view_of(
         ],
     }
     confirmed = feedback.latest(conn, analysis_id)
-    view["confirmation"] = {**confirmed.to_dict(), "analysis_id": view["id"]} if confirmed else None
+    view["confirmation"] = confirmed.to_dict() if confirmed else None
     notifications = queries.notifications_of(conn, analysis_id)
     if notifications:
         view["notifications"] = {
