@@ -82,7 +82,25 @@ def _forget_dead_handles(pgdata: Path) -> None:
 
 
 def database_url(settings: Settings) -> str:
-    return settings.database_url or embedded_url(settings.pgdata_dir)
+    if settings.database_url:
+        return settings.database_url
+    url = embedded_url(settings.pgdata_dir)
+    _migrate_embedded(settings.pgdata_dir, url)
+    return url
+
+
+_migrated: set[Path] = set()
+
+
+def _migrate_embedded(pgdata: Path, url: str) -> None:
+    """The embedded default is raiox's own database: a fresh (or older) home gets its
+    schema here, once per process, as `init-db` would (same lock, same migrations),
+    so a new user's first `raiox ingest` just works. External servers
+    (RAIOX_DATABASE_URL) are never changed behind the operator's back: init-db."""
+    with _embedded_lock:
+        if pgdata not in _migrated:
+            _apply_migrations(url)
+            _migrated.add(pgdata)
 
 
 def describe(url: str) -> str:
@@ -139,7 +157,16 @@ class MigrationReport:
 
 def migrate(settings: Settings) -> MigrationReport:
     """Apply pending migrations in order, each once, each in its own transaction."""
-    url = database_url(settings)
+    if settings.database_url:
+        return _apply_migrations(settings.database_url)
+    url = embedded_url(settings.pgdata_dir)
+    report = _apply_migrations(url)
+    with _embedded_lock:
+        _migrated.add(settings.pgdata_dir)
+    return report
+
+
+def _apply_migrations(url: str) -> MigrationReport:
     migrations = load_migrations()
     latest = migrations[-1].version
     applied: list[str] = []

@@ -97,7 +97,7 @@ class Embedder:
         self.model_id = model_id(spec)
         self.model = model
         self.transform = preprocess
-        self._pil_steps, self._mean, self._std = _split_normalisation(preprocess)
+        self.preprocessor = Preprocess(preprocess)
         self.device = device
         self.dim = dim
         self.preprocess_version = PREPROCESS_VERSION
@@ -108,22 +108,10 @@ class Embedder:
         return self.spec.random
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """Grey ("L") or RGB PIL image -> the model's input tensor (CPU). Thread-safe.
-
-        open_clip's resize/crop run as given; its ToTensor + Normalize are done in
-        numpy instead (the same float32 arithmetic, identical values), because torch
-        ops called from decode threads fight the model's OpenMP threads for the
-        cores: 39 ms vs 1.4 ms per image while a forward pass runs."""
-        if self._pil_steps is None:
-            return self.transform(image.convert("RGB"))
+        """Grey ("L") or RGB PIL image -> the model's input tensor (CPU). Thread-safe."""
         import torch
 
-        resized = self._pil_steps(image)
-        if resized.mode != "RGB":  # open_clip converts after resizing; older ones don't
-            resized = resized.convert("RGB")
-        pixels = np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)
-        scaled = pixels.astype(np.float32) / np.float32(255)
-        return torch.from_numpy((scaled - self._mean) / self._std)
+        return torch.from_numpy(self.preprocessor(image))
 
     def embed_tensors(self, pixels: torch.Tensor) -> np.ndarray:
         """A batch (N, 3, H, W) of preprocessed images -> (N, dim) unit float32 vectors."""
@@ -156,6 +144,53 @@ class Embedder:
             batch = torch.stack([self.preprocess(img) for img in chunk])
             out[start : start + len(chunk)] = self.embed_tensors(batch)
         return out
+
+
+class Preprocess:
+    """The model's preprocessing without the model: PIL image -> float32 (3, H, W).
+    Picklable, so decode workers of any engine (threads, Ray processes) hold one.
+
+    open_clip's resize/crop run as given; its ToTensor + Normalize are done in numpy
+    instead (the same float32 arithmetic, identical values), because torch ops
+    called from decode threads fight the model's OpenMP threads for the cores:
+    39 ms vs 1.4 ms per image while a forward pass runs."""
+
+    def __init__(self, transform: Any):
+        self.transform = transform
+        self.pil_steps, self.mean, self.std = _split_normalisation(transform)
+        steps = list(getattr(self.pil_steps, "transforms", []))
+        if steps and _converts_to_rgb(steps[-1]):
+            # Grey stays one channel to the end (normalised per channel below): the
+            # same values as converting it to RGB first, a third of the copying.
+            self.pil_steps = type(self.pil_steps)(steps[:-1])
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        if self.pil_steps is None:
+            return self.transform(image.convert("RGB")).numpy()
+        resized = self.pil_steps(image)
+        if resized.mode not in ("L", "RGB"):
+            resized = resized.convert("RGB")
+        pixels = np.asarray(resized, dtype=np.uint8)
+        if resized.mode == "L":  # grey: one channel scaled, normalised per channel
+            grey = pixels.astype(np.float32)
+            grey /= np.float32(255)
+            out = np.empty((3, *grey.shape), dtype=np.float32)
+            for channel in range(3):
+                np.subtract(grey, self.mean[channel], out=out[channel])
+                out[channel] /= self.std[channel]
+            return out
+        out = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+        out /= np.float32(255)
+        out -= self.mean
+        out /= self.std
+        return out
+
+
+def _converts_to_rgb(step: Any) -> bool:
+    name = getattr(step, "__name__", type(step).__name__)
+    return name == "_convert_to_rgb" or (
+        name == "MaybeConvertMode" and getattr(step, "mode", None) == "RGB"
+    )
 
 
 def _split_normalisation(transform: Any) -> tuple[Any, np.ndarray | None, np.ndarray | None]:

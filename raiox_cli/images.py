@@ -260,8 +260,10 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
     crop: Crop | None = None,
+    sha256: str | None = None,
 ) -> LoadedImage:
-    """Decode a radiograph to 8-bit grey or RGB, or raise an ImageError with a one-line reason."""
+    """Decode a radiograph to 8-bit grey or RGB, or raise an ImageError with a one-line reason.
+    `sha256`: the bytes' hash when the caller has it already (not computed twice)."""
     data = source if isinstance(source, bytes) else read_bytes(Path(source), max_bytes)
     if len(data) > max_bytes:
         raise ImageTooLarge(_bytes_message(len(data), max_bytes))
@@ -290,7 +292,7 @@ def load_image(
         bit_depth=decoded.bit_depth,
         width=width,
         height=height,
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=sha256 or hashlib.sha256(data).hexdigest(),
         size_bytes=len(data),
         warnings=decoded.warnings,
         crop_box=crop_box,

@@ -1,24 +1,20 @@
 """The catalogue pipeline: scan -> skip unchanged -> decode -> embed -> store.
 
-Decode workers (threads: Pillow and torch release the GIL) read, hash, decode and
-preprocess files ahead of the model; the calling thread only batches tensors
-through the model; a writer thread with its own connection upserts rows and
-COPYs embeddings, one transaction per batch, so the model never waits for the
-database and a killed run loses at most the batches in flight. Every write is an
-idempotent upsert, so running the same command again finishes the job.
+The stages and the local engine are pipeline.py's. Decode workers (threads: Pillow
+releases the GIL) read, hash, decode and preprocess files ahead of the model; the
+calling thread only batches tensors through the model; a writer thread with its
+own connection upserts rows and COPYs embeddings, one transaction per batch, so the
+model never waits for the database and a killed run loses at most the batches in
+flight. Every write is an idempotent upsert, so running the same command again
+finishes the job.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
-import queue
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,14 +23,13 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from raiox_cli import catalogue, db, embedding, images, queries, storage
+from raiox_cli import catalogue, db, embedding, pipeline, queries, storage
 from raiox_cli.config import Settings
 from raiox_cli.errors import Busy, ModelMismatch, RaioxError
+from raiox_cli.pipeline import Writer, run_pipeline, worker_count
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
-WRITER_QUEUE = 4  # batches waiting for the database; bounds memory
 TOUCH_BATCH = 500  # metadata-only rows (touched or moved files) per transaction
-DECODE_NICE = 10  # decode threads yield the cores to the model's threads
 
 
 @dataclass(frozen=True)
@@ -147,7 +142,7 @@ class ModelHandle:
         self.registered = True
 
 
-# --- the pipeline machinery -----------------------------------------------------------
+# --- ingest's work items (the stages and their engine live in pipeline.py) ------------
 
 
 @dataclass
@@ -157,100 +152,15 @@ class Prepared:
     kind: str  # "embed", "touch" (content known: record only), "duplicate", "failed"
     item: Any
     sha256: str | None = None
-    tensor: Any = None
+    row: pipeline.Row | None = None  # the pipeline row: pixels, then vectors
     info: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
 
 
-class Writer(threading.Thread):
-    """Applies batches with its own connection, one transaction each, in order."""
-
-    def __init__(self, settings: Settings, apply: Callable[[psycopg.Connection, Any], None]):
-        super().__init__(name="raiox-writer", daemon=True)
-        self.settings = settings
-        self.apply = apply
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=WRITER_QUEUE)
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            with db.connect(self.settings) as conn:
-                queries.set_application_name(conn, f"raiox writer (pid {os.getpid()})")
-                conn.commit()
-                while (batch := self.queue.get()) is not None:
-                    with conn.transaction():
-                        self.apply(conn, batch)
-        except BaseException as exc:
-            self.error = exc
-            while self.queue.get() is not None:  # unblock the producer until it stops
-                pass
-
-    def put(self, batch: Any) -> None:
-        self._raise()
-        self.queue.put(batch)
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.join()
-        self._raise()
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-
-def ordered_map(
-    pool: ThreadPoolExecutor, fn: Callable[[Any], Prepared], items: Iterable[Any], window: int
-) -> Iterator[Prepared]:
-    """pool.map with at most `window` items in flight, so memory stays flat however
-    long the catalogue is."""
-    pending: deque[Future[Prepared]] = deque()
-    source = iter(items)
-    for item in source:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
-            break
-    while pending:
-        result = pending.popleft().result()
-        for item in source:
-            pending.append(pool.submit(fn, item))
-            break
-        yield result
-
-
-def run_pipeline(
-    items: list[Any],
-    prepare: Callable[[Any], Prepared],
-    handle: Callable[[Prepared], None],
-    *,
-    workers: int,
-    batch_size: int,
-) -> None:
-    window = max(2 * workers, batch_size + workers)
-    with ThreadPoolExecutor(
-        max_workers=workers, thread_name_prefix="raiox-decode", initializer=_yield_to_model
-    ) as pool:
-        for prepared in ordered_map(pool, prepare, items, window):
-            handle(prepared)
-
-
-def _yield_to_model() -> None:
-    """Decode threads run at a lower priority (Linux nices threads one by one), so on
-    a CPU-bound machine the model's threads keep the cores and decoding fills the
-    gaps instead of preempting a matrix multiply that all its threads wait on."""
-    if DECODE_NICE and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICE)
-
-
-def embed_batch(model: ModelHandle, tensors: list[Any]) -> np.ndarray:
-    import torch
-
-    return model.get().embed_tensors(torch.stack(tensors))
-
-
-def worker_count(settings: Settings) -> int:
-    return settings.workers if settings.workers > 0 else max(1, os.cpu_count() or 1)
+def embed_batch(model: ModelHandle, rows: list[pipeline.Row]) -> np.ndarray:
+    """One forward pass over rows of one view each; their (N, D) vectors."""
+    pipeline.embed(rows, model.get())
+    return np.stack([row["vectors"][0] for row in rows])
 
 
 # --- ingest one catalogue root ----------------------------------------------------------
@@ -475,39 +385,48 @@ class RootIngest:
     def _flush(self, writer: Writer, batch: list[Prepared]) -> None:
         if not batch:
             return
-        vectors = embed_batch(self.model, [p.tensor for p in batch])
+        vectors = embed_batch(self.model, [p.row for p in batch if p.row is not None])
         for p in batch:
-            p.tensor = None  # free the pixels before the rows reach the database
+            p.row = None  # free the pixels before the rows reach the database
         writer.put((batch[:], vectors))
         self.report.embedded += len(batch)
         batch.clear()
 
     def _prepare(self, f: catalogue.CatalogueFile) -> Prepared:
-        """In a decode worker: read, hash, and decode + preprocess only content the
-        catalogue does not already have an embedding for."""
+        """In a decode worker: the read stage, then the decode stage only for content
+        the catalogue does not already have an embedding for, then the store."""
+        row = pipeline.read(
+            {"path": f.rel}, max_bytes=self.settings.max_bytes, reader=lambda _, n: f.read(n)
+        )
+        if row.get("error"):
+            return Prepared("failed", f, reason=row["error"])
+        sha = row["sha256"]
+        known = self.known.get((f.implant.key, sha))
+        if known is not None and known["embedded"]:
+            elsewhere = known["root_id"] != self.root_id or known["source_path"] != f.rel
+            if elsewhere and self._still_there(known):
+                return Prepared("duplicate", f, sha)
+            return Prepared("touch", f, sha)  # same path, or moved here: adopt the row
+        row = pipeline.decode(
+            row,
+            transform=self.model.get().preprocessor,
+            max_pixels=self.settings.max_pixels,
+            max_bytes=self.settings.max_bytes,
+        )
+        if row.get("error"):
+            return Prepared("failed", f, reason=row["error"])
         try:
-            data = f.read(self.settings.max_bytes)
-            sha = hashlib.sha256(data).hexdigest()
-            known = self.known.get((f.implant.key, sha))
-            if known is not None and known["embedded"]:
-                elsewhere = known["root_id"] != self.root_id or known["source_path"] != f.rel
-                if elsewhere and self._still_there(known):
-                    return Prepared("duplicate", f, sha)
-                return Prepared("touch", f, sha)  # same path, or moved here: adopt the row
-            loaded = images.load_image(
-                data, max_pixels=self.settings.max_pixels, max_bytes=self.settings.max_bytes
-            )
-            tensor = self.model.get().preprocess(loaded.image)
-            key = self.store.put(sha, data) if self.store is not None else None
-            info = {
-                "format": loaded.format,
-                "width": loaded.width,
-                "height": loaded.height,
-                "storage_key": key,
-            }
-            return Prepared("embed", f, sha, tensor, info)
-        except RaioxError as exc:  # ImageError, StorageError: this file only
+            key = self.store.put(sha, row["data"]) if self.store is not None else None
+        except RaioxError as exc:  # StorageError: this file only
             return Prepared("failed", f, reason=str(exc))
+        row["data"] = None
+        info = {
+            "format": row["format"],
+            "width": row["width"],
+            "height": row["height"],
+            "storage_key": key,
+        }
+        return Prepared("embed", f, sha, row, info)
 
     def _still_there(self, known: dict[str, Any]) -> bool:
         """Whether the file a known image was recorded from still exists (then this

@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from raiox_cli import catalogue, embedding, images, queries, storage
+from raiox_cli import catalogue, embedding, pipeline, queries, storage
 from raiox_cli.config import Settings
 from raiox_cli.errors import ModelMismatch, RaioxError
 from raiox_cli.ingest import (
@@ -29,12 +29,10 @@ from raiox_cli.ingest import (
     Prepared,
     Progress,
     RootIngest,
-    Writer,
     embed_batch,
-    run_pipeline,
-    worker_count,
     writer_lock,
 )
+from raiox_cli.pipeline import Writer, run_pipeline, worker_count
 
 PAGE = 1000  # images fetched per query when filling in missing embeddings
 
@@ -173,7 +171,7 @@ def _embed_missing(
         nonlocal embedded
         if batch:
             writer.put(
-                ([p.item["id"] for p in batch], embed_batch(model, [p.tensor for p in batch]))
+                ([p.item["id"] for p in batch], embed_batch(model, [p.row for p in batch if p.row]))
             )
             embedded += len(batch)
             batch.clear()
@@ -220,12 +218,17 @@ def _prepare(
 ) -> Prepared:
     try:
         data = original_bytes(row, settings, store)
-        loaded = images.load_image(
-            data, max_pixels=settings.max_pixels, max_bytes=settings.max_bytes
-        )
-        return Prepared("embed", row, row["sha256"], model.get().preprocess(loaded.image))
     except RaioxError as exc:
         return Prepared("failed", row, reason=str(exc))
+    decoded = pipeline.decode(
+        {"data": data, "sha256": row["sha256"]},
+        transform=model.get().preprocessor,
+        max_pixels=settings.max_pixels,
+        max_bytes=settings.max_bytes,
+    )
+    if decoded.get("error"):
+        return Prepared("failed", row, reason=decoded["error"])
+    return Prepared("embed", row, row["sha256"], decoded)
 
 
 def _reachable(root: catalogue.Root) -> bool:

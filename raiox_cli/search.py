@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psycopg
-from PIL import Image, ImageOps
+from PIL import Image
 
-from raiox_cli import images, queries
+from raiox_cli import images, pipeline, queries
 from raiox_cli.config import Settings
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import EmptyCatalogue, ModelMismatch, UnreadableQuery
 from raiox_cli.images import Crop, LoadedImage
+from raiox_cli.pipeline import ORIENTATIONS
 
 if TYPE_CHECKING:
     from raiox_cli.storage import Store
@@ -44,9 +45,6 @@ MAX_SCAN_TUPLES = 20_000  # pgvector's default bound on one iterative scan
 FILTER_SCAN_FACTOR = 10
 HNSW_MAX_EF_SEARCH = 1000  # pgvector's limit, the most a non-iterative scan returns
 
-# The query as taken, mirrored, and upside down: upper-jaw implants appear inverted
-# relative to lower-jaw catalogue shots, and left/right depends on the view.
-ORIENTATIONS = ("original", "mirrored", "upside-down")
 # On by default (settings.tta): on synthetic data an upside-down copy of a catalogue
 # image ranked its implant first 62.5% of the time without, 100% with (README).
 DEFAULT_TTA = True
@@ -271,9 +269,8 @@ def search_vectors(
 
 def oriented(image: Image.Image, tta: bool) -> tuple[list[Image.Image], tuple[str, ...]]:
     """The query image, plus its mirrored and upside-down versions with tta."""
-    if not tta:
-        return [image], ORIENTATIONS[:1]
-    return [image, ImageOps.mirror(image), ImageOps.flip(image)], ORIENTATIONS
+    views = ORIENTATIONS if tta else ORIENTATIONS[:1]
+    return pipeline.oriented(image, views), views
 
 
 def search_image(

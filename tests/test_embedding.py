@@ -125,7 +125,7 @@ def test_unknown_model_and_tag_are_named() -> None:
 
 def test_numpy_normalisation_equals_open_clips_transform(tiny_embedder) -> None:
     """The fast preprocess path gives exactly what open_clip's own transform gives."""
-    assert tiny_embedder._pil_steps is not None  # the fast path is in use
+    assert tiny_embedder.preprocessor.pil_steps is not None  # the fast path is in use
     rng = np.random.default_rng(0)
     noisy = Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8))
     for image in [*_images(), noisy, noisy.convert("L")]:

@@ -1,0 +1,91 @@
+"""pipeline.py: the stages give what the one-image path gives; the engine keeps order;
+a fresh embedded home gets its schema without init-db."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_ENV
+from typer.testing import CliRunner
+
+from raiox_cli import images, pipeline, synth
+from raiox_cli.cli import app
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    info = synth.make_catalogue(
+        tmp_path_factory.mktemp("synth"), systems=3, views=2, queries=0, size=(80, 100)
+    )
+    return info.catalogue_files
+
+
+def test_stages_equal_the_one_image_path(tiny_embedder, pictures: list[Path], tmp_path) -> None:
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    rows = [
+        pipeline.read({"path": str(p)}, max_bytes=images.DEFAULT_MAX_BYTES)
+        for p in [*pictures, bad, tmp_path / "missing.png"]
+    ]
+    assert rows[-1]["error"] == "no such file"
+    rows = [
+        pipeline.decode(
+            row,
+            transform=tiny_embedder.preprocessor,
+            max_pixels=images.DEFAULT_MAX_PIXELS,
+            max_bytes=images.DEFAULT_MAX_BYTES,
+            views=pipeline.ORIENTATIONS,
+        )
+        for row in rows
+    ]
+    assert "not a supported image" in rows[-2]["error"] and "pixels" not in rows[-2]
+    rows = pipeline.embed(rows, tiny_embedder)
+    for path, row in zip(pictures, rows, strict=False):
+        loaded = images.load_image(path)
+        assert row["sha256"] == loaded.sha256 and row["pixels"] is None
+        assert row["views"] == list(pipeline.ORIENTATIONS)
+        one = tiny_embedder.embed_images(pipeline.oriented(loaded.image, pipeline.ORIENTATIONS))
+        assert row["vectors"].shape == (3, tiny_embedder.dim)
+        np.testing.assert_allclose(row["vectors"], one, atol=1e-5)
+
+
+def test_columns_round_trip_and_preprocessor_pickles(tiny_embedder) -> None:
+    rows = [{"path": "a", "sha256": "1"}, {"path": "b", "error": "bad"}]
+    columns = pipeline.columns_of(rows)
+    assert columns == {"path": ["a", "b"], "sha256": ["1", None], "error": [None, "bad"]}
+    assert pipeline.rows_of(columns)[1] == {"path": "b", "sha256": None, "error": "bad"}
+    clone = pickle.loads(pickle.dumps(tiny_embedder.preprocessor))
+    picture = images.load_image(
+        synth.png_bytes(synth.render_view(synth.design_systems(1)[0], seed=1, query=True))
+    )
+    assert np.array_equal(clone(picture.image), tiny_embedder.preprocessor(picture.image))
+
+
+def test_engine_keeps_order_and_batcher_counts_views() -> None:
+    engine = pipeline.LocalEngine(workers=3, batch_size=4)
+    assert list(engine.map(lambda n: n * n, range(50))) == [n * n for n in range(50)]
+    batcher = pipeline.Batcher(6)
+    three = {"pixels": np.zeros((3, 3, 2, 2), np.float32)}
+    assert batcher.add(dict(three)) is None
+    assert batcher.add({"error": "bad"}) is None  # failed rows ride along, cost nothing
+    full = batcher.add(dict(three))
+    assert full is not None and len(full) == 3 and batcher.take() == []
+
+
+def test_fresh_embedded_home_ingests_without_init_db(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RAIOX_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RAIOX_DATABASE_URL", raising=False)
+    for key, value in TINY_ENV.items():
+        monkeypatch.setenv(key, value)
+    info = synth.make_catalogue(tmp_path / "synth", systems=2, views=1, queries=0, size=(64, 80))
+    result = CliRunner().invoke(app, ["ingest", str(info.catalogue), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["new"] == 2
+    again = CliRunner().invoke(app, ["init-db"])
+    assert again.exit_code == 0 and "nothing to do" in again.stdout
