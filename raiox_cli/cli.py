@@ -437,7 +437,14 @@ def embed(
 
 @command("search")
 def search(
-    image: Annotated[Path, typer.Argument(help="the query radiograph")],
+    images_: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            metavar="IMAGE...",
+            help="the query radiograph; several files or folders (recursive) search in batch",
+            show_default=False,
+        ),
+    ] = None,
     k: Annotated[int, typer.Option("-k", min=1, max=100, help="distinct implants to return")] = 3,
     crop: Annotated[
         str | None,
@@ -478,6 +485,28 @@ def search(
     client_id: Annotated[
         str | None, typer.Option(help="client id stored with --save", show_default=False)
     ] = None,
+    from_list: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="batch: also the X-rays listed in this CSV (column 'path', or the first "
+            "column; relative to the CSV)",
+            show_default=False,
+        ),
+    ] = None,
+    out_file: Annotated[
+        Path | None,
+        typer.Option("--out", help="batch: append JSON lines here (resumable)", show_default=False),
+    ] = None,
+    csv_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--csv", help="batch: append one CSV row per match here (resumable)", show_default=False
+        ),
+    ] = None,
+    progress: ShowProgress = False,
+    workers: Workers = None,
+    batch_size: BatchSize = None,
     database_url: DatabaseUrl = None,
     model: Model = None,
     pretrained: Pretrained = None,
@@ -492,7 +521,13 @@ def search(
     (schema in the README). Exit codes: 3 no database, 5 catalogue built with another
     model, 6 empty catalogue, 7 unreadable image.
 
+    Several images, a folder or --from list.csv search in batch: one JSON line per
+    X-ray on stdout (or --out FILE / --csv FILE), --save records analyses; a rerun
+    with --out, --csv or --save skips what is answered; unreadable files are listed
+    on stderr, exit 1.
+
     Example: raiox search pano.jpg --crop 820,400,300,420 -k 5 --sheet out.png
+    Example: raiox search ./archive --from more.csv --out answers.jsonl
     """
     from raiox_cli import images
     from raiox_cli import search as core
@@ -506,12 +541,22 @@ def search(
         min_score=min_score,
         ef_search=ef_search,
         tta=tta,
+        workers=workers,
+        batch_size=batch_size,
     )
+    region = images.parse_crop(crop) if crop else None
+    given = images_ or []
+    batch = from_list or out_file or csv_file or len(given) != 1 or given[0].is_dir()
+    if batch:
+        options = _batch_options(k, region, manufacturer, save, client_id, out_file, csv_file)
+        _search_batch(settings, given, from_list, options, sheet=sheet, progress=progress)
+        return
+    image = given[0]
     result = core.search_file(
         settings,
         image,
         k=k,
-        crop=images.parse_crop(crop) if crop else None,
+        crop=region,
         manufacturer=manufacturer,
         save=save,
         client_id=client_id,
@@ -527,20 +572,58 @@ def search(
         _print_matches(f"{image} ({result.model_id})", result)
 
 
+def _batch_options(
+    k: int,
+    crop: Any,
+    manufacturer: str | None,
+    save: bool,
+    client_id: str | None,
+    out_file: Path | None,
+    csv_file: Path | None,
+) -> Any:
+    from raiox_cli import batch_search
+
+    return batch_search.BatchOptions(k, crop, manufacturer, save, client_id, out_file, csv_file)
+
+
+def _search_batch(
+    settings: Any,
+    given: list[Path],
+    from_list: Path | None,
+    options: Any,
+    *,
+    sheet: Path | None,
+    progress: bool,
+) -> None:
+    """`raiox search` over many X-rays: JSON lines out, failures and a summary on stderr."""
+    from raiox_cli import batch_search
+    from raiox_cli.errors import UsageError
+
+    if sheet is not None:
+        raise UsageError("--sheet draws one X-ray: search a single image with it")
+    paths = batch_search.collect(given, from_list)
+    if not paths:
+        raise UsageError("no X-rays to search: give image files, folders or --from list.csv")
+    with _progress_bar(progress) as bar:
+        report = batch_search.search_many(settings, paths, options, emit=_print_json, progress=bar)
+    _print_failures(report.failed)
+    for note in report.notes:
+        err.print(f"warning: {note}", style="yellow", markup=False, highlight=False)
+    err.print(
+        f"searched {report.inputs} X-rays in {report.elapsed_s:.1f} s: {report.answered} "
+        f"answered ({report.per_s:.1f}/s), {report.skipped} already answered, "
+        f"{len(report.failed)} failed",
+        markup=False,
+        highlight=False,
+    )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def _search_json(image: Path, k: int, result: Any) -> dict[str, Any]:
-    return {
-        "query": str(image),
-        "model_id": result.model_id,
-        "k": k,
-        "crop": list(result.crop_box) if result.crop_box else None,
-        "tta": len(result.orientations) > 1,
-        "orientations": list(result.orientations),
-        "confident": result.confident,
-        "min_score": result.min_score,
-        "exact": result.exact,
-        "analysis_id": result.analysis_id,
-        "matches": [m.to_dict() for m in result.matches],
-    }
+    from raiox_cli import search as core
+
+    return core.result_json(str(image), k, result)
 
 
 def _print_matches(title: str, result: Any) -> None:

@@ -261,12 +261,20 @@ class Batcher:
 
 
 class Writer(threading.Thread):
-    """Applies batches with its own connection, one transaction each, in order."""
+    """Applies batches with its own connection, one transaction each, in order;
+    `after(what apply returned)` runs once that transaction has committed (e.g. to
+    write result lines to a file only for what the database kept)."""
 
-    def __init__(self, settings: Settings, apply: Callable[[psycopg.Connection, Any], None]):
+    def __init__(
+        self,
+        settings: Settings,
+        apply: Callable[[psycopg.Connection, Any], Any],
+        after: Callable[[Any], None] | None = None,
+    ):
         super().__init__(name="raiox-writer", daemon=True)
         self.settings = settings
         self.apply = apply
+        self.after = after
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=WRITER_QUEUE)
         self.error: BaseException | None = None
 
@@ -277,7 +285,9 @@ class Writer(threading.Thread):
                 conn.commit()
                 while (batch := self.queue.get()) is not None:
                     with conn.transaction():
-                        self.apply(conn, batch)
+                        applied = self.apply(conn, batch)
+                    if self.after is not None:
+                        self.after(applied)
         except BaseException as exc:
             self.error = exc
             while self.queue.get() is not None:  # unblock the producer until it stops

@@ -202,6 +202,68 @@ def nearest_implant_rows(
     return (rows, False) if exact is None else (exact, True)
 
 
+def nearest_implant_rows_many(
+    conn: psycopg.Connection,
+    model: queries.ModelRow,
+    vectors: np.ndarray,
+    *,
+    k: int,
+    manufacturer: str | None = None,
+    ef_search: int = 100,
+) -> list[tuple[list[dict[str, Any]], bool]]:
+    """`nearest_implant_rows` for many query vectors, with the same rules: each round
+    asks every still-open query in ONE statement (queries.nearest_implants_many), a
+    query that needs more candidates goes on to the next round with 4x, and one whose
+    index scan ran out is answered by the exact scan."""
+    session = _configure(conn, ef_search)
+    iterative = session.iterative
+    answers: list[tuple[list[dict[str, Any]], bool]] = [([], False)] * len(vectors)
+    last: dict[int, list[dict[str, Any]]] = {}
+    pending = list(range(len(vectors)))
+    exact_needed: list[int] = []
+    candidates = max(MIN_CANDIDATES, k * CANDIDATES_PER_IMPLANT)
+    while pending:
+        if not iterative:
+            if candidates > HNSW_MAX_EF_SEARCH:
+                exact_needed += pending
+                break
+            queries.set_ef_search(conn, max(ef_search, candidates), local=session.local)
+        _bound_scan(
+            conn, session, FILTER_SCAN_FACTOR * candidates if manufacturer else MAX_SCAN_TUPLES
+        )
+        found = queries.nearest_implants_many(
+            conn, model, vectors[pending], k=k, candidates=candidates, manufacturer=manufacturer
+        )
+        going_on = []
+        for index, (rows, fetched) in zip(pending, found, strict=True):
+            truncated = manufacturer is not None and fetched < candidates
+            if len(rows) >= k and not truncated:
+                answers[index] = (rows, False)
+            elif fetched < candidates or candidates >= MAX_CANDIDATES:
+                last[index] = rows
+                exact_needed.append(index)
+            else:
+                going_on.append(index)
+        pending = going_on
+        candidates *= 4
+    if exact_needed:
+        if not iterative:
+            queries.set_ef_search(conn, ef_search, local=session.local)
+        queries.allow_seqscan(conn, True, local=session.local)
+        searchable = queries.count_searchable_implants(conn, model, manufacturer)
+        for index in exact_needed:
+            rows = last.get(index, [])
+            if searchable > len(rows):
+                exact = queries.exact_nearest_implants(
+                    conn, model, vectors[index], k=k, manufacturer=manufacturer
+                )
+                answers[index] = (exact, True)
+            else:
+                answers[index] = (rows, False)
+        queries.allow_seqscan(conn, False, local=session.local)
+    return answers
+
+
 def _image_path(row: dict[str, Any]) -> str | None:
     if not row["source_path"]:
         return None
@@ -227,12 +289,61 @@ def search_vectors(
     each implant scores its best over the orientations. One more implant than asked
     is fetched so the last match has a margin too."""
     vectors = np.atleast_2d(vectors)
+    found = []
+    for vector in vectors:
+        found.append(
+            nearest_implant_rows(
+                conn, model, vector, k=k + 1, manufacturer=manufacturer, ef_search=ef_search
+            )
+        )
+    return rank(model, found, orientations, k=k, min_score=min_score)
+
+
+def search_many_vectors(
+    conn: psycopg.Connection,
+    model: queries.ModelRow,
+    queries_vectors: Sequence[np.ndarray],
+    orientations: Sequence[Sequence[str]],
+    *,
+    k: int = 3,
+    manufacturer: str | None = None,
+    ef_search: int = 100,
+    min_score: float = 0.8,
+) -> list[SearchResult]:
+    """`search_vectors` for many X-rays (each one vector per orientation): every
+    orientation of every X-ray goes to the database together."""
+    stacked = [np.atleast_2d(v) for v in queries_vectors]
+    if not stacked:
+        return []
+    found = nearest_implant_rows_many(
+        conn,
+        model,
+        np.concatenate(stacked),
+        k=k + 1,
+        manufacturer=manufacturer,
+        ef_search=ef_search,
+    )
+    results, start = [], 0
+    for vectors, views in zip(stacked, orientations, strict=True):
+        part = found[start : start + len(vectors)]
+        results.append(rank(model, part, views, k=k, min_score=min_score))
+        start += len(vectors)
+    return results
+
+
+def rank(
+    model: queries.ModelRow,
+    found: Sequence[tuple[list[dict[str, Any]], bool]],
+    orientations: Sequence[str],
+    *,
+    k: int,
+    min_score: float,
+) -> SearchResult:
+    """One X-ray's answer from the nearest implants of each of its orientations:
+    each implant keeps its best score (and the orientation that gave it)."""
     best: dict[int, tuple[dict[str, Any], str]] = {}
     exact = False
-    for vector, orientation in zip(vectors, orientations, strict=True):
-        rows, used_exact = nearest_implant_rows(
-            conn, model, vector, k=k + 1, manufacturer=manufacturer, ef_search=ef_search
-        )
+    for (rows, used_exact), orientation in zip(found, orientations, strict=True):
         exact = exact or used_exact
         for row in rows:
             held = best.get(row["id"])
@@ -242,11 +353,11 @@ def search_vectors(
     # its score, so merging per-orientation top lists is exact.
     ranked = sorted(best.values(), key=lambda item: (-item[0]["score"], item[0]["id"]))
     matches = []
-    for rank, (row, orientation) in enumerate(ranked[:k], start=1):
-        following = ranked[rank][0]["score"] if rank < len(ranked) else None
+    for place, (row, orientation) in enumerate(ranked[:k], start=1):
+        following = ranked[place][0]["score"] if place < len(ranked) else None
         matches.append(
             Match(
-                rank=rank,
+                rank=place,
                 implant_id=row["id"],
                 key=row["key"],
                 name=row["name"],
@@ -298,18 +409,23 @@ def search_image(
         min_score=min_score,
         orientations=orientations,
     )
+    notes = result_notes(result, meaningless=embedder.meaningless, manufacturer=manufacturer)
+    return replace(result, crop_box=image.crop_box, notes=notes)
+
+
+def result_notes(result: SearchResult, *, meaningless: bool, manufacturer: str | None) -> list[str]:
     notes = []
-    if embedder.meaningless:
+    if meaningless:
         notes.append("random model weights (--pretrained none): scores are meaningless")
     if not result.matches and manufacturer:
         notes.append(f"no implant of manufacturer {manufacturer!r} in the catalogue")
-    return replace(result, crop_box=image.crop_box, notes=notes)
+    return notes
 
 
 def save_analysis(
     conn: psycopg.Connection,
     result: SearchResult,
-    image: LoadedImage,
+    image_sha256: str,
     *,
     query_path: str,
     client_id: str | None = None,
@@ -320,7 +436,7 @@ def save_analysis(
         conn,
         source="cli",
         client_id=client_id,
-        image_sha256=image.sha256,
+        image_sha256=image_sha256,
         storage_key=storage_key,
         metadata={
             "path": query_path,
@@ -333,6 +449,23 @@ def save_analysis(
     )
     queries.finish_analysis(conn, analysis_id, model_id=result.model_id, matches=result.matches)
     return analysis_id
+
+
+def result_json(query: str, k: int, result: SearchResult) -> dict[str, Any]:
+    """`raiox search --json`: one X-ray's answer (schema in the README)."""
+    return {
+        "query": query,
+        "model_id": result.model_id,
+        "k": k,
+        "crop": list(result.crop_box) if result.crop_box else None,
+        "tta": len(result.orientations) > 1,
+        "orientations": list(result.orientations),
+        "confident": result.confident,
+        "min_score": result.min_score,
+        "exact": result.exact,
+        "analysis_id": result.analysis_id,
+        "matches": [m.to_dict() for m in result.matches],
+    }
 
 
 def load_query(
@@ -426,7 +559,7 @@ def search_file(
             analysis_id = save_analysis(
                 conn,
                 result,
-                loaded,
+                loaded.sha256,
                 query_path=str(path),
                 client_id=client_id,
                 storage_key=_store_query(settings, loaded.sha256, data),

@@ -141,6 +141,95 @@ def nearest_implants(
     return rows, fetched
 
 
+def _nearest_many_sql(model: ModelRow, manufacturer: bool) -> sql.Composed:
+    """`_nearest_sql` for many queries in one statement: a LATERAL join over the
+    unnest of the query vectors, each lateral an index scan of its own (the same
+    ORDER BY ... LIMIT on the model's HNSW index expression, the query vector a
+    parameter from the outer row), then the best image per implant, top k."""
+    distance = sql.SQL("(e.embedding::vector({dim})) <=> q.v").format(dim=sql.Literal(model.dim))
+    return sql.SQL(
+        """WITH q AS MATERIALIZED (
+               SELECT t.ord, t.v FROM unnest(%(qs)s::vector({dim})[]) WITH ORDINALITY AS t(v, ord))
+           SELECT q.ord, {columns}, top.fetched
+           FROM q CROSS JOIN LATERAL (
+               SELECT best.implant_id, best.image_id, best.distance, best.fetched
+               FROM (SELECT DISTINCT ON (c.implant_id) c.implant_id, c.image_id, c.distance,
+                            c.fetched
+                     FROM (SELECT nn.image_id, nn.distance, count(*) OVER () AS fetched,
+                                  {implant_of} AS implant_id
+                           FROM (SELECT e.image_id, {distance} AS distance
+                                 FROM image_embeddings e
+                                 WHERE e.model_id = {model}{filter}
+                                 ORDER BY {distance}
+                                 LIMIT %(candidates)s) nn) c
+                     ORDER BY c.implant_id, c.distance) best
+               ORDER BY best.distance, best.implant_id
+               LIMIT %(k)s) top
+           JOIN implants i ON i.id = top.implant_id
+           JOIN implant_images im ON im.id = top.image_id
+           LEFT JOIN catalogue_roots r ON r.id = im.root_id
+           ORDER BY q.ord, top.distance, i.id"""
+    ).format(
+        dim=sql.Literal(model.dim),
+        distance=distance,
+        model=sql.Literal(model.model_id),
+        filter=_manufacturer_filter(manufacturer),
+        implant_of=sql.SQL(_IMPLANT_OF.format(image="nn.image_id")),
+        columns=_IMPLANT_COLUMNS,
+    )
+
+
+def _many_params(
+    queries: np.ndarray, k: int, candidates: int, manufacturer: str | None
+) -> dict[str, Any]:
+    return {
+        "qs": [np.asarray(q, dtype=np.float32) for q in queries],
+        "k": k,
+        "candidates": candidates,
+        "manufacturer": manufacturer,
+    }
+
+
+def nearest_implants_many(
+    conn: psycopg.Connection,
+    model: ModelRow,
+    queries: np.ndarray,
+    *,
+    k: int,
+    candidates: int,
+    manufacturer: str | None = None,
+) -> list[tuple[list[dict[str, Any]], int]]:
+    """`nearest_implants` for each of many query vectors, in one round trip."""
+    found: list[list[dict[str, Any]]] = [[] for _ in range(len(queries))]
+    fetched = [0] * len(queries)
+    if not len(queries):
+        return []
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            _nearest_many_sql(model, manufacturer is not None),
+            _many_params(queries, k, candidates, manufacturer),
+        )
+        for row in cur.fetchall():
+            index = int(row.pop("ord")) - 1
+            fetched[index] = int(row.pop("fetched"))
+            found[index].append(row)
+    return list(zip(found, fetched, strict=True))
+
+
+def explain_nearest_many(
+    conn: psycopg.Connection,
+    model: ModelRow,
+    queries: np.ndarray,
+    *,
+    k: int,
+    candidates: int,
+    manufacturer: str | None = None,
+) -> str:
+    plan = sql.SQL("EXPLAIN ") + _nearest_many_sql(model, manufacturer is not None)
+    params = _many_params(queries, k, candidates, manufacturer)
+    return "\n".join(r[0] for r in conn.execute(plan, params))
+
+
 def exact_nearest_implants(
     conn: psycopg.Connection,
     model: ModelRow,
