@@ -657,6 +657,15 @@ def serve_webhook_minimal(
     workers_threads: Annotated[
         int, typer.Option("--workers-threads", min=1, max=64, help="job worker threads")
     ] = 2,
+    batch: Annotated[
+        int,
+        typer.Option(
+            "--batch",
+            min=1,
+            max=64,
+            help="jobs a worker thread claims and embeds in one forward pass (1: one at a time)",
+        ),
+    ] = 8,
     insecure_no_auth: Annotated[
         bool,
         typer.Option(
@@ -693,6 +702,7 @@ def serve_webhook_minimal(
         port=port,
         worker_threads=workers_threads,
         insecure_no_auth=insecure_no_auth,
+        batch=batch,
     )
 
 

@@ -126,7 +126,8 @@ def catalogue(
 
 @contextlib.contextmanager
 def running(cat: Catalogue, embedder: Any, **changes: Any) -> Iterator[str]:
-    options = {k: changes.pop(k) for k in ("insecure_no_auth", "shutdown_grace_s") if k in changes}
+    server_options = ("insecure_no_auth", "shutdown_grace_s", "batch")
+    options = {k: changes.pop(k) for k in server_options if k in changes}
     settings = cat.settings.replace(**{"job_retry_base_s": 0.2, **changes})
     app = create_app(ServerConfig(settings, embedder, cat.store, poll_s=0.2, **options))
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
@@ -560,3 +561,63 @@ def test_killed_server_resumes_its_job_after_restart(
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_batched_worker_matches_single_jobs_and_fails_per_job(
+    catalogue: Catalogue, tiny_embedder: Any, site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs claimed together and embedded in one forward pass get the matches they get
+    one at a time; a bad download fails alone and a flaky one retries alone."""
+    from raiox_cli.server import worker as worker_module
+
+    designs = synth.design_systems(4)
+    for n, design in enumerate(designs):
+        picture = synth.render_view(design, seed=100 + n, query=True, size=(96, 120))
+        site.routes[f"/q{n}.png"] = (200, synth.png_bytes(picture), {})
+    site.routes["/notes.txt"] = (200, b"just some text", {"Content-Type": "text/plain"})
+    site.routes["/flaky.png"] = site.routes["/q0.png"]
+    paths = [f"/q{n}.png" for n in range(len(designs))] + ["/notes.txt", "/flaky.png"]
+    claimed: list[int] = []
+    real_claim = queries.claim_due_jobs
+
+    def watched(conn: Any, **kw: Any) -> list[dict[str, Any]]:
+        jobs = real_claim(conn, **kw)
+        if jobs:
+            claimed.append(len(jobs))
+        return jobs
+
+    monkeypatch.setattr(worker_module.queries, "claim_due_jobs", watched)
+    outcome: dict[int, dict[str, Any]] = {}
+    for batch in (1, 8):
+        site.failures["/flaky.png"] = 2
+        with db.connect(catalogue.settings) as conn:  # all due before the worker starts
+            ids = [
+                queries.create_analysis(conn, source="webhook", image_url=site.base + path)[0]
+                for path in paths
+            ]
+            conn.commit()
+        with running(
+            catalogue, tiny_embedder, webhook_token=TOKEN, download_allow_loopback=True, batch=batch
+        ) as base:
+            headers = {"x-raiox-token": TOKEN}
+            outcome[batch] = {
+                path: poll(f"{base}/analyses/{analysis_id}", headers=headers)
+                for path, analysis_id in zip(paths, ids, strict=True)
+            }
+    assert claimed and max(claimed) == len(paths)  # batch 8 took every due job at once
+    for batch, results in outcome.items():
+        assert results["/notes.txt"]["status"] == "failed", batch
+        assert "not a usable image" in results["/notes.txt"]["error"]
+        assert results["/notes.txt"]["attempts"] == 1
+        flaky = results["/flaky.png"]
+        assert flaky["status"] == "done" and flaky["attempts"] == 3, (batch, flaky)
+    for path in paths:
+        if path == "/notes.txt":
+            continue
+        one, many = outcome[1][path], outcome[8][path]
+        assert many["status"] == one["status"] == "done"
+        assert [m["implant_id"] for m in many["matches"]] == [
+            m["implant_id"] for m in one["matches"]
+        ]
+        for a, b in zip(many["matches"], one["matches"], strict=True):
+            assert a["score"] == pytest.approx(b["score"], abs=1e-5)

@@ -158,6 +158,31 @@ def claim_next_job(conn: psycopg.Connection, *, lease_s: float) -> dict[str, Any
         return cur.fetchone()
 
 
+def claim_due_jobs(conn: psycopg.Connection, *, lease_s: float, limit: int) -> list[dict[str, Any]]:
+    """`claim_next_job` for up to `limit` due jobs at once (a batching worker), oldest
+    first; each gets its own attempt and lease, exactly as if claimed one by one."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            """UPDATE analyses SET status = 'running', attempts = attempts + 1,
+                      locked_until = now() + make_interval(secs => %(lease)s),
+                      updated_at = now()
+               WHERE id IN (SELECT id FROM analyses
+                            WHERE status IN ('pending', 'running')
+                              AND next_attempt_at <= now()
+                              AND (status = 'pending' OR locked_until < now())
+                            ORDER BY next_attempt_at, id
+                            LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+               RETURNING id, source, client_id, image_url, image_sha256, storage_key,
+                         metadata, attempts, next_attempt_at""",
+            {"lease": lease_s, "limit": limit},
+        )
+        jobs = list(cur.fetchall())
+    jobs.sort(key=lambda job: (job["next_attempt_at"], job["id"]))
+    for job in jobs:
+        del job["next_attempt_at"]
+    return jobs
+
+
 def lock_claimed_job(conn: psycopg.Connection, analysis_id: int, attempt: int) -> bool:
     """Lock the row for the final write; False when the lease went to another worker."""
     row = conn.execute(

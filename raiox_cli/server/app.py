@@ -36,7 +36,7 @@ from raiox_cli.errors import DatabaseUnavailable, RaioxError, UsageError
 from raiox_cli.server import auth, inputs, jotform, logs, notify, openapi, results, schemas
 from raiox_cli.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from raiox_cli.server.metrics import Metrics, route_of
-from raiox_cli.server.worker import CONTENT_TYPES, Store, Worker
+from raiox_cli.server.worker import BATCH, CONTENT_TYPES, Store, Worker
 
 MAX_WAIT_S = 60
 MAX_PAGE = 100
@@ -56,6 +56,7 @@ class ServerConfig:
     pool_size: int = 8
     poll_s: float = 1.0
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
+    batch: int = BATCH  # jobs per worker thread and forward pass; 1 = one at a time
 
 
 class TooLarge(RaioxError):
@@ -323,10 +324,16 @@ def create_app(config: ServerConfig) -> FastAPI:
             threads=config.worker_threads,
             poll_s=config.poll_s,
             metrics=metrics,
+            batch=config.batch,
         )
         app.state.pool, app.state.worker = pool, worker
         worker.start()
-        logs.event("server ready", model_id=config.embedder.model_id, workers=config.worker_threads)
+        logs.event(
+            "server ready",
+            model_id=config.embedder.model_id,
+            workers=config.worker_threads,
+            batch=config.batch,
+        )
         try:
             yield
         finally:
@@ -801,6 +808,7 @@ def serve(
     port: int = 8000,
     worker_threads: int = 2,
     insecure_no_auth: bool = False,
+    batch: int = BATCH,
 ) -> None:
     """Load everything, then open the port; returns when the server has stopped."""
     import uvicorn
@@ -816,7 +824,9 @@ def serve(
     store = storage.open_store(settings)
     if insecure_no_auth:
         logs.event("AUTHENTICATION DISABLED (--insecure-no-auth)", logging.WARNING)
-    app = create_app(ServerConfig(settings, embedder, store, insecure_no_auth, worker_threads))
+    app = create_app(
+        ServerConfig(settings, embedder, store, insecure_no_auth, worker_threads, batch=batch)
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -13,12 +13,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+import numpy as np
 import psycopg
 
-from raiox_cli import db, images, queries, search
+from raiox_cli import db, images, pipeline, queries, search
 from raiox_cli.config import Settings
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import EmptyCatalogue, ModelMismatch, RaioxError
@@ -27,6 +28,8 @@ from raiox_cli.server.metrics import Metrics
 
 TOP_K = 3
 POLL_S = 1.0
+BATCH = 8  # jobs one worker thread claims and embeds in one forward pass
+BATCH_WAIT_S = 0.005  # how long a short batch waits for more jobs to arrive
 MAX_BACKOFF_S = 600.0
 NOTIFY_MAX_ATTEMPTS = 8
 NOTIFY_LEASE_S = 60.0
@@ -95,6 +98,7 @@ class Worker:
         poll_s: float = POLL_S,
         connect: Callable[[], psycopg.Connection] | None = None,
         metrics: Metrics | None = None,
+        batch: int = BATCH,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
@@ -102,13 +106,14 @@ class Worker:
         self.store = store
         self.threads = threads
         self.poll_s = poll_s
+        self.batch = max(1, batch)
         self.policy = download.DownloadPolicy.from_settings(settings)
         self._connect = connect or (lambda: db.connect(settings))
         self.notifiers = notify.notifiers(settings)
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._finished = threading.Condition()
-        self._running: dict[int, _Claim] = {}  # thread ident -> the job it holds
+        self._running: dict[int, _Claim] = {}  # analysis id -> its claim, while it runs
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
@@ -163,7 +168,7 @@ class Worker:
             try:
                 if conn is None or conn.closed:
                     conn = self._connect()
-                worked = self.run_one_job(conn)
+                worked = self.run_jobs(conn) if self.batch > 1 else self.run_one_job(conn)
                 if not worked and self.notifiers:
                     worked = self.send_one_notification(conn)
             except Exception as exc:  # the thread must outlive any one failure
@@ -187,7 +192,7 @@ class Worker:
             return False
         claim = _Claim(job["id"], job["attempts"])
         with self._lock:
-            self._running[threading.get_ident()] = claim
+            self._running[claim.analysis_id] = claim
         started = time.monotonic()
         logs.event("job started", analysis_id=claim.analysis_id, attempt=claim.attempt)
         try:
@@ -205,7 +210,7 @@ class Worker:
             status = self._record_failure(conn, claim, _classify(exc))
         finally:
             with self._lock:
-                self._running.pop(threading.get_ident(), None)
+                self._running.pop(claim.analysis_id, None)
         with self._finished:
             self._finished.notify_all()
         self.metrics.job_ended(status, claim.attempt, started)
@@ -217,7 +222,119 @@ class Worker:
         )
         return True
 
+    def run_jobs(self, conn: psycopg.Connection) -> bool:
+        """Claim up to `batch` due jobs (waiting BATCH_WAIT_S for more when fewer
+        are due), embed every orientation of all of them in one forward pass, ask the
+        database about all their vectors at once, then finish each job in its own
+        transaction. Results, notifications, leases and retries stay per job."""
+        lease = self.settings.job_lease_s
+        jobs = queries.claim_due_jobs(conn, lease_s=lease, limit=self.batch)
+        conn.commit()
+        if not jobs:
+            return False
+        if len(jobs) < self.batch and not self._stopping.wait(BATCH_WAIT_S):
+            jobs += queries.claim_due_jobs(conn, lease_s=lease, limit=self.batch - len(jobs))
+            conn.commit()
+        claims = [_Claim(job["id"], job["attempts"]) for job in jobs]
+        with self._lock:
+            self._running.update((claim.analysis_id, claim) for claim in claims)
+        started = time.monotonic()
+        statuses: dict[int, str] = {}
+        try:
+            loaded = {}
+            for job, claim in zip(jobs, claims, strict=True):
+                logs.event("job started", analysis_id=claim.analysis_id, attempt=claim.attempt)
+                try:
+                    if claim.attempt > self.settings.job_max_attempts:
+                        raise JobFailed(
+                            f"gave up after {claim.attempt - 1} attempts "
+                            "(the last one never finished)",
+                            transient=False,
+                        )
+                    loaded[claim.analysis_id] = self._load(conn, job, claim)
+                except Exception as exc:
+                    conn.rollback()
+                    statuses[claim.analysis_id] = self._record_failure(conn, claim, _classify(exc))
+            ready = [claim for claim in claims if claim.analysis_id in loaded]
+            try:
+                results = self._search_many([loaded[c.analysis_id] for c in ready], conn)
+            except Exception as exc:  # the catalogue or the database: every job of the batch
+                conn.rollback()
+                failure = _classify(exc)
+                for claim in ready:
+                    statuses[claim.analysis_id] = self._record_failure(conn, claim, failure)
+                ready, results = [], []
+            for claim, result in zip(ready, results, strict=True):
+                try:
+                    self._finish(conn, claim, result)
+                    statuses[claim.analysis_id] = "done"
+                except Exception as exc:
+                    conn.rollback()
+                    statuses[claim.analysis_id] = self._record_failure(conn, claim, _classify(exc))
+        finally:
+            with self._lock:
+                for claim in claims:
+                    self._running.pop(claim.analysis_id, None)
+        with self._finished:
+            self._finished.notify_all()
+        ms = round((time.monotonic() - started) * 1000)
+        for claim in claims:
+            status = statuses.get(claim.analysis_id, "failed")
+            self.metrics.job_ended(status, claim.attempt, started)
+            logs.event(
+                "job " + status,
+                analysis_id=claim.analysis_id,
+                attempt=claim.attempt,
+                ms=ms,
+                batch=len(claims),
+            )
+        return True
+
+    def _search_many(
+        self, pictures: list[images.LoadedImage], conn: psycopg.Connection
+    ) -> list[search.SearchResult]:
+        """Every orientation of every picture through the model in one batch, then
+        the database in one statement per round (search.search_many_vectors)."""
+        if not pictures:
+            return []
+        model = search.catalogue_model(conn, self.embedder.model_id)
+        views = search.ORIENTATIONS if search.DEFAULT_TTA else search.ORIENTATIONS[:1]
+        preprocess = self.embedder.preprocessor
+        rows = [
+            {"pixels": np.stack([preprocess(p) for p in pipeline.oriented(loaded.image, views)])}
+            for loaded in pictures
+        ]
+        pipeline.embed(rows, self.embedder)
+        results = search.search_many_vectors(
+            conn,
+            model,
+            [row["vectors"] for row in rows],
+            [views] * len(rows),
+            k=TOP_K,
+            ef_search=self.settings.ef_search,
+            min_score=self.settings.min_score,
+        )
+        return [
+            replace(result, crop_box=loaded.crop_box)
+            for result, loaded in zip(results, pictures, strict=True)
+        ]
+
     def _process(self, conn: psycopg.Connection, job: dict[str, Any], claim: _Claim) -> None:
+        loaded = self._load(conn, job, claim)
+        result = search.search_image(
+            conn,
+            self.embedder,
+            loaded,
+            k=TOP_K,
+            ef_search=self.settings.ef_search,
+            min_score=self.settings.min_score,
+        )
+        self._finish(conn, claim, result)
+
+    def _load(
+        self, conn: psycopg.Connection, job: dict[str, Any], claim: _Claim
+    ) -> images.LoadedImage:
+        """The job's X-ray: from the store, or downloaded (and stored) the first time."""
         limits: dict[str, Any] = {
             "max_pixels": self.settings.max_pixels,
             "max_bytes": self.policy.max_bytes,
@@ -235,14 +352,9 @@ class Worker:
                 conn, claim.analysis_id, sha256=loaded.sha256, storage_key=key
             )
             conn.commit()  # a retry reads the stored copy instead of downloading again
-        result = search.search_image(
-            conn,
-            self.embedder,
-            loaded,
-            k=TOP_K,
-            ef_search=self.settings.ef_search,
-            min_score=self.settings.min_score,
-        )
+        return loaded
+
+    def _finish(self, conn: psycopg.Connection, claim: _Claim, result: search.SearchResult) -> None:
         if not queries.lock_claimed_job(conn, claim.analysis_id, claim.attempt):
             conn.rollback()
             raise JobFailed("lease lost to another worker", transient=True)
