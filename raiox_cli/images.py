@@ -261,9 +261,13 @@ def load_image(
     max_bytes: int = DEFAULT_MAX_BYTES,
     crop: Crop | None = None,
     sha256: str | None = None,
+    decode_to: int | None = None,
 ) -> LoadedImage:
     """Decode a radiograph to 8-bit grey or RGB, or raise an ImageError with a one-line reason.
-    `sha256`: the bytes' hash when the caller has it already (not computed twice)."""
+    `sha256`: the bytes' hash when the caller has it already (not computed twice).
+    `decode_to`: the shortest side the caller needs (no crop): a JPEG may then be
+    decoded at a reduced DCT scale (1/2, 1/4, 1/8) that still has it; width and
+    height stay the file's."""
     data = source if isinstance(source, bytes) else read_bytes(Path(source), max_bytes)
     if len(data) > max_bytes:
         raise ImageTooLarge(_bytes_message(len(data), max_bytes))
@@ -277,9 +281,9 @@ def load_image(
     if fmt == "DICOM":
         decoded = _decode_dicom(data, max_pixels)
     else:
-        decoded = _decode_pil(data, fmt, max_pixels)
+        decoded = _decode_pil(data, fmt, max_pixels, None if crop else decode_to)
     rgb = decoded.rgb
-    width, height = rgb.size
+    width, height = decoded.size or rgb.size
     crop_box = None
     if crop is not None:
         crop_box = crop.box(width, height)
@@ -305,6 +309,7 @@ class _Decoded:
     mode: str
     bit_depth: int
     warnings: tuple[str, ...] = ()
+    size: tuple[int, int] | None = None  # the file's (w, h) after orientation, if not rgb's
 
 
 # --- Pillow formats ---------------------------------------------------------------
@@ -324,7 +329,7 @@ _ORIENTATION = {
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
-def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> _Decoded:
+def _decode_pil(data: bytes, fmt: str, max_pixels: int, decode_to: int | None = None) -> _Decoded:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Someone in this process switched it on; half-decoded X-rays must not pass.
         raise CorruptImage("refusing to decode: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set")
@@ -334,6 +339,9 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> _Decoded:
         width, height = img.size
         if width * height > max_pixels:
             raise ImageTooLarge(_pixels_message(width, height, max_pixels))
+        if decode_to and fmt == "JPEG" and min(width, height) >= 2 * decode_to:
+            scale = min(width, height) / decode_to
+            img.draft(img.mode, (math.ceil(width / scale), math.ceil(height / scale)))
         img.load()
         orientation = _orientation(img)
         rgb = _to_grey_or_rgb(img)
@@ -360,7 +368,10 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> _Decoded:
     if orientation in _ORIENTATION:
         rgb = rgb.transpose(_ORIENTATION[orientation])
     notes = (f"{frames} frames/pages: used the first",) if frames > 1 else ()
-    return _Decoded(rgb, mode, _BIT_DEPTH.get(mode, 8), notes)
+    size = None
+    if img.size != (width, height):  # decoded at a reduced scale (draft)
+        size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    return _Decoded(rgb, mode, _BIT_DEPTH.get(mode, 8), notes, size)
 
 
 def _orientation(img: Image.Image) -> int:

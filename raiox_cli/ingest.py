@@ -412,6 +412,7 @@ class RootIngest:
             transform=self.model.get().preprocessor,
             max_pixels=self.settings.max_pixels,
             max_bytes=self.settings.max_bytes,
+            decode_to=self.model.get().preprocessor.decode_to,
         )
         if row.get("error"):
             return Prepared("failed", f, reason=row["error"])

@@ -106,10 +106,13 @@ def decode(
     max_bytes: int,
     crop: Crop | None = None,
     views: Sequence[str] = ORIENTATIONS[:1],
+    decode_to: int | None = None,
 ) -> Row:
     """Stage 2: row["data"] -> row["pixels"], one preprocessed image per view.
     `transform` is the model's preprocessing (`Embedder.preprocessor`: picklable, no
-    model inside), so decode workers of any engine need no model."""
+    model inside), so decode workers of any engine need no model. `decode_to`
+    (`Preprocess.decode_to`): let a large JPEG decode at a reduced scale (catalogue
+    paths; search decodes queries in full, so batch and single searches agree)."""
     if row.get("error"):
         return row
     try:
@@ -119,6 +122,7 @@ def decode(
             max_bytes=max_bytes,
             crop=crop,
             sha256=row.get("sha256"),
+            decode_to=decode_to,
         )
         pixels = [transform(picture) for picture in oriented(loaded.image, views)]
     except RaioxError as exc:

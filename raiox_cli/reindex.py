@@ -225,6 +225,7 @@ def _prepare(
         transform=model.get().preprocessor,
         max_pixels=settings.max_pixels,
         max_bytes=settings.max_bytes,
+        decode_to=model.get().preprocessor.decode_to,
     )
     if decoded.get("error"):
         return Prepared("failed", row, reason=decoded["error"])

@@ -89,3 +89,37 @@ def test_fresh_embedded_home_ingests_without_init_db(
     assert json.loads(result.stdout)["new"] == 2
     again = CliRunner().invoke(app, ["init-db"])
     assert again.exit_code == 0 and "nothing to do" in again.stdout
+
+
+def test_large_images_decode_and_resize_reduced_but_embed_the_same(tiny_embedder) -> None:
+    """Preprocessing version 2: reducing_gap resize and JPEG draft decoding (the
+    ingest fast path) change embeddings only in the last decimals."""
+    import io
+
+    from PIL import Image
+
+    from raiox_cli import embedding
+
+    assert embedding.PREPROCESS_VERSION == 2
+    design = synth.design_systems(1)[0]
+    big = synth.render_view(design, seed=3, query=False, size=(1600, 2000))
+    buffer = io.BytesIO()
+    big.save(buffer, format="JPEG", quality=95)
+    data = buffer.getvalue()
+    pre = tiny_embedder.preprocessor
+    full = images.load_image(data)
+    fast = images.load_image(data, decode_to=pre.decode_to)
+    assert (fast.width, fast.height) == (full.width, full.height) == big.size
+    assert min(fast.image.size) < min(full.image.size) and min(fast.image.size) >= pre.decode_to
+    exact = tiny_embedder.transform(full.image)  # open_clip's own resize: version 1
+    import torch
+
+    stacked = np.stack([exact.numpy(), pre(full.image), pre(fast.image)])
+    vectors = tiny_embedder.embed_tensors(torch.from_numpy(stacked))
+    assert float(vectors[0] @ vectors[1]) > 0.9999 and float(vectors[0] @ vectors[2]) > 0.999
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: width and height swap
+    big.save(rotated, format="JPEG", exif=exif)
+    turned = images.load_image(rotated.getvalue(), decode_to=pre.decode_to)
+    assert (turned.width, turned.height) == (big.height, big.width)
