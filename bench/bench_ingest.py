@@ -2,6 +2,7 @@
 
   model_only     ViT-B-32 throughput on pre-decoded tensors (batch 32): the ceiling
   ingest         end-to-end `ingest` throughput on the same PNGs (model preloaded)
+  batch_search   `raiox search` over the same PNGs as X-rays, TTA off and on
   loop           the replaced system's way: load, preprocess, encode, insert, one
                  image at a time (a commit per image)
   decode_pool    decode+preprocess throughput: serial vs threads vs processes
@@ -124,6 +125,38 @@ def child_ingest(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def child_batch_search(args: argparse.Namespace) -> dict[str, Any]:
+    """`raiox search` over the same PNGs as X-rays (a 32-image catalogue), TTA off
+    and on; target: TTA off >= 0.8 of model only, TTA on <= 3 images per X-ray."""
+    from raiox_cli import batch_search
+    from raiox_cli.ingest import ingest_catalogue
+
+    size = _parse_size(args.size)
+    queries_root = _catalogue(args.work / f"png-{args.images}", args.images, size)
+    settings = _settings(Path(tempfile.mkdtemp(dir=args.work)), args)
+    db.migrate(settings)
+    ingest_catalogue(settings, _catalogue(args.work / "png-32", 32, size))
+    embedder = embedding.load_embedder(embedding.ModelSpec.from_settings(settings))
+    import torch
+
+    embedder.embed_tensors(torch.zeros(args.batch_size, 3, 224, 224))
+    files = sorted(queries_root.rglob("*.png"))
+    result: dict[str, Any] = {"images": len(files)}
+    for label, tta in (("no_tta", False), ("tta", True)):
+        cpu = _cpu_s()
+        report = batch_search.search_many(
+            settings.replace(tta=tta), files, emit=lambda record: None
+        )
+        result[label] = {
+            "answered": report.answered,
+            "failed": len(report.failed),
+            "elapsed_s": report.elapsed_s,
+            "xrays_per_s": report.per_s,
+            "cpu_ms_per_xray": (_cpu_s() - cpu) * 1000 / max(1, report.answered),
+        }
+    return result
+
+
 def child_loop(args: argparse.Namespace) -> dict[str, Any]:
     """One image at a time: load, preprocess, encode, insert, commit."""
     import hashlib
@@ -201,6 +234,7 @@ def child_rss(args: argparse.Namespace) -> dict[str, Any]:
 CHILDREN = {
     "model_only": child_model_only,
     "ingest": child_ingest,
+    "batch_search": child_batch_search,
     "loop": child_loop,
     "decode_pool": child_decode_pool,
     "rss": child_rss,
@@ -293,6 +327,8 @@ def main() -> None:
         result["model_only"] = _child("model_only", args)
     if want("ingest"):
         result["ingest"] = _child("ingest", args)
+    if want("batch_search"):
+        result["batch_search"] = _child("batch_search", args)
     if want("loop"):
         result["loop"] = _child("loop", args)
     if want("decode_pool"):
@@ -317,6 +353,11 @@ def main() -> None:
         result["cpu_ratio"] = (
             result["model_only"]["cpu_ms_per_image"] / result["ingest"]["cpu_ms_per_image"]
         )
+    if "batch_search" in result and "model_only" in result:
+        model_rate = result["model_only"]["images_per_s"]
+        searched = result["batch_search"]
+        result["search_no_tta_over_model_only"] = searched["no_tta"]["xrays_per_s"] / model_rate
+        result["search_tta_images_per_xray"] = model_rate / searched["tta"]["xrays_per_s"]
     if "ingest" in result and "loop" in result:
         result["ingest_over_loop"] = (
             result["ingest"]["images_per_s"] / result["loop"]["images_per_s"]
@@ -340,6 +381,22 @@ def _table(r: dict[str, Any]) -> None:
                 f"{r['model_only']['cpu_ms_per_image']:.0f} vs "
                 f"{r['ingest']['cpu_ms_per_image']:.0f} (ratio {r['cpu_ratio']:.2f})",
             )
+        )
+    if "batch_search" in r:
+        b = r["batch_search"]
+        for label in ("no_tta", "tta"):
+            rows.append(
+                (
+                    f"batch search, {label} (X-rays/s; CPU ms/X-ray)",
+                    f"{b[label]['xrays_per_s']:.1f}; {b[label]['cpu_ms_per_xray']:.0f}",
+                )
+            )
+    if "search_no_tta_over_model_only" in r:
+        rows.append(
+            ("  no TTA: ratio to model only (>= 0.8)", f"{r['search_no_tta_over_model_only']:.2f}")
+        )
+        rows.append(
+            ("  TTA: model images per X-ray (<= 3)", f"{r['search_tta_images_per_xray']:.2f}")
         )
     if "loop" in r:
         rows.append(("one-at-a-time loop (img/s)", f"{r['loop']['images_per_s']:.1f}"))

@@ -4,6 +4,7 @@ no accepted analysis was lost or duplicated.
 
     python bench/bench_server.py                            # ViT-B-32, random weights, CPU
     python bench/bench_server.py --requests 400 --concurrency 32 --workers-threads 4
+    python bench/bench_server.py --batch 1,8                # one-at-a-time vs batched, side by side
 
 The server runs as its own process (`raiox serve-webhook-minimal`, token +
 Standard Webhooks signatures) on an embedded PostgreSQL under a temporary home;
@@ -73,6 +74,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="distinct deliveries")
     parser.add_argument("--concurrency", type=int, default=16, help="client threads")
     parser.add_argument("--workers-threads", type=int, default=2)
+    parser.add_argument(
+        "--batch",
+        default="8",
+        help="server --batch; a comma list (e.g. 1,8) runs each in turn on the same catalogue",
+    )
     parser.add_argument("--systems", type=int, default=12, help="catalogue implants")
     parser.add_argument("--views", type=int, default=3, help="catalogue images per implant")
     parser.add_argument("--queries", type=int, default=3, help="distinct query X-rays per implant")
@@ -117,12 +123,78 @@ def main() -> None:
         for p in info.query_files
     ]
 
+    results = {}
+    try:
+        for batch in [int(b) for b in str(args.batch).split(",")]:
+            if results:
+                _forget_analyses(settings)  # each run starts from an empty queue
+            results[batch] = _run(args, env, work, batch, token, secret, query_urls, settings)
+    finally:
+        images_server.shutdown()
+    config_ = {
+        "model": f"{args.model}:none (random weights)",
+        "device": "cpu",
+        "cpu_count": os.cpu_count(),
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "rate_per_s": args.rate or "burst",
+        "workers_threads": args.workers_threads,
+        "catalogue_images": args.systems * args.views,
+        "image_size": list(size),
+    }
+    if len(results) == 1:
+        result = {**next(iter(results.values())), "config": config_}
+    else:
+        result = {"runs": {f"batch_{b}": r for b, r in results.items()}, "config": config_}
+        first, *rest = results
+        base_rate = results[first]["end_to_end"]["analyses_per_s"] or 0
+        result["speedup_vs_batch_" + str(first)] = {
+            f"batch_{b}": round(results[b]["end_to_end"]["analyses_per_s"] / base_rate, 2)
+            for b in rest
+            if base_rate and results[b]["end_to_end"]["analyses_per_s"]
+        }
+    print(json.dumps(result))
+    for batch, one in results.items():
+        accept, e2e = one["accept"], one["end_to_end"]
+        print(
+            f"\n--batch {batch}:\n"
+            f"accept (POST /webhook -> 202): {accept['req_per_s']} req/s, "
+            f"p50 {accept['p50_ms']} ms, p95 {accept['p95_ms']} ms\n"
+            f"end to end (accepted -> done): {e2e['analyses_per_s']} analyses/s, "
+            f"p50 {e2e['p50_ms']} ms, p95 {e2e['p95_ms']} ms\n"
+            f"lost {one['check']['lost']}, duplicated {one['check']['duplicated']}, "
+            f"failed {one['check']['failed']}, replays answered with the same id: "
+            f"{one['check']['replays_same_id']}/{one['check']['replays']}",
+            file=sys.stderr,
+        )
+    for name, value in result.items():
+        if name.startswith("speedup"):
+            print(f"\nanalyses/s {name}: {value}", file=sys.stderr)
+
+
+def _forget_analyses(settings: config.Settings) -> None:
+    with db.connect(settings) as conn:
+        conn.execute("TRUNCATE analyses CASCADE")
+        conn.commit()
+
+
+def _run(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    work: Path,
+    batch: int,
+    token: str,
+    secret: str,
+    query_urls: list[str],
+    settings: config.Settings,
+) -> dict[str, Any]:
+    """One server process with `--batch batch`, loaded as asked."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    log_path = work / "server.log"
+    log_path = work / f"server-batch{batch}.log"
     command = [
         sys.executable, "-m", "raiox_cli", "serve-webhook-minimal", "--port", str(port),
-        "--workers-threads", str(args.workers_threads),
+        "--workers-threads", str(args.workers_threads), "--batch", str(batch),
     ]  # fmt: skip
     with log_path.open("wb") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=log)
@@ -138,33 +210,11 @@ def main() -> None:
         startup_s = time.monotonic() - started
         result = _load(args, base, token, secret, query_urls, settings)
         result["server_startup_s"] = round(startup_s, 2)
+        result["batch"] = batch
     finally:
         server.terminate()
         server.wait(60)
-        images_server.shutdown()
-    result["config"] = {
-        "model": f"{args.model}:none (random weights)",
-        "device": "cpu",
-        "cpu_count": os.cpu_count(),
-        "requests": args.requests,
-        "concurrency": args.concurrency,
-        "rate_per_s": args.rate or "burst",
-        "workers_threads": args.workers_threads,
-        "catalogue_images": args.systems * args.views,
-        "image_size": list(size),
-    }
-    print(json.dumps(result))
-    accept, e2e = result["accept"], result["end_to_end"]
-    print(
-        f"\naccept (POST /webhook -> 202): {accept['req_per_s']} req/s, "
-        f"p50 {accept['p50_ms']} ms, p95 {accept['p95_ms']} ms\n"
-        f"end to end (accepted -> done): {e2e['analyses_per_s']} analyses/s, "
-        f"p50 {e2e['p50_ms']} ms, p95 {e2e['p95_ms']} ms\n"
-        f"lost {result['check']['lost']}, duplicated {result['check']['duplicated']}, "
-        f"failed {result['check']['failed']}, replays answered with the same id: "
-        f"{result['check']['replays_same_id']}/{result['check']['replays']}",
-        file=sys.stderr,
-    )
+    return result
 
 
 def _load(
