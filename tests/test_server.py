@@ -592,7 +592,10 @@ def test_batched_worker_matches_single_jobs_and_fails_per_job(
         site.failures["/flaky.png"] = 2
         with db.connect(catalogue.settings) as conn:  # all due before the worker starts
             ids = [
-                queries.create_analysis(conn, source="webhook", image_url=site.base + path)[0]
+                queries.get_analysis(
+                    conn,
+                    queries.create_analysis(conn, source="webhook", image_url=site.base + path)[0],
+                )["public_id"]
                 for path in paths
             ]
             conn.commit()

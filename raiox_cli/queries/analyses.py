@@ -172,8 +172,8 @@ def claim_due_jobs(conn: psycopg.Connection, *, lease_s: float, limit: int) -> l
                               AND (status = 'pending' OR locked_until < now())
                             ORDER BY next_attempt_at, id
                             LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
-               RETURNING id, source, client_id, image_url, image_sha256, storage_key,
-                         metadata, attempts, next_attempt_at""",
+               RETURNING id, public_id, clinic_id, source, client_id, image_url,
+                         image_sha256, storage_key, metadata, attempts, next_attempt_at""",
             {"lease": lease_s, "limit": limit},
         )
         jobs = list(cur.fetchall())
