@@ -3,6 +3,7 @@
   model_only     ViT-B-32 throughput on pre-decoded tensors (batch 32): the ceiling
   ingest         end-to-end `ingest` throughput on the same PNGs (model preloaded)
   batch_search   `raiox search` over the same PNGs as X-rays, TTA off and on
+  passive        model_only + ingest again with OMP_WAIT_POLICY=PASSIVE (only with --only)
   loop           the replaced system's way: load, preprocess, encode, insert, one
                  image at a time (a commit per image)
   decode_pool    decode+preprocess throughput: serial vs threads vs processes
@@ -241,9 +242,13 @@ CHILDREN = {
 }
 
 
-def _child(name: str, args: argparse.Namespace, *extra: str) -> dict[str, Any]:
+def _child(
+    name: str, args: argparse.Namespace, *extra: str, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", name, *_forward(args), *extra]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        command, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})}
+    )
     if done.returncode != 0:
         raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -304,6 +309,9 @@ def main() -> None:
     parser.add_argument("--rss-images", default="200,2000")
     parser.add_argument("--rss-model", default="raiox-tiny", help="model for unchanged/rss runs")
     parser.add_argument("--only", default="", help="comma list of sections to run")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="model_only/ingest pairs, side by side, N times"
+    )
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "raiox-bench")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
@@ -323,10 +331,15 @@ def main() -> None:
         "batch_size": args.batch_size,
         "size": args.size,
     }
-    if want("model_only"):
-        result["model_only"] = _child("model_only", args)
-    if want("ingest"):
-        result["ingest"] = _child("ingest", args)
+    for _ in range(args.repeat):
+        if want("model_only"):
+            _keep(result, "model_only", _child("model_only", args))
+        if want("ingest"):
+            _keep(result, "ingest", _child("ingest", args))
+        if "passive" in only:  # the same pair with OpenMP threads that sleep at once
+            passive = {"OMP_WAIT_POLICY": "PASSIVE"}
+            _keep(result, "model_only_passive", _child("model_only", args, env=passive))
+            _keep(result, "ingest_passive", _child("ingest", args, env=passive))
     if want("batch_search"):
         result["batch_search"] = _child("batch_search", args)
     if want("loop"):
@@ -343,6 +356,20 @@ def main() -> None:
         }
         result["rss"]["growth"] = (
             result["rss"][str(large)]["peak_rss_mb"] / result["rss"][str(small)]["peak_rss_mb"] - 1
+        )
+    for name in ("model_only", "ingest", "model_only_passive", "ingest_passive"):
+        if name in result and len(result[name]) == 1:
+            result[name] = result[name][0]
+        elif name in result:
+            result[name + "_runs"] = result.pop(name)
+    if "ingest_runs" in result and "model_only_runs" in result:
+        result["ingest_over_model_only_runs"] = [
+            i["images_per_s"] / m["images_per_s"]
+            for m, i in zip(result["model_only_runs"], result["ingest_runs"], strict=True)
+        ]
+    if "ingest_passive" in result and "model_only_passive" in result:
+        result["passive_ingest_over_model_only"] = (
+            result["ingest_passive"]["images_per_s"] / result["model_only_passive"]["images_per_s"]
         )
     if "ingest" in result and "model_only" in result:
         result["ingest_over_model_only"] = (
@@ -366,8 +393,32 @@ def main() -> None:
     _table(result)
 
 
+def _keep(result: dict[str, Any], name: str, run: dict[str, Any]) -> None:
+    result.setdefault(name, []).append(run)
+
+
 def _table(r: dict[str, Any]) -> None:
     rows = []
+    for n, ratio in enumerate(r.get("ingest_over_model_only_runs", []), start=1):
+        m, i = r["model_only_runs"][n - 1], r["ingest_runs"][n - 1]
+        rows.append(
+            (
+                f"run {n}: model only / ingest (img/s; CPU ms/img)",
+                f"{m['images_per_s']:.1f} / {i['images_per_s']:.1f} "
+                f"({m['cpu_ms_per_image']:.0f} / {i['cpu_ms_per_image']:.0f}): "
+                f"ratio {ratio:.2f}",
+            )
+        )
+    if "passive_ingest_over_model_only" in r:
+        m, i = r["model_only_passive"], r["ingest_passive"]
+        rows.append(
+            (
+                "OMP_WAIT_POLICY=PASSIVE: model only / ingest",
+                f"{m['images_per_s']:.1f} / {i['images_per_s']:.1f} "
+                f"({m['cpu_ms_per_image']:.0f} / {i['cpu_ms_per_image']:.0f}): "
+                f"ratio {r['passive_ingest_over_model_only']:.2f}",
+            )
+        )
     if "model_only" in r:
         rows.append(("model only (img/s)", f"{r['model_only']['images_per_s']:.1f}"))
     if "ingest" in r:
