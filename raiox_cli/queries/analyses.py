@@ -173,7 +173,7 @@ def claim_due_jobs(conn: psycopg.Connection, *, lease_s: float, limit: int) -> l
                             ORDER BY next_attempt_at, id
                             LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
                RETURNING id, public_id, clinic_id, source, client_id, image_url,
-                         image_sha256, storage_key, metadata, attempts, next_attempt_at""",
+                         image_sha256, storage_key, metadata, attempts, crop, next_attempt_at""",
             {"lease": lease_s, "limit": limit},
         )
         jobs = list(cur.fetchall())
