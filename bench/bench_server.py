@@ -276,7 +276,7 @@ def _load(
                 break
             time.sleep(0.5)
         rows = conn.execute(
-            """SELECT id, idempotency_key, status,
+            """SELECT public_id::text, idempotency_key, status,
                       extract(epoch FROM finished_at - created_at) * 1000,
                       extract(epoch FROM created_at), extract(epoch FROM finished_at)
                FROM analyses"""
@@ -299,7 +299,7 @@ def _load(
             **_percentiles(e2e_ms),
         },
         "check": {
-            "lost": len({a[3] for a in accepted} - {r[0] for r in rows}),
+            "lost": len({str(a[3]) for a in accepted} - {r[0] for r in rows}),
             "duplicated": len(keys) - len(set(keys)) + max(0, len(rows) - args.requests),
             "failed": sum(1 for r in rows if r[2] == "failed"),
             "unfinished": sum(1 for r in rows if r[2] in ("pending", "running")),
