@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok; 1 some inputs failed or another error; 2 usage error;
 3 database problem; 4 model weights unavailable; 5 catalogue built with another
-model; 6 empty catalogue; 7 query image unreadable; 75 another ingest/reindex is running.
+model; 6 empty catalogue; 7 query image unreadable; 75 another ingest/reindex is running
+(or `db stop` found live holders); 128 + N stopped by signal N (SIGTERM 143, SIGHUP 129).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from rich.table import Table
 
 from raiox_cli import __version__, config
 from raiox_cli.errors import RaioxError, UsageError
+from raiox_cli.lifecycle import Terminated, exit_on_termination
 from raiox_cli.stderr import StderrHandler
 
 EXIT_CODES = """Exit codes: 0 ok, 1 some inputs failed, 2 usage error, 3 database problem,
 4 model weights unavailable, 5 catalogue built with another model, 6 empty catalogue,
-7 the query image cannot be read, 75 another ingest/reindex holds the lock."""
+7 the query image cannot be read, 75 another ingest/reindex holds the lock (or db stop
+found raiox processes using the embedded database); 129/130/143 stopped by SIGHUP/SIGINT/SIGTERM."""
 
 app = typer.Typer(
     name="raiox",
@@ -47,6 +50,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def command(name: str, *, parent: typer.Typer | None = None, **kwargs: Any) -> Callable[[F], F]:
     """Register a command whose RaioxErrors become one stderr line and an exit code
     (on `parent`, a command group, when given)."""
+    title = f"raiox {parent.info.name} {name}" if parent is not None else f"raiox {name}"
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
@@ -57,8 +61,10 @@ def command(name: str, *, parent: typer.Typer | None = None, **kwargs: Any) -> C
             except RaioxError as exc:
                 if _debug():
                     raise
-                where = f"{parent.info.name} {name}" if parent is not None else name
-                err.print(f"raiox {where}: {exc}", style="red", markup=False, highlight=False)
+                err.print(f"{title}: {exc}", style="red", markup=False, highlight=False)
+                raise typer.Exit(exc.exit_code) from None
+            except Terminated as exc:  # SIGTERM/SIGHUP: exit like a shell expects
+                err.print(f"{title}: {exc}", style="red", markup=False, highlight=False)
                 raise typer.Exit(exc.exit_code) from None
             except KeyboardInterrupt:
                 err.print("interrupted", style="red")
@@ -1420,5 +1426,92 @@ def adapt(
         raise typer.Exit(1)
 
 
+# --- the database server ---------------------------------------------------------
+
+db_app = typer.Typer(
+    name="db",
+    help="Inspect or stop the database server (the embedded one by default).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(db_app)
+
+
+@command("status", parent=db_app)
+def db_status(json_out: JsonOut = False, database_url: DatabaseUrl = None) -> None:
+    """Is the database running, which versions, which schema, which raiox processes
+    hold the embedded one. Never starts it. Exit 3 when an external server is unreachable.
+
+    Example: raiox db status --json
+    """
+    from raiox_cli import db
+
+    report = db.status(config.resolve(database_url=database_url))
+    if json_out:
+        _print_json(report.to_dict())
+    else:
+        _print_db_status(report)
+    if report.mode == "external" and not report.reachable:
+        raise typer.Exit(3)
+
+
+def _print_db_status(report: Any) -> None:
+    rows: list[tuple[str, Any]] = [("database", f"{report.mode} {report.url or ''}".strip())]
+    state = report.embedded
+    if state is not None:
+        running = f"yes, postmaster pid {state.postmaster_pid}" if state.running else "no"
+        rows += [("running", running), ("data dir", f"{state.data_dir} ({state.size_bytes:,} B)")]
+    else:
+        rows.append(("reachable", "yes" if report.reachable else f"no: {report.error}"))
+    rows += [
+        ("PostgreSQL", report.postgresql_version),
+        ("pgvector", report.pgvector_version),
+        ("schema version", report.schema_version),
+    ]
+    if state is not None:
+        holders = [f"pid {h.pid}: {h.command}" for h in state.holders]
+        rows.append(("holders", "\n".join(holders) or "none"))
+        if state.stale_handles:
+            rows.append(("killed holders", ", ".join(map(str, state.stale_handles))))
+    table = Table(show_header=False)
+    for name, value in rows:
+        table.add_row(name, "" if value is None else str(value))
+    out.print(table)
+    if state is not None and state.orphaned:
+        out.print(
+            "no raiox process holds it (its last holder was killed): the next raiox "
+            'command adopts it and stops it when done, or run "raiox db stop"',
+            highlight=False,
+        )
+
+
+@command("stop", parent=db_app)
+def db_stop(
+    force: Annotated[
+        bool, typer.Option("--force", help="stop it even while raiox processes use it")
+    ] = False,
+    json_out: JsonOut = False,
+) -> None:
+    """Stop the embedded PostgreSQL of RAIOX_HOME. Refuses (exit 75), naming them,
+    while raiox processes still use it, unless --force (their connections are cut).
+
+    Example: raiox db stop
+    """
+    from raiox_cli import embedded
+
+    settings = config.resolve()
+    if settings.database_url:
+        raise UsageError("RAIOX_DATABASE_URL is set: raiox stops only its embedded server")
+    report = embedded.stop(settings.pgdata_dir, force=force)
+    if json_out:
+        _print_json(report.to_dict())
+    elif report.was_running:
+        cut = f"; cut off {len(report.forced_holders)} holder(s)" if report.forced_holders else ""
+        out.print(f"stopped PostgreSQL pid {report.postmaster_pid}{cut}", highlight=False)
+    else:
+        out.print(f"no embedded PostgreSQL runs in {report.data_dir}", highlight=False)
+
+
 def main() -> None:
+    exit_on_termination()  # SIGTERM/SIGHUP run atexit hooks too (the embedded database)
     app()

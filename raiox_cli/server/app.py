@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import signal
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -33,6 +35,7 @@ from raiox_cli import __version__, clients, db, feedback, images, queries, searc
 from raiox_cli.config import Settings
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import DatabaseUnavailable, RaioxError, UsageError
+from raiox_cli.lifecycle import Terminated
 from raiox_cli.server import auth, inputs, jotform, logs, notify, openapi, results, schemas
 from raiox_cli.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from raiox_cli.server.metrics import Metrics, route_of
@@ -801,6 +804,29 @@ def _analyse_now(request: Request, caller: auth.Caller, data: bytes, k: int) -> 
     return _with_db(request, run)
 
 
+def _graceful_server(config: Any) -> Any:
+    """A uvicorn server for which SIGTERM, SIGINT and SIGHUP are a graceful stop that
+    *returns*: uvicorn re-raises the signal after shutdown, which kills Python on
+    SIGTERM before its atexit hooks (the embedded database's stop) and exits 143."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer(config)
+
+
 def serve(
     settings: Settings,
     *,
@@ -810,7 +836,22 @@ def serve(
     insecure_no_auth: bool = False,
     batch: int = BATCH,
 ) -> None:
-    """Load everything, then open the port; returns when the server has stopped."""
+    """Load everything, then open the port; returns when the server has stopped,
+    also when a stop signal came while it was still loading (a normal end: exit 0)."""
+    try:
+        _load(settings, host, port, worker_threads, insecure_no_auth, batch).run()
+    except Terminated as exc:  # before uvicorn took the signals over
+        logs.event("stopped while starting", signal=signal.Signals(exc.signum).name)
+
+
+def _load(
+    settings: Settings,
+    host: str,
+    port: int,
+    worker_threads: int,
+    insecure_no_auth: bool,
+    batch: int,
+) -> Any:
     import uvicorn
 
     from raiox_cli import embedding, storage
@@ -827,7 +868,7 @@ def serve(
     app = create_app(
         ServerConfig(settings, embedder, store, insecure_no_auth, worker_threads, batch=batch)
     )
-    server = uvicorn.Server(
+    server = _graceful_server(
         uvicorn.Config(
             app,
             host=host,
@@ -847,4 +888,4 @@ def serve(
         )
         logs.event("metrics listening", host=settings.metrics_host, port=settings.metrics_port)
     logs.event("listening", host=host, port=port, model_id=embedder.model_id)
-    server.run()
+    return server
