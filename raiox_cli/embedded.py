@@ -118,15 +118,32 @@ def join(pgdata: Path) -> str:
                         f"could not start the embedded PostgreSQL in {pgdata}: {exc}; "
                         "see its log file there, or set RAIOX_DATABASE_URL"
                     ) from exc
+            if not _servers:
+                # Registered after pgserver's own hook, so it runs first (atexit is LIFO).
+                atexit.register(_release_all)
             _servers[pgdata] = server
-            # Registered after pgserver's own hook, so it runs first (atexit is LIFO).
-            atexit.register(_release, pgdata, server)
         return server.get_uri()
 
 
-def _release(pgdata: Path, server: Any) -> None:
-    """At exit: drop this process's handle; the last holder stops the server."""
+def leave(pgdata: Path) -> None:
+    """Stop holding this data folder now (the server stops if nobody else holds it)."""
+    with _lock:
+        server = _servers.pop(pgdata, None)
+    if server is not None:
+        _release(pgdata, server)
+
+
+def _release_all() -> None:
+    """At exit: drop this process's handles; the last holder stops each server."""
     lifecycle.ignore_termination()  # a second SIGTERM must not cut the stop short
+    with _lock:
+        servers = list(_servers.items())
+        _servers.clear()
+    for pgdata, server in servers:
+        _release(pgdata, server)
+
+
+def _release(pgdata: Path, server: Any) -> None:
     try:
         with _home_lock(pgdata):
             forget_dead_holders(pgdata)
