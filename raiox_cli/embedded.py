@@ -80,12 +80,14 @@ def _import_pgserver() -> Any:
 def _home_lock(pgdata: Path) -> Iterator[None]:
     """Serialise join, release and stop of every raiox process on this home."""
     path = pgdata.parent / f".{pgdata.name}.lock"  # not inside pgdata: initdb wants it empty
-    with open(path, "a") as handle:
-        try:
-            import fcntl
-        except ImportError:  # Windows: pgserver's lock alone
-            yield
-            return
+    try:
+        import fcntl
+
+        handle = open(path, "a")  # noqa: SIM115 (closed below)
+    except (ImportError, OSError):  # Windows, or the home was deleted under us
+        yield  # pgserver's own lock still guards its handle list
+        return
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
