@@ -10,6 +10,7 @@ own module and a line below; SQL never lives outside this package.
 """
 
 from raiox_cli.queries.analyses import *  # noqa: F403
+from raiox_cli.queries.backup import *  # noqa: F403
 from raiox_cli.queries.batch import *  # noqa: F403
 from raiox_cli.queries.catalogue import *  # noqa: F403
 from raiox_cli.queries.clients import *  # noqa: F403
