@@ -147,6 +147,24 @@ BatchSize = Annotated[
     ),
 ]
 JsonOut = Annotated[bool, typer.Option("--json", help="machine-readable JSON on stdout")]
+Engine = Annotated[
+    str | None,
+    typer.Option(
+        "--engine",
+        help="who runs decode -> embed -> write: local (threads) or ray (Ray Data, model "
+        "actors per GPU; pip install 'raiox[ray]') [env RAIOX_ENGINE; default local]",
+        show_default=False,
+    ),
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        help="with --engine ray: join this cluster (host:6379 or ray://host:10001) "
+        "[env RAY_ADDRESS; default: start a local Ray]",
+        show_default=False,
+    ),
+]
 
 
 def _print_json(data: Any) -> None:
@@ -282,6 +300,8 @@ def ingest(
     workers: Workers = None,
     batch_size: BatchSize = None,
     device: Device = None,
+    engine: Engine = None,
+    ray_address: RayAddress = None,
     database_url: DatabaseUrl = None,
     model: Model = None,
     pretrained: Pretrained = None,
@@ -303,6 +323,8 @@ def ingest(
         device=device,
         batch_size=batch_size,
         workers=workers,
+        engine=engine,
+        ray_address=ray_address,
     )
     options = core.IngestOptions(prune=prune, dry_run=dry_run, store=not no_store, wait=wait)
     with _progress_bar(progress) as bar:

@@ -14,6 +14,7 @@ from raiox_cli.errors import UsageError
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("local", "ray")
 
 
 def _default_home() -> str:
@@ -51,6 +52,12 @@ class Settings:
     min_score: float = field(default=0.8, metadata={"env": "RAIOX_MIN_SCORE"})
     # Search the query mirrored and upside down too (see README, "Searching").
     tta: bool = field(default=True, metadata={"env": "RAIOX_TTA"})
+    # Who schedules the read -> decode -> embed -> write stages: threads here, or Ray
+    # Data (README, "A Ray cluster"). RAY_ADDRESS is Ray's own variable.
+    engine: str = field(default="local", metadata={"env": "RAIOX_ENGINE"})
+    ray_address: str | None = field(default=None, metadata={"env": "RAY_ADDRESS"})
+    ray_actors: int = field(default=0, metadata={"env": "RAIOX_RAY_ACTORS"})  # 0: one per GPU
+    ray_gpus_per_actor: float = field(default=1.0, metadata={"env": "RAIOX_RAY_GPUS_PER_ACTOR"})
     s3_bucket: str | None = field(default=None, metadata={"env": "RAIOX_S3_BUCKET"})
     s3_endpoint: str | None = field(default=None, metadata={"env": "RAIOX_S3_ENDPOINT"})
     s3_region: str | None = field(default=None, metadata={"env": "RAIOX_S3_REGION"})
@@ -131,6 +138,12 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
+    def for_workers(self) -> Settings:
+        """These settings without the database URL and the secrets: what may travel
+        to other processes (Ray workers), which read and decode but never write."""
+        hidden = {f.name: None for f in dataclasses.fields(self) if not f.repr}
+        return dataclasses.replace(self, database_url=None, **hidden)
+
 
 def _convert(f: dataclasses.Field, raw: Any) -> Any:
     name = f.metadata["env"]
@@ -186,6 +199,13 @@ def resolve(env: Mapping[str, str] | None = None, **options: Any) -> Settings:
     settings = Settings(**values)
     if settings.device not in DEVICES:
         raise UsageError(f"device {settings.device!r} is not one of {', '.join(DEVICES)}")
+    if settings.engine not in ENGINES:
+        raise UsageError(f"engine {settings.engine!r} is not one of {', '.join(ENGINES)}")
+    if not 0 < settings.ray_gpus_per_actor <= 64 or settings.ray_actors < 0:
+        raise UsageError(
+            "RAIOX_RAY_GPUS_PER_ACTOR must be above 0 (0.5: two model actors per GPU) "
+            "and RAIOX_RAY_ACTORS at least 0 (0: one per GPU, or per two CPUs)"
+        )
     if settings.batch_size < 1:
         raise UsageError("batch size must be at least 1 (--batch-size / RAIOX_BATCH_SIZE)")
     return settings

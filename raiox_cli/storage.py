@@ -130,8 +130,14 @@ class S3Store:
     ):
         self.bucket = bucket
         self.endpoint = endpoint
+        self.region = region
         self.attempts = attempts
         self.client = client or _s3_client(endpoint, region, attempts)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A store travels to other processes (Ray workers) as its settings; each
+        # process opens its own client with its own credentials.
+        return (_reopen_s3_store, (self.bucket, self.endpoint, self.region, self.attempts))
 
     def _fail(self, action: str, key: str, exc: Exception) -> StorageError:
         return StorageError(
@@ -189,6 +195,12 @@ class S3Store:
     def describe(self) -> str:
         where = f" at {self.endpoint}" if self.endpoint else ""
         return f"s3://{self.bucket}{where}"
+
+
+def _reopen_s3_store(
+    bucket: str, endpoint: str | None, region: str | None, attempts: int
+) -> S3Store:
+    return S3Store(bucket, endpoint=endpoint, region=region, attempts=attempts)
 
 
 def _content_type(data: bytes) -> str | None:

@@ -114,6 +114,20 @@ def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return name
 
 
+def upload_folder(folder: Path, endpoint: str, bucket: str, prefix: str) -> list[str]:
+    """Copy a folder's files to s3://bucket/prefix/...; returns the keys."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    keys = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            key = f"{prefix}/{path.relative_to(folder).as_posix()}"
+            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+            keys.append(key)
+    return keys
+
+
 def store_synthetic_catalogue(conn, embedder, info, store=None) -> list[int]:
     """Write a synth.make_catalogue() result through the data layer, embedded by the
     real (tiny) model: the rows ingest writes. Returns the implant ids in order;
@@ -199,3 +213,28 @@ def assert_same_rows(got: dict, want: dict, atol: float = 1e-5) -> None:
     assert got["vectors"].keys() == want["vectors"].keys()
     for key, vector in want["vectors"].items():
         np.testing.assert_allclose(got["vectors"][key], vector, atol=atol)
+
+
+# --- Ray (the `ray` engine): one local instance per session ------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """A local Ray instance with 2 CPUs for the whole session; yields its address so
+    a subprocess driver can join it (RAY_ADDRESS). Its workers get the fake S3
+    credentials (they are started now, before any test sets its environment)."""
+    import logging
+
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        num_gpus=0,
+        object_store_memory=256 * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": dict(S3_CREDENTIALS)},
+    )
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

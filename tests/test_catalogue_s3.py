@@ -8,7 +8,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import assert_same_rows, catalogue_rows, fresh_database
+from conftest import assert_same_rows, catalogue_rows, fresh_database, upload_folder
 from typer.testing import CliRunner
 
 from raiox_cli import catalogue, config, db, reindex, synth
@@ -19,13 +19,8 @@ SMALL = (64, 80)
 
 
 def _upload(folder: Path, endpoint: str, bucket: str, prefix: str) -> list[str]:
+    keys = upload_folder(folder, endpoint, bucket, prefix)
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    keys = []
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            key = f"{prefix}/{path.relative_to(folder).as_posix()}"
-            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
-            keys.append(key)
     client.put_object(Bucket=bucket, Key=f"{prefix}/Acme/.hidden/x.png", Body=b"skipped")
     client.put_object(Bucket=bucket, Key=f"{prefix}/README.txt", Body=b"not an image")
     return keys
