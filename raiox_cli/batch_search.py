@@ -28,7 +28,7 @@ from typing import Any
 
 import psycopg
 
-from raiox_cli import db, embedding, pipeline, queries, search
+from raiox_cli import db, embedding, engines, pipeline, queries, search
 from raiox_cli.catalogue import IMAGE_SUFFIXES
 from raiox_cli.config import Settings
 from raiox_cli.errors import UsageError
@@ -232,6 +232,7 @@ def search_many(
     options, else to `emit` (one JSON-ready dict per X-ray, in input order);
     per-file failures are in the report, never raised."""
     started = time.perf_counter()
+    engines.check(settings)  # e.g. --engine ray without Ray: say how to install it, now
     spec = embedding.ModelSpec.from_settings(settings)
     report = BatchReport(embedding.model_id(spec), inputs=len(paths))
     files = [
@@ -252,19 +253,19 @@ def search_many(
     writer.start()
     batcher = pipeline.Batcher(settings.batch_size)
     rows_per_batch = max(1, settings.batch_size // len(run.views))
-    workers = pipeline.worker_count(settings)
-    engine = pipeline.LocalEngine(workers=workers, batch_size=rows_per_batch)
     done = 0
     try:
-        for row in engine.map(run.prepare, paths):
-            done += 1
-            if row.get("error"):
-                report.failed.append(Failure(row["path"], row["error"]))
-            elif row.get("skip"):
-                report.skipped += 1
-            elif (full := batcher.add(row)) is not None:
-                writer.put(pipeline.embed(full, embedder))
-            progress("search", done, len(paths))
+        # The Ray engine returns rows embedded already: pipeline.embed passes them on.
+        with engines.open_engine(settings, spec, batch_size=rows_per_batch) as engine:
+            for row in engine.map(run.prepare, paths):
+                done += 1
+                if row.get("error"):
+                    report.failed.append(Failure(row["path"], row["error"]))
+                elif row.get("skip"):
+                    report.skipped += 1
+                elif (full := batcher.add(row)) is not None:
+                    writer.put(pipeline.embed(full, embedder))
+                progress("search", done, len(paths))
         if batcher.rows:
             writer.put(pipeline.embed(batcher.take(), embedder))
     finally:
@@ -277,6 +278,49 @@ def search_many(
 
 def _saved(conn: psycopg.Connection, model_id: str) -> set[tuple[str, str]]:
     return queries.answered_analyses(conn, model_id=model_id, source="cli")
+
+
+@dataclass(frozen=True)
+class QueryPrep:
+    """The decode-side work on one X-ray, as plain data so that any engine can run
+    it (decode threads here, Ray tasks elsewhere): read, skip what is answered
+    everywhere it should be, decode every orientation, keep the bytes (--save)."""
+
+    settings: Settings  # Settings.for_workers(): limits and storage, no secrets
+    crop: Crop | None
+    views: tuple[str, ...]
+    transform: Any  # embedding.Preprocess: picklable, no model inside
+    in_files: tuple[frozenset[tuple[str, str]], ...]  # answered, per results file
+    saved: frozenset[tuple[str, str]] | None  # answered as analyses (--save)
+    resumable: bool
+    store: Any  # storage.Store, with --save
+
+    def __call__(self, path: Path) -> pipeline.Row:
+        row = pipeline.read({"path": str(path)}, max_bytes=self.settings.max_bytes)
+        if row.get("error"):
+            return row
+        key = (row["path"], row["sha256"])
+        row["lines"] = [key not in answered for answered in self.in_files]
+        row["save"] = self.saved is not None and key not in self.saved
+        if self.resumable and not row["save"] and not any(row["lines"]):
+            row["skip"] = True
+            row["data"] = None
+            return row
+        row = pipeline.decode(
+            row,
+            transform=self.transform,
+            max_pixels=self.settings.max_pixels,
+            max_bytes=self.settings.max_bytes,
+            crop=self.crop,
+            views=self.views,
+        )
+        if not row.get("error") and row["save"] and self.store is not None:
+            try:
+                row["storage_key"] = self.store.put(row["sha256"], row["data"])
+            except Exception as exc:  # storage clients raise many classes
+                row["error"] = f"could not store the X-ray: {exc}"
+        row["data"] = None
+        return row
 
 
 class _Run:
@@ -304,41 +348,21 @@ class _Run:
         self.saved = saved
         self.emit = emit if not files else None
         self.views = search.ORIENTATIONS if settings.tta else search.ORIENTATIONS[:1]
-        self.store = None
+        store = None
         if options.save:
             from raiox_cli import storage
 
-            self.store = storage.open_store(settings)
-
-    def prepare(self, path: Path) -> pipeline.Row:
-        """In a decode thread: read, skip what is answered everywhere it should be,
-        decode every orientation, keep the bytes (--save)."""
-        row = pipeline.read({"path": str(path)}, max_bytes=self.settings.max_bytes)
-        if row.get("error"):
-            return row
-        key = (row["path"], row["sha256"])
-        row["lines"] = [key not in answered for answered in self.in_files]
-        row["save"] = self.saved is not None and key not in self.saved
-        resumable = bool(self.files) or self.saved is not None
-        if resumable and not row["save"] and not any(row["lines"]):
-            row["skip"] = True
-            row["data"] = None
-            return row
-        row = pipeline.decode(
-            row,
-            transform=self.embedder.preprocessor,
-            max_pixels=self.settings.max_pixels,
-            max_bytes=self.settings.max_bytes,
-            crop=self.options.crop,
-            views=self.views,
+            store = storage.open_store(settings)
+        self.prepare = QueryPrep(
+            settings.for_workers(),
+            options.crop,
+            tuple(self.views),
+            embedder.preprocessor,
+            tuple(frozenset(answered) for answered in in_files),
+            None if saved is None else frozenset(saved),
+            bool(files) or saved is not None,
+            store,
         )
-        if not row.get("error") and row["save"] and self.store is not None:
-            try:
-                row["storage_key"] = self.store.put(row["sha256"], row["data"])
-            except Exception as exc:  # storage clients raise many classes
-                row["error"] = f"could not store the X-ray: {exc}"
-        row["data"] = None
-        return row
 
     def search_and_record(
         self, conn: psycopg.Connection, rows: list[pipeline.Row]

@@ -535,6 +535,8 @@ def search(
     progress: ShowProgress = False,
     workers: Workers = None,
     batch_size: BatchSize = None,
+    engine: Engine = None,
+    ray_address: RayAddress = None,
     database_url: DatabaseUrl = None,
     model: Model = None,
     pretrained: Pretrained = None,
@@ -552,7 +554,7 @@ def search(
     Several images, a folder or --from list.csv search in batch: one JSON line per
     X-ray on stdout (or --out FILE / --csv FILE), --save records analyses; a rerun
     with --out, --csv or --save skips what is answered; unreadable files are listed
-    on stderr, exit 1.
+    on stderr, exit 1. --engine ray runs the batch on Ray Data (README, "A Ray cluster").
 
     Example: raiox search pano.jpg --crop 820,400,300,420 -k 5 --sheet out.png
     Example: raiox search ./archive --from more.csv --out answers.jsonl
@@ -571,10 +573,13 @@ def search(
         tta=tta,
         workers=workers,
         batch_size=batch_size,
+        engine=engine,
+        ray_address=ray_address,
     )
     region = images.parse_crop(crop) if crop else None
     given = images_ or []
     batch = from_list or out_file or csv_file or len(given) != 1 or given[0].is_dir()
+    batch = batch or settings.engine == "ray"  # the engines schedule batch searches
     if batch:
         options = _batch_options(k, region, manufacturer, save, client_id, out_file, csv_file)
         _search_batch(settings, given, from_list, options, sheet=sheet, progress=progress)

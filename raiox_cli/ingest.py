@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from raiox_cli import catalogue, db, embedding, pipeline, queries, storage
+from raiox_cli import catalogue, db, embedding, engines, pipeline, queries, storage
 from raiox_cli.config import Settings
 from raiox_cli.errors import Busy, ModelMismatch, RaioxError
-from raiox_cli.pipeline import Writer, run_pipeline, worker_count
+from raiox_cli.pipeline import Writer
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 TOUCH_BATCH = 500  # metadata-only rows (touched or moved files) per transaction
@@ -186,6 +186,7 @@ def ingest_catalogue(
     in `report.failed`, never raised."""
     spec = embedding.ModelSpec.from_settings(settings)
     model = ModelHandle(spec, activate=True)
+    engines.check(settings)  # e.g. --engine ray without Ray: say how to install it, now
     if options.dry_run:
         with db.connect(settings, autocommit=True) as conn:
             db.check_schema(conn)
@@ -200,6 +201,74 @@ def ingest_catalogue(
                 f'catalogue with "raiox reindex --model {spec.name} --pretrained {spec.pretrained}"'
             )
         return RootIngest(conn, settings, root, model, options, progress).run()
+
+
+@dataclass(frozen=True)
+class FilePrep:
+    """The decode-side work on one catalogue file, as plain data so that any engine
+    can run it (the local engine in decode threads, the Ray engine in tasks on other
+    machines): the read stage, then decode only for content the catalogue does not
+    already have an embedding for, then the image store."""
+
+    root_id: int
+    known: dict[tuple[str, str], dict[str, Any]]  # (implant key, sha256) -> its row
+    scan_paths: frozenset[str]
+    # embedding.Preprocess (picklable, no model inside), or in this process the
+    # ModelHandle, so that a run with nothing to decode never loads the model.
+    transform: Any
+    store: storage.Store | None
+    settings: Settings  # Settings.for_workers(): limits and storage, no secrets
+
+    def __call__(self, f: catalogue.CatalogueFile) -> Prepared:
+        row = pipeline.read(
+            {"path": f.rel}, max_bytes=self.settings.max_bytes, reader=lambda _, n: f.read(n)
+        )
+        if row.get("error"):
+            return Prepared("failed", f, reason=row["error"])
+        sha = row["sha256"]
+        known = self.known.get((f.implant.key, sha))
+        if known is not None and known["embedded"]:
+            elsewhere = known["root_id"] != self.root_id or known["source_path"] != f.rel
+            if elsewhere and self._still_there(known):
+                return Prepared("duplicate", f, sha)
+            return Prepared("touch", f, sha)  # same path, or moved here: adopt the row
+        transform = self.transform
+        if isinstance(transform, ModelHandle):
+            transform = transform.get().preprocessor
+        row = pipeline.decode(
+            row,
+            transform=transform,
+            max_pixels=self.settings.max_pixels,
+            max_bytes=self.settings.max_bytes,
+            decode_to=transform.decode_to,
+        )
+        if row.get("error"):
+            return Prepared("failed", f, reason=row["error"])
+        try:
+            key = self.store.put(sha, row["data"]) if self.store is not None else None
+        except RaioxError as exc:  # StorageError: this file only
+            return Prepared("failed", f, reason=str(exc))
+        row["data"] = None
+        info = {
+            "format": row["format"],
+            "width": row["width"],
+            "height": row["height"],
+            "storage_key": key,
+        }
+        return Prepared("embed", f, sha, row, info)
+
+    def _still_there(self, known: dict[str, Any]) -> bool:
+        """Whether the file a known image was recorded from still exists (then this
+        file is a duplicate of it; otherwise it moved here, even from another root)."""
+        if known["root_id"] == self.root_id:
+            return known["source_path"] in self.scan_paths
+        if known["root_path"] is None or known["source_path"] is None:
+            return False
+        try:
+            root = catalogue.open_root(known["root_path"], self.settings)
+            return root.has(known["source_path"])
+        except RaioxError:  # unreachable: as if it were gone
+            return False
 
 
 class RootIngest:
@@ -368,14 +437,18 @@ class RootIngest:
                 touch.clear()
             self.progress("ingest", done, len(todo))
 
+        prepare = FilePrep(
+            self.root_id,
+            self.known,
+            frozenset(self.scan_paths),
+            self.model.get().preprocessor if self.settings.engine == "ray" else self.model,
+            self.store,
+            self.settings.for_workers(),
+        )
         try:
-            run_pipeline(
-                todo,
-                self._prepare,
-                handle,
-                workers=worker_count(self.settings),
-                batch_size=self.settings.batch_size,
-            )
+            with engines.open_engine(self.settings, self.model.spec) as engine:
+                for prepared in engine.map(prepare, todo):
+                    handle(prepared)
             self._flush(writer, embed)
             if touch:
                 writer.put((touch, None))
@@ -391,56 +464,6 @@ class RootIngest:
         writer.put((batch[:], vectors))
         self.report.embedded += len(batch)
         batch.clear()
-
-    def _prepare(self, f: catalogue.CatalogueFile) -> Prepared:
-        """In a decode worker: the read stage, then the decode stage only for content
-        the catalogue does not already have an embedding for, then the store."""
-        row = pipeline.read(
-            {"path": f.rel}, max_bytes=self.settings.max_bytes, reader=lambda _, n: f.read(n)
-        )
-        if row.get("error"):
-            return Prepared("failed", f, reason=row["error"])
-        sha = row["sha256"]
-        known = self.known.get((f.implant.key, sha))
-        if known is not None and known["embedded"]:
-            elsewhere = known["root_id"] != self.root_id or known["source_path"] != f.rel
-            if elsewhere and self._still_there(known):
-                return Prepared("duplicate", f, sha)
-            return Prepared("touch", f, sha)  # same path, or moved here: adopt the row
-        row = pipeline.decode(
-            row,
-            transform=self.model.get().preprocessor,
-            max_pixels=self.settings.max_pixels,
-            max_bytes=self.settings.max_bytes,
-            decode_to=self.model.get().preprocessor.decode_to,
-        )
-        if row.get("error"):
-            return Prepared("failed", f, reason=row["error"])
-        try:
-            key = self.store.put(sha, row["data"]) if self.store is not None else None
-        except RaioxError as exc:  # StorageError: this file only
-            return Prepared("failed", f, reason=str(exc))
-        row["data"] = None
-        info = {
-            "format": row["format"],
-            "width": row["width"],
-            "height": row["height"],
-            "storage_key": key,
-        }
-        return Prepared("embed", f, sha, row, info)
-
-    def _still_there(self, known: dict[str, Any]) -> bool:
-        """Whether the file a known image was recorded from still exists (then this
-        file is a duplicate of it; otherwise it moved here, even from another root)."""
-        if known["root_id"] == self.root_id:
-            return known["source_path"] in self.scan_paths
-        if known["root_path"] is None or known["source_path"] is None:
-            return False
-        try:
-            root = catalogue.open_root(known["root_path"], self.settings)
-            return root.has(known["source_path"])
-        except RaioxError:  # unreachable: as if it were gone
-            return False
 
     def _write(self, conn: psycopg.Connection, batch: tuple[list[Prepared], Any]) -> None:
         """In the writer thread, inside one transaction."""

@@ -256,6 +256,8 @@ class Batcher:
         """Add a row; returns a full batch when this one completed it."""
         self.rows.append(row)
         pixels = row.get("pixels")
+        if pixels is None:  # embedded already (the Ray engine embeds in its actors)
+            pixels = row.get("vectors")
         self.images += len(pixels) if pixels is not None else 0
         return self.take() if self.images >= self.size else None
 

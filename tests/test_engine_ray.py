@@ -14,7 +14,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import assert_same_rows, catalogue_rows, fresh_database, upload_folder
+from conftest import (
+    assert_same_rows,
+    catalogue_rows,
+    fresh_database,
+    store_synthetic_catalogue,
+    upload_folder,
+)
 from typer.testing import CliRunner
 
 from raiox_cli import config, db, synth
@@ -77,7 +83,7 @@ def test_ingest_with_ray_from_s3_gives_the_rows_of_the_local_engine(
 def test_ray_driver_killed_mid_run_then_rerun_converges(
     migrated: config.Settings, pg_server_url: str, ray_address: str, tmp_path: Path
 ):
-    info = synth.make_catalogue(tmp_path / "s", systems=10, views=4, queries=0, size=(96, 120))
+    info = synth.make_catalogue(tmp_path / "s", systems=4, views=4, queries=0, size=SMALL)
     total = len(info.catalogue_files)
     command = [sys.executable, "-m", "raiox_cli", "ingest", str(info.catalogue)]
     env = {**os.environ, "RAY_ADDRESS": ray_address}
@@ -108,3 +114,40 @@ def test_ray_driver_killed_mid_run_then_rerun_converges(
     local = _local_twin(migrated, pg_server_url)
     ingest_catalogue(local, info.catalogue)
     assert_same_rows(catalogue_rows(migrated), catalogue_rows(local))
+
+
+@pytest.mark.ray
+def test_batch_search_with_ray_answers_as_the_local_engine(
+    conn: psycopg.Connection, tiny_embedder, ray_address: str, tmp_path: Path
+):
+    info = synth.make_catalogue(tmp_path / "s", systems=4, views=2, queries=2, size=SMALL)
+    store_synthetic_catalogue(conn, tiny_embedder, info)
+    folder = tmp_path / "xrays"
+    shutil.copytree(info.queries_dir, folder)
+    (folder / "notes.png").write_text("not an image")
+    runner = CliRunner()
+    common = ["search", str(folder), "-k", "3", "--batch-size", "6"]
+    local = runner.invoke(app, [*common, "--out", str(tmp_path / "local.jsonl")])
+    on_ray = runner.invoke(
+        app, [*common, "--engine", "ray", "--save", "--out", str(tmp_path / "ray.jsonl")]
+    )
+    assert local.exit_code == on_ray.exit_code == 1, on_ray.output  # notes.png
+    assert f"{folder / 'notes.png'}: " in on_ray.stderr
+
+    def answers(name: str) -> list[dict]:
+        lines = (tmp_path / name).read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    want, got = answers("local.jsonl"), answers("ray.jsonl")
+    assert len(got) == len(want) == 8 and all(a["analysis_id"] for a in got)
+    for a, b in zip(got, want, strict=True):
+        assert (a["path"], a["sha256"], a["orientations"]) == (
+            b["path"],
+            b["sha256"],
+            b["orientations"],
+        )
+        assert [m["key"] for m in a["matches"]] == [m["key"] for m in b["matches"]]
+        scores = [m["score"] for m in a["matches"]], [m["score"] for m in b["matches"]]
+        assert scores[0] == pytest.approx(scores[1], abs=1e-5)
+    saved = conn.execute("SELECT count(*) FROM analyses WHERE source = 'cli'").fetchone()[0]
+    assert saved == 8

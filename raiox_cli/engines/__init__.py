@@ -48,15 +48,18 @@ def check(settings: Settings) -> None:
 
 
 @contextmanager
-def open_engine(settings: Settings, spec: ModelSpec) -> Iterator[Engine]:
+def open_engine(
+    settings: Settings, spec: ModelSpec, *, batch_size: int | None = None
+) -> Iterator[Engine]:
     """The engine settings.engine names, ready to map; a local Ray it started is
-    stopped on exit."""
+    stopped on exit. `batch_size`: items per model batch (default the setting's)."""
+    batch_size = batch_size or settings.batch_size
     if settings.engine == "ray":
         from raiox_cli.engines import ray
 
         with ray.session(settings):
-            yield ray.RayEngine(settings, spec, batch_size=settings.batch_size)
+            yield ray.RayEngine(settings, spec, batch_size=batch_size)
         return
     from raiox_cli.pipeline import LocalEngine, worker_count
 
-    yield LocalEngine(workers=worker_count(settings), batch_size=settings.batch_size)
+    yield LocalEngine(workers=worker_count(settings), batch_size=batch_size)
