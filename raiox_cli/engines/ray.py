@@ -29,7 +29,7 @@ import numpy as np
 from raiox_cli import embedding, pipeline
 from raiox_cli.config import Settings
 from raiox_cli.engines import row_of
-from raiox_cli.errors import UsageError
+from raiox_cli.errors import RaioxError, UsageError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -146,8 +146,26 @@ class RayEngine:
             )
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 yield from batch["item"]
+        except Exception as exc:
+            # A raiox error inside a task or actor (weights missing on a worker, say)
+            # reaches the user as its own one line, not as Ray's wrapped traceback.
+            cause = _raiox_cause(exc)
+            if cause is None or cause is exc:
+                raise
+            raise cause from exc
         finally:
             context.execution_options.preserve_order, context.enable_progress_bars = saved
+
+
+def _raiox_cause(exc: BaseException) -> RaioxError | None:
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, RaioxError):
+            return cause
+        seen.add(id(cause))
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    return None
 
 
 def _on_cpu(spec: embedding.ModelSpec) -> embedding.ModelSpec:
