@@ -50,6 +50,7 @@ def test_engine_ray_without_the_extra_says_how_to_install(
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(600)
 def test_ingest_with_ray_from_s3_gives_the_rows_of_the_local_engine(
     migrated: config.Settings,
     pg_server_url: str,
@@ -80,6 +81,7 @@ def test_ingest_with_ray_from_s3_gives_the_rows_of_the_local_engine(
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(900)  # a subprocess driver, and a rerun: slow when 2 cores are busy
 def test_ray_driver_killed_mid_run_then_rerun_converges(
     migrated: config.Settings, pg_server_url: str, ray_address: str, tmp_path: Path
 ):
