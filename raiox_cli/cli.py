@@ -160,7 +160,7 @@ RayAddress = Annotated[
     str | None,
     typer.Option(
         "--ray-address",
-        help="with --engine ray: join this cluster (host:6379 or ray://host:10001) "
+        help="with --engine ray: join this cluster (its head, HEAD:6379) "
         "[env RAY_ADDRESS; default: start a local Ray]",
         show_default=False,
     ),
