@@ -28,7 +28,7 @@ from typing import Any
 
 import psycopg
 
-from raiox_cli import db, embedding, engines, pipeline, queries, search
+from raiox_cli import db, embedding, engines, pipeline, privacy, queries, search
 from raiox_cli.catalogue import IMAGE_SUFFIXES
 from raiox_cli.config import Settings
 from raiox_cli.errors import UsageError
@@ -316,7 +316,9 @@ class QueryPrep:
         )
         if not row.get("error") and row["save"] and self.store is not None:
             try:
-                row["storage_key"] = self.store.put(row["sha256"], row["data"])
+                row["storage_key"] = privacy.store_image(
+                    self.store, row["data"], row["format"], self.settings
+                )
             except Exception as exc:  # storage clients raise many classes
                 row["error"] = f"could not store the X-ray: {exc}"
         row["data"] = None

@@ -1453,6 +1453,50 @@ def adapt(
         raise typer.Exit(1)
 
 
+@command("purge")
+def purge(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="age of the analyses to delete: 90d, 12w, 48h")
+    ],
+    client: Annotated[
+        str | None, typer.Option("--client", help="only this clinic's analyses")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="count what would be deleted; delete nothing")
+    ] = False,
+    json_out: JsonOut = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Delete analyses older than --older-than with their stored X-rays (only anonymous
+    daily counts stay). RAIOX_RETENTION_DAYS makes the nightly reindex do the same.
+
+    Example: raiox purge --older-than 90d --client sorriso-sp --dry-run
+    """
+    from raiox_cli import clients, retention, storage
+
+    seconds = config.parse_duration(older_than, what="--older-than")
+    with _database(database_url) as conn:
+        clinic = clients.find(conn, client)["id"] if client else None
+        settings = config.resolve(database_url=database_url)
+        report = retention.purge(
+            conn,
+            storage.open_store(settings),
+            older_than_s=seconds,
+            clinic_id=clinic,
+            client=client,
+            dry_run=dry_run,
+        )
+    if json_out:
+        _print_json(report.to_dict())
+    else:
+        verb = "would delete" if dry_run else "deleted"
+        out.print(
+            f"{verb} {report.analyses} analyses older than {older_than}"
+            f"{f' of {client}' if client else ''} and {report.objects} stored images",
+            highlight=False,
+        )
+
+
 # --- backups --------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from raiox_cli import catalogue, db, embedding, engines, pipeline, queries, storage
+from raiox_cli import catalogue, db, embedding, engines, pipeline, privacy, queries, storage
 from raiox_cli.config import Settings
 from raiox_cli.errors import Busy, ModelMismatch, RaioxError
 from raiox_cli.pipeline import Writer
@@ -245,7 +245,11 @@ class FilePrep:
         if row.get("error"):
             return Prepared("failed", f, reason=row["error"])
         try:
-            key = self.store.put(sha, row["data"]) if self.store is not None else None
+            key = (  # de-identified copy (privacy.py); embedded from the original pixels
+                privacy.store_image(self.store, row["data"], row["format"], self.settings)
+                if self.store is not None
+                else None
+            )
         except RaioxError as exc:  # StorageError: this file only
             return Prepared("failed", f, reason=str(exc))
         row["data"] = None

@@ -49,6 +49,7 @@ class ReindexReport:
     pending: int = 0  # images still without an embedding from model_id
     failed: list[Failure] = field(default_factory=list)
     model_loaded: bool = False
+    purged: dict[str, Any] | None = None  # RAIOX_RETENTION_DAYS applied (retention.purge)
     elapsed_s: float = 0.0
 
     @property
@@ -61,6 +62,15 @@ class ReindexReport:
         data["failed"] = [asdict(f) for f in self.failed]
         data["elapsed_s"] = round(self.elapsed_s, 3)
         return data
+
+
+def _apply_retention(conn: psycopg.Connection, settings: Settings) -> dict[str, Any]:
+    """Purge analyses older than RAIOX_RETENTION_DAYS (cron's nightly run)."""
+    from raiox_cli import retention
+
+    days = settings.retention_days or 0
+    purged = retention.purge(conn, storage.open_store(settings), older_than_s=days * 86400.0)
+    return purged.to_dict()
 
 
 def target_spec(
@@ -112,6 +122,8 @@ def reindex(
         report.reembedded = _embed_missing(conn, settings, model, report, progress)
         _switch(conn, model, active, report)
         report.model_loaded = model.loaded
+        if settings.retention_days is not None:
+            report.purged = _apply_retention(conn, settings)
     report.elapsed_s = time.perf_counter() - start
     return report
 

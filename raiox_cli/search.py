@@ -562,7 +562,7 @@ def search_file(
                 loaded.sha256,
                 query_path=str(path),
                 client_id=client_id,
-                storage_key=_store_query(settings, loaded.sha256, data),
+                storage_key=_store_query(settings, loaded.format, data),
             )
             result = replace(result, analysis_id=analysis_id)
     if sheet_path is not None:
@@ -570,8 +570,8 @@ def search_file(
     return result
 
 
-def _store_query(settings: Settings, sha256: str, data: bytes) -> str:
-    """Keep the query's bytes with the analysis, as the server does for uploads."""
-    from raiox_cli import storage
+def _store_query(settings: Settings, fmt: str, data: bytes) -> str:
+    """Keep the query with the analysis, de-identified, as the server does for uploads."""
+    from raiox_cli import privacy, storage
 
-    return storage.open_store(settings).put(sha256, data)
+    return privacy.store_image(storage.open_store(settings), data, fmt, settings)

@@ -63,6 +63,7 @@ class Store(Protocol):
     def put(self, sha256: str, data: bytes, *, content_type: str | None = None) -> str: ...
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
+    def delete(self, key: str) -> None: ...
     def url(self, key: str, expires_s: int = 3600) -> str: ...
     def describe(self) -> str: ...
 
@@ -108,6 +109,14 @@ class LocalStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        """Remove an object; one already gone is not an error (purge is re-run)."""
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"{path}: cannot delete ({exc.strerror or exc})") from exc
 
     def url(self, key: str, expires_s: int = 3600) -> str:
         return self._path(key).resolve().as_uri()
@@ -183,6 +192,16 @@ class S3Store:
         except BotoCoreError as exc:
             raise self._fail("head", key, exc) from exc
         return True
+
+    def delete(self, key: str) -> None:
+        """Remove an object; S3 answers a missing key with success too."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        _check_key(key)
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail("delete", key, exc) from exc
 
     def url(self, key: str, expires_s: int = 3600) -> str:
         """A presigned GET link that stops working after `expires_s` seconds."""

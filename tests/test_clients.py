@@ -121,3 +121,20 @@ def test_help_has_examples() -> None:
     for command in ("add", "list", "rotate", "revoke"):
         code, stdout, _ = invoke("clients", command, "--help")
         assert code == 0 and "Example: " in stdout
+
+
+def test_migration_gives_existing_analyses_distinct_public_ids(database_url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(database_url) as conn:
+        for migration in db.load_migrations():
+            if migration.version >= 5:
+                break
+            conn.execute(migration.sql)
+        conn.execute(
+            "INSERT INTO analyses (source, status) SELECT 'cli', 'done' FROM generate_series(1, 50)"
+        )
+        conn.execute(next(m for m in db.load_migrations() if m.version == 5).sql)
+        ids = [r[0] for r in conn.execute("SELECT public_id FROM analyses")]
+    assert len(ids) == 50 and len(set(ids)) == 50
+    assert all(i is not None and i.version == 4 for i in ids)

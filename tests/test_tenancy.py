@@ -5,6 +5,7 @@ out of logs, guessing rate-limited, Jotform per clinic and on a shared form."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -204,3 +205,34 @@ def test_jotform_per_clinic_url_and_shared_form_mapping(
         mapped = poll(shared.json()["url"], headers=bearer(key_42))
         assert mapped["clinic"] == "clinic-42" and mapped["status"] == "done"
         assert httpx.get(shared.json()["url"], headers=bearer(key_a)).status_code == 404
+
+
+def test_a_clinic_notify_url_gets_its_results_signed(
+    catalogue: Catalogue, tiny_embedder: Any, site: Site
+) -> None:
+    from test_server import SECRET
+
+    from raiox_cli.server import auth
+
+    site.routes["/xray.png"] = (200, catalogue.query_png, {"Content-Type": "image/png"})
+    with db.connect(catalogue.settings) as conn:
+        key = clients.add(conn, "hooked", notify_url=site.base + "/clinic-hook")[1]
+    with running(
+        catalogue,
+        tiny_embedder,
+        webhook_token=TOKEN,
+        webhook_secret=SECRET,  # signs notifications; no RAIOX_NOTIFY_URL at all
+        download_allow_loopback=True,
+    ) as base:
+        sent = httpx.post(
+            f"{base}/webhook", json={"image_url": site.base + "/xray.png"}, headers=bearer(key)
+        ).json()
+        poll(sent["url"], headers=bearer(key))
+        deadline = time.monotonic() + 15
+        while not site.notifications and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert len(site.notifications) == 1
+    headers, body = site.notifications[0]
+    assert auth.verify_signature(SECRET, headers, body) == f"msg_raiox_analysis_{sent['id']}"
+    payload = json.loads(body)
+    assert payload["data"]["id"] == sent["id"] and payload["data"]["clinic"] == "hooked"

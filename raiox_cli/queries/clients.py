@@ -46,7 +46,7 @@ def list_clients(conn: psycopg.Connection) -> list[dict[str, Any]]:
         cur.execute(
             f"""SELECT {_CLIENT_COLUMNS},
                        (SELECT count(*) FROM analyses a WHERE a.clinic_id = c.id) AS analyses,
-                       (SELECT coalesce(sum(n.analyses), 0) FROM analysis_counts n
+                       (SELECT coalesce(sum(n.analyses), 0)::bigint FROM analysis_counts n
                         WHERE n.clinic_id = c.id) AS purged
                 FROM clients c ORDER BY c.name"""
         )
@@ -118,6 +118,16 @@ def client_for_key_hash(conn: psycopg.Connection, key_hash: bytes) -> dict[str, 
         return cur.fetchone()
 
 
+def notify_url_of_analysis(conn: psycopg.Connection, analysis_id: int) -> str | None:
+    """The notification URL of the analysis' clinic, if it has one."""
+    row = conn.execute(
+        """SELECT c.notify_url FROM analyses a JOIN clients c ON c.id = a.clinic_id
+           WHERE a.id = %(a)s""",
+        {"a": analysis_id},
+    ).fetchone()
+    return row[0] if row else None
+
+
 def clinic_by_name(conn: psycopg.Connection, name: str) -> int | None:
     """An active clinic's id by its exact name (Jotform shared-form mapping)."""
     row = conn.execute(
@@ -175,15 +185,18 @@ def list_analyses(
         return list(cur.fetchall())
 
 
-def storage_keys_in_use(conn: psycopg.Connection, keys: list[str]) -> set[str]:
-    """Which of these object keys an analysis or catalogue image still refers to
-    (objects are content-addressed: one object may serve several rows)."""
+def storage_keys_in_use(
+    conn: psycopg.Connection, keys: list[str], *, excluding: list[int]
+) -> set[str]:
+    """Which of these object keys an analysis (other than `excluding`) or a catalogue
+    image still refers to (objects are content-addressed: one may serve many rows)."""
     if not keys:
         return set()
     rows = conn.execute(
-        """SELECT storage_key FROM analyses WHERE storage_key = ANY(%(k)s)
+        """SELECT storage_key FROM analyses
+           WHERE storage_key = ANY(%(k)s) AND NOT id = ANY(%(x)s)
            UNION SELECT storage_key FROM implant_images WHERE storage_key = ANY(%(k)s)""",
-        {"k": keys},
+        {"k": keys, "x": excluding},
     ).fetchall()
     return {r[0] for r in rows}
 
@@ -209,20 +222,29 @@ def lock_old_analyses(
         return list(cur.fetchall())
 
 
-def count_old_analyses(
+def old_analyses(
     conn: psycopg.Connection, *, older_than_s: float, clinic_id: int | None = None
-) -> tuple[int, list[str]]:
-    """(how many analyses are older than older_than_s, their distinct storage keys)."""
-    rows = conn.execute(
-        """SELECT count(*), coalesce(array_agg(DISTINCT storage_key)
-                                      FILTER (WHERE storage_key IS NOT NULL), '{}')
-           FROM analyses
-           WHERE created_at < now() - make_interval(secs => %(age)s)
-             AND (%(c)s::bigint IS NULL OR clinic_id = %(c)s)""",
-        {"age": older_than_s, "c": clinic_id},
-    ).fetchone()
-    assert rows is not None
-    return int(rows[0]), list(rows[1])
+) -> list[dict[str, Any]]:
+    """Every analysis created more than older_than_s ago (a dry run's count)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            """SELECT id, public_id, storage_key, clinic_id FROM analyses
+               WHERE created_at < now() - make_interval(secs => %(age)s)
+                 AND (%(c)s::bigint IS NULL OR clinic_id = %(c)s)""",
+            {"age": older_than_s, "c": clinic_id},
+        )
+        return list(cur.fetchall())
+
+
+def lock_analyses(conn: psycopg.Connection, ids: list[int]) -> list[dict[str, Any]]:
+    """Lock these analyses for deletion; the ones already gone are left out."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            """SELECT id, public_id, storage_key, clinic_id FROM analyses
+               WHERE id = ANY(%(ids)s) FOR UPDATE""",
+            {"ids": ids},
+        )
+        return list(cur.fetchall())
 
 
 def delete_analyses_keeping_counts(conn: psycopg.Connection, ids: list[int]) -> int:

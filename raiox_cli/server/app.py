@@ -31,7 +31,18 @@ from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 
-from raiox_cli import __version__, clients, db, feedback, images, queries, search, utc
+from raiox_cli import (
+    __version__,
+    clients,
+    db,
+    feedback,
+    images,
+    privacy,
+    queries,
+    retention,
+    search,
+    utc,
+)
 from raiox_cli.config import Settings
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import DatabaseUnavailable, RaioxError, UsageError
@@ -39,7 +50,7 @@ from raiox_cli.lifecycle import Terminated
 from raiox_cli.server import auth, inputs, jotform, logs, notify, openapi, results, schemas
 from raiox_cli.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from raiox_cli.server.metrics import Metrics, route_of
-from raiox_cli.server.worker import BATCH, CONTENT_TYPES, Store, Worker
+from raiox_cli.server.worker import BATCH, Store, Worker
 
 MAX_WAIT_S = 60
 MAX_PAGE = 100
@@ -574,6 +585,31 @@ def create_app(config: ServerConfig) -> FastAPI:
         logs.audit("read", client=caller.name, analysis=public_id)
         return JSONResponse(_json(view))
 
+    @app.delete(
+        "/analyses/{analysis_id}",
+        status_code=204,
+        summary="Delete an analysis and its stored X-ray",
+    )
+    async def delete_analysis(
+        request: Request, analysis_id: str, caller: CurrentCaller
+    ) -> Response:
+        """The clinic's own analysis (404 for another clinic's, like a missing one);
+        its image leaves the store unless another analysis shows the same bytes. Only
+        an anonymous count is kept."""
+        public_id = parse_public_id(analysis_id)
+
+        def delete(conn: psycopg.Connection) -> bool:
+            if public_id is None:
+                return False
+            row = queries.find_analysis(conn, public_id, clinic_id=caller.clinic_id)
+            return row is not None and retention.delete_analysis(conn, config.store, row["id"])
+
+        request.state.analysis_id = public_id
+        if not await run_in_threadpool(_with_db, request, delete):
+            raise HTTPException(404, "no such analysis")
+        logs.audit("delete", client=caller.name, analysis=public_id)
+        return Response(status_code=204)
+
     @app.post(
         "/analyses/{analysis_id}/feedback",
         status_code=201,
@@ -778,7 +814,7 @@ def _analyse_now(request: Request, caller: auth.Caller, data: bytes, k: int) -> 
 
     def run(conn: psycopg.Connection) -> dict[str, Any]:
         search.catalogue_model(conn, config.embedder.model_id)
-        key = config.store.put(loaded.sha256, data, content_type=CONTENT_TYPES.get(loaded.format))
+        key = privacy.store_image(config.store, data, loaded.format, settings)
         analysis_id, _ = queries.create_analysis(
             conn,
             source="upload",

@@ -99,12 +99,15 @@ def send(url: str, secret: str, public_id: str, body: bytes) -> None:
 
 @dataclass(frozen=True)
 class WebhookNotifier:
-    url: str
+    url: str | None  # RAIOX_NOTIFY_URL; a clinic's own URL comes as the recipient
     secret: str
     channel: str = "webhook"
 
     def deliver(self, finished: Finished, recipient: str | None) -> None:
-        send(self.url, self.secret, finished.view["id"], payload(finished.view))
+        url = recipient or self.url
+        if not url:
+            raise NotifyFailed("no notification URL for this analysis", transient=False)
+        send(url, self.secret, finished.view["id"], payload(finished.view))
 
 
 # --- e-mail ----------------------------------------------------------------------
@@ -257,7 +260,7 @@ def notifiers(settings: Settings) -> dict[str, Notifier]:
     """The channels the settings turn on, by name."""
     found: dict[str, Notifier] = {}
     secret = settings.notify_secret or settings.webhook_secret
-    if settings.notify_url and secret:
+    if secret:  # clinics may have their own URL (clients add --notify-url) without this one
         found["webhook"] = WebhookNotifier(settings.notify_url, secret)
     if settings.smtp_url:
         found["email"] = EmailNotifier(

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import psycopg
 
-from raiox_cli import db, images, pipeline, queries, search
+from raiox_cli import db, images, pipeline, privacy, queries, search
 from raiox_cli.config import Settings
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import EmptyCatalogue, ModelMismatch, RaioxError
@@ -34,19 +34,11 @@ MAX_BACKOFF_S = 600.0
 NOTIFY_MAX_ATTEMPTS = 8
 NOTIFY_LEASE_S = 60.0
 
-CONTENT_TYPES = {
-    "JPEG": "image/jpeg",
-    "PNG": "image/png",
-    "TIFF": "image/tiff",
-    "WEBP": "image/webp",
-    "BMP": "image/bmp",
-    "DICOM": "application/dicom",
-}
-
 
 class Store(Protocol):
     def put(self, sha256: str, data: bytes, *, content_type: str | None = None) -> str: ...
     def get(self, key: str) -> bytes: ...
+    def delete(self, key: str) -> None: ...
     def url(self, key: str, expires_s: int = 3600) -> str: ...
 
 
@@ -345,9 +337,9 @@ class Worker:
         else:
             fetched = download.download(job["image_url"], self.policy)
             loaded = images.load_image(fetched.data, **limits)
-            key = self.store.put(
-                loaded.sha256, fetched.data, content_type=CONTENT_TYPES.get(loaded.format)
-            )
+            # The embedding below comes from these pixels; only a de-identified copy is
+            # stored (privacy.py), and it decodes to the same pixels for a retry.
+            key = privacy.store_image(self.store, fetched.data, loaded.format, self.settings)
             queries.record_analysis_image(
                 conn, claim.analysis_id, sha256=loaded.sha256, storage_key=key
             )
@@ -392,7 +384,11 @@ class Worker:
         """Queue a delivery on every configured channel that has someone to tell."""
         recipients: dict[str, str | None] = {}
         if "webhook" in self.notifiers:
-            recipients["webhook"] = None
+            # The clinic's own URL (clients add --notify-url) before RAIOX_NOTIFY_URL:
+            # a clinic's results go to the clinic, not to the operator.
+            url = queries.notify_url_of_analysis(conn, analysis_id)
+            if url or getattr(self.notifiers["webhook"], "url", None):
+                recipients["webhook"] = url
         if "email" in self.notifiers:
             address = queries.email_recipient(conn, analysis_id)
             if address:
