@@ -233,7 +233,10 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
 def strip_png(data: bytes) -> bytes:
     if not data.startswith(PNG_SIGNATURE):
         raise ImageError("not a PNG (bad signature)")
-    orientation = orientation_exif(data)
+    if not any(kind in data for kind in PNG_DROP):
+        return data  # nothing to drop (a chunk name can also occur in pixel data: then scan)
+    # Pillow decodes the whole image to find a PNG's EXIF: ask only when there is one.
+    orientation = orientation_exif(data) if (b"eXIf" in data or b"exif" in data) else 1
     out, i = [PNG_SIGNATURE], len(PNG_SIGNATURE)
     while i + 8 <= len(data):
         (length,) = struct.unpack(">I", data[i : i + 4])

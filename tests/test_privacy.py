@@ -193,3 +193,35 @@ def test_an_uploaded_jpeg_is_stored_without_exif(catalogue: Catalogue, tiny_embe
     stored = httpx.get(answer["image"]["url"]).content
     assert b"CameraCo" in jpeg and b"CameraCo" not in stored and b"Exif" not in stored
     assert np.array_equal(pixels(stored), pixels(jpeg))
+
+
+def test_ingest_and_search_save_store_only_clean_copies(
+    migrated: config.Settings, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from raiox_cli.cli import app
+
+    folder = tmp_path / "catalogue" / "Acme" / "Fixture 4.0x10"
+    folder.mkdir(parents=True)
+    (folder / "exam.dcm").write_bytes(dicom_with_patient())
+    photo = io.BytesIO()
+    _grey(2).save(photo, "JPEG", exif=_exif(1), comment=b"patient Ana Souza")
+    (folder / "photo.jpg").write_bytes(photo.getvalue())
+    runner = CliRunner()
+    ingested = runner.invoke(app, ["ingest", str(tmp_path / "catalogue"), "--json"])
+    assert ingested.exit_code == 0, ingested.output
+    query = tmp_path / "query.jpg"
+    query.write_bytes(photo.getvalue())
+    searched = runner.invoke(app, ["search", str(query), "--save", "--json", "--no-tta"])
+    assert searched.exit_code == 0, searched.output
+
+    stored = [p.read_bytes() for p in (migrated.home / "objects").rglob("*") if p.is_file()]
+    assert len(stored) == 2  # the query is the catalogue photo's bytes: one clean object
+    for data in stored:
+        for text in (b"Souza", b"PAC-12345", b"19800101", b"CameraCo", b"Dr. Artist"):
+            assert text not in data
+    with db.connect(migrated) as conn:
+        keys = {r[0] for r in conn.execute("SELECT storage_key FROM implant_images")}
+        saved = conn.execute("SELECT storage_key, image_sha256 FROM analyses").fetchone()
+    assert saved is not None and saved[0] in keys  # the analysis points at the clean copy
