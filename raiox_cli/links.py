@@ -9,7 +9,12 @@ altered, truncated or signed with another key is `LinkInvalid` (answer 404); a
 genuine one past its expiry is `LinkExpired` (answer 410). Neither says whether
 the analysis exists: the route checks that afterwards, and answers 404 alike.
 
-Pages (server/pages.py) serve `/r/<token>`; this module is only the token.
+Pages (server/pages.py) serve `/r/<token>`; this module is only the token:
+
+    key = links.link_key(settings)                   # once per process
+    token = links.make(key, row["public_id"], settings.result_link_expires_s)
+    public_id = links.verify(key, token)             # LinkInvalid -> 404, LinkExpired -> 410
+    row = queries.find_analysis(conn, public_id, clinic_id=None)  # None (deleted) -> 404
 """
 
 from __future__ import annotations
