@@ -37,6 +37,8 @@ def no_empty_schemas(document: dict[str, Any]) -> list[str]:
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             for status, response in operation["responses"].items():
+                if status == "204":  # No Content: nothing to describe
+                    continue
                 for media, content in (response.get("content") or {"-": {}}).items():
                     if not content.get("schema"):
                         empty.append(f"{method.upper()} {path} {status} {media}")

@@ -589,9 +589,11 @@ def create_app(config: ServerConfig) -> FastAPI:
         "/analyses/{analysis_id}",
         status_code=204,
         summary="Delete an analysis and its stored X-ray",
+        response_class=Response,
+        responses=schemas.errors(401, 404, 422, 429, 503),
     )
     async def delete_analysis(
-        request: Request, analysis_id: str, caller: CurrentCaller
+        request: Request, analysis_id: PublicId, caller: CurrentCaller
     ) -> Response:
         """The clinic's own analysis (404 for another clinic's, like a missing one);
         its image leaves the store unless another analysis shows the same bytes. Only

@@ -197,8 +197,6 @@ class Worker:
             status = "done"
         except Exception as exc:
             conn.rollback()
-            if isinstance(exc, download.DownloadError):
-                self.metrics.download_failures.labels(exc.reason).inc()
             status = self._record_failure(conn, claim, _classify(exc))
         finally:
             with self._lock:
@@ -335,7 +333,11 @@ class Worker:
         if job["storage_key"]:
             loaded = images.load_image(self.store.get(job["storage_key"]), **limits)
         else:
-            fetched = download.download(job["image_url"], self.policy)
+            try:
+                fetched = download.download(job["image_url"], self.policy)
+            except download.DownloadError as exc:  # counted here: both job paths load here
+                self.metrics.download_failures.labels(exc.reason).inc()
+                raise
             loaded = images.load_image(fetched.data, **limits)
             # The embedding below comes from these pixels; only a de-identified copy is
             # stored (privacy.py), and it decodes to the same pixels for a retry.
