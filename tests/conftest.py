@@ -238,3 +238,51 @@ def ray_address() -> Iterator[str]:
     )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+# --- a real browser (Debian's chromium, driven by Playwright): one per session -------
+
+BROWSER_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
+def chromium_path() -> str | None:
+    import os
+    import shutil
+
+    candidates = [os.environ.get("RAIOX_TEST_CHROMIUM"), "chromium", "chromium-browser"]
+    for name in candidates:
+        found = name and (shutil.which(name) or (os.path.isfile(name) and name))
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """Headless Chromium for the page tests. Skipped, saying why, only when it is
+    not installed (.ci/run installs Debian's chromium with apt-get)."""
+    import warnings
+
+    executable = chromium_path()
+    why = None
+    if executable is None:
+        why = "chromium is not installed (apt-get install chromium; .ci/run does it)"
+    else:
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            why = "playwright is not installed (pip install -e '.[dev]')"
+    if why:
+        warnings.warn(f"BROWSER TESTS SKIPPED: {why}", stacklevel=1)
+        pytest.skip(f"BROWSER TESTS SKIPPED: {why}")
+    with sync_playwright() as driver:
+        chromium = driver.chromium.launch(executable_path=executable, args=BROWSER_ARGS)
+        yield chromium
+        chromium.close()

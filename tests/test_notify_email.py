@@ -8,6 +8,7 @@ import email
 import email.policy
 import ipaddress
 import json
+import re
 import socket
 import threading
 import time
@@ -23,6 +24,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from test_server import (  # noqa: F401 (catalogue and site are fixtures)
     FORM_ID,
+    SECRET,
     TOKEN,
     Catalogue,
     Site,
@@ -153,6 +155,10 @@ def mailbox(tmp_path: Path) -> Iterator[Mailbox]:
     controller.stop()
 
 
+def links_in(text: str) -> list[str]:
+    return re.findall(r"https?://\S+/r/[A-Za-z0-9_-]{50}", text)
+
+
 def _text(message: EmailMessage) -> str:
     part = message.get_body(preferencelist=("plain",))
     assert part is not None
@@ -211,6 +217,8 @@ def test_email_arrives_once_in_the_submitters_language(
         smtp_url=mailbox.url,
         smtp_cafile=mailbox.cafile,
         smtp_from=SENDER,
+        notify_url=site.base + "/notify",
+        notify_secret=SECRET,
     ) as base:
         # A Jotform delivery whose e-mail answer is the dentist's (default language pt-BR).
         fields = jotform_fields(site.base + "/xray.png", "5712345678900000001")
@@ -234,6 +242,24 @@ def test_email_arrives_once_in_the_submitters_language(
         messages = mailbox.wait_for(2)
         time.sleep(1.0)  # a duplicate would arrive within the worker's next polls
         assert _notifications(base, jot["id"])["email"]["status"] == "sent"
+        # The link in the message opens the result page, in the message's language.
+        by_to = {m["To"]: m for m in messages}
+        jot_link = links_in(_text(by_to["dentista@clinic.example"]))[0]
+        assert jot_link.startswith(base + "/r/")
+        page = httpx.get(jot_link, headers={"accept-language": "pt-BR"})
+        assert page.status_code == 200 and "Identificação do implante" in page.text
+        en_link = links_in(_text(by_to["busy@clinic.example"]))[0]
+        english_page = httpx.get(en_link, headers={"accept-language": "en"})
+        assert english_page.status_code == 200 and "Implant identification" in english_page.text
+        # The webhook channel ran beside it, and its payload carries the same kind of link.
+        deadline = time.monotonic() + 15
+        while len(site.notifications) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        hooked = {
+            json.loads(body)["data"]["id"]: json.loads(body) for _, body in site.notifications
+        }
+        assert set(hooked) == {jot["id"], english, refused}
+        assert all(p["data"]["result_url"].startswith(base + "/r/") for p in hooked.values())
 
     messages = list(mailbox.messages)
     assert len(messages) == 2, [m["To"] for m in messages]
@@ -247,6 +273,7 @@ def test_email_arrives_once_in_the_submitters_language(
     assert pt["Content-Language"] == "pt-BR" and pt["From"] == SENDER
     body = _text(pt)
     assert "Implante mais parecido:" in body and "Confiança:" in body
+    assert links_in(body) == [jot_link]  # the same link the page opened above
     assert "Ana" not in pt["Subject"] and "Souza" not in body  # the patient's name: nowhere
     assert [p.get_content_type() for p in pt.walk()] == [
         "multipart/alternative",

@@ -128,11 +128,13 @@ def catalogue(
 def running(cat: Catalogue, embedder: Any, **changes: Any) -> Iterator[str]:
     server_options = ("insecure_no_auth", "shutdown_grace_s", "batch")
     options = {k: changes.pop(k) for k in server_options if k in changes}
-    settings = cat.settings.replace(**{"job_retry_base_s": 0.2, **changes})
-    app = create_app(ServerConfig(settings, embedder, cat.store, poll_s=0.2, **options))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    # public_url: the links in notifications point at this very server.
+    settings = cat.settings.replace(**{"job_retry_base_s": 0.2, "public_url": base, **changes})
+    app = create_app(ServerConfig(settings, embedder, cat.store, poll_s=0.2, **options))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -140,7 +142,7 @@ def running(cat: Catalogue, embedder: Any, **changes: Any) -> Iterator[str]:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield base
     finally:
         server.should_exit = True
         thread.join(30)

@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
+from starlette.staticfiles import StaticFiles
 
 from raiox_cli import (
     __version__,
@@ -47,7 +48,17 @@ from raiox_cli.config import Settings
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import DatabaseUnavailable, RaioxError, UsageError
 from raiox_cli.lifecycle import Terminated
-from raiox_cli.server import auth, inputs, jotform, logs, notify, openapi, results, schemas
+from raiox_cli.server import (
+    auth,
+    inputs,
+    jotform,
+    logs,
+    notify,
+    openapi,
+    pages,
+    results,
+    schemas,
+)
 from raiox_cli.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from raiox_cli.server.metrics import Metrics, route_of
 from raiox_cli.server.worker import BATCH, Store, Worker
@@ -382,7 +393,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                 "request crashed",
                 logging.ERROR,
                 method=request.method,
-                path=request.url.path,
+                path=_logged_path(request),
                 exc_info=True,
             )
             metrics.requests.labels(request.method, route_of(request.scope), "500").inc()
@@ -393,12 +404,19 @@ def create_app(config: ServerConfig) -> FastAPI:
         logs.event(
             "request",
             method=request.method,
-            path=request.url.path,  # never the query string: it may hold ?token=
+            path=_logged_path(request),  # never the query string: it may hold ?token=
             status=response.status_code,
             ms=round((time.monotonic() - started) * 1000, 1),
             analysis_id=request.state.analysis_id,
         )
         return response
+
+    # The pages (server/pages.py): forms answer a refused CSRF token with a page.
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=pages.STATIC), name="static")
+    app.add_exception_handler(
+        pages.CsrfFailed, lambda req, _exc: pages.message_page(req, "error.csrf", 403)
+    )
 
     for error_class, status in ERROR_STATUS:
         app.add_exception_handler(
@@ -782,6 +800,16 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     openapi.install(app)
     return app
+
+
+def _logged_path(request: Request) -> str:
+    """The path for the access log: a result page's signed token is a credential
+    for that result, so it is left out like the query string."""
+    path = request.url.path
+    if not path.startswith("/r/"):
+        return path
+    _token, slash, rest = path[len("/r/") :].partition("/")
+    return "/r/<token>" + slash + rest
 
 
 def _json(data: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -23,7 +24,7 @@ from raiox_cli import db, images, pipeline, privacy, queries, search
 from raiox_cli.config import Settings
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import EmptyCatalogue, ModelMismatch, RaioxError
-from raiox_cli.server import download, i18n, logs, notify, results
+from raiox_cli.server import download, i18n, logs, notify, pages, results
 from raiox_cli.server.metrics import Metrics
 
 TOP_K = 3
@@ -446,4 +447,7 @@ class Worker:
                 self.settings.min_score,
                 self.settings.min_margin,
             )
-        return notify.Finished(view, i18n.preferred(view.get("lang"), self.settings.default_lang))
+        lang = i18n.preferred(view.get("lang"), self.settings.default_lang)
+        link = pages.result_link(self.settings, uuid.UUID(view["id"]))
+        view["result_url"] = link[0] if link else None
+        return notify.Finished(view, lang, link[1] if link else None)
