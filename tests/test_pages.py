@@ -9,6 +9,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -81,6 +82,11 @@ def test_upload_result_and_confirm_in_a_browser(
     with _server(catalogue, tiny_embedder) as base:
         context = browser.new_context(locale="en-US", viewport={"width": 1280, "height": 900})
         page = context.new_page()
+        hosts: set[str] = set()  # every request the pages make: none may leave this server
+        page.on(
+            "request",
+            lambda r: hosts.add(urlsplit(r.url).netloc) if r.url.startswith("http") else None,
+        )
         answer = page.goto(base + "/")
         assert answer.status == 200 and page.locator("h1").inner_text() == "Sign in"
         _shot(page, tmp_path, "1-signin-en")
@@ -142,7 +148,12 @@ def test_upload_result_and_confirm_in_a_browser(
         page.wait_for_selector("#recorded")
         page.reload()
         assert third in page.locator("#recorded").inner_text()
+        page.click("form:has(input[name=not_in_catalogue]) button")
+        page.wait_for_selector("#recorded")
+        page.reload()
+        assert "not in the catalogue" in page.locator("#recorded").inner_text()
 
+        assert hosts == {urlsplit(base).netloc}, hosts  # no CDN, font or script elsewhere
         # The keyboard reaches the page: the first Tab lands on "skip to content".
         page.keyboard.press("Tab")
         assert page.evaluate("document.activeElement.className") == "skip"
