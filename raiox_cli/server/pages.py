@@ -338,9 +338,10 @@ async def submit(request: Request) -> Response:
             return refuse(image_error_key(exc))
         except (EmptyCatalogue, ModelMismatch):
             return refuse("error.catalogue")
-        from raiox_cli.server.worker import CONTENT_TYPES
+        from raiox_cli import privacy
 
-        key = config.store.put(loaded.sha256, data, content_type=CONTENT_TYPES.get(loaded.format))
+        # Only a de-identified copy is stored (privacy.py); it decodes to the same pixels.
+        key = privacy.store_image(config.store, data, loaded.format, settings)
         analysis_id, _ = queries.create_analysis(
             conn,
             source="upload",
