@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Any
 
+from raiox_cli.server.inputs import for_log
 from raiox_cli.stderr import StderrHandler
 
 log = logging.getLogger("raiox.server")
@@ -21,16 +22,10 @@ class _JsonFormatter(logging.Formatter):
             "event": record.getMessage(),
         }
         # Bounded: a field may come from a client (a 1 MB client_id must not be logged whole).
-        entry.update({k: _bounded(v) for k, v in getattr(record, "fields", {}).items()})
+        entry.update({k: for_log(v, 300) for k, v in getattr(record, "fields", {}).items()})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info).splitlines()[-1]
         return json.dumps(entry, default=str)
-
-
-def _bounded(value: Any, limit: int = 300) -> Any:
-    if isinstance(value, str) and len(value) > limit:
-        return value[:limit] + f"...(+{len(value) - limit} chars)"
-    return value
 
 
 def setup(debug: bool = False) -> None:

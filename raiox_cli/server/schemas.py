@@ -195,7 +195,9 @@ class AnalysisPage(BaseModel):
     items: list[AnalysisSummary]
 
 
-class ImplantSummary(BaseModel):
+class _ImplantFields(BaseModel):
+    """What the catalogue list and an implant's own page both show."""
+
     model_config = ConfigDict(extra="allow")
 
     id: int
@@ -206,7 +208,10 @@ class ImplantSummary(BaseModel):
     diameter_mm: float | None
     length_mm: float | None
     connection: str | None
-    images: int
+
+
+class ImplantSummary(_ImplantFields):
+    images: int = Field(description="how many reference images")
 
 
 class ImplantPage(BaseModel):
@@ -227,17 +232,7 @@ class ImplantImage(BaseModel):
     url: str | None
 
 
-class Implant(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    id: int
-    key: str
-    name: str | None
-    manufacturer: str | None
-    system: str | None
-    diameter_mm: float | None
-    length_mm: float | None
-    connection: str | None
+class Implant(_ImplantFields):
     notes: str | None
     extra: dict[str, Any] | None
     created_at: dt.datetime
