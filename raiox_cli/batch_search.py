@@ -289,7 +289,7 @@ class QueryPrep:
     settings: Settings  # Settings.for_workers(): limits and storage, no secrets
     crop: Crop | None
     views: tuple[str, ...]
-    transform: Any  # embedding.Preprocess: picklable, no model inside
+    transform: Any  # embedding.preprocess.Preprocess: picklable, no model inside
     in_files: tuple[frozenset[tuple[str, str]], ...]  # answered, per results file
     saved: frozenset[tuple[str, str]] | None  # answered as analyses (--save)
     resumable: bool

@@ -213,7 +213,7 @@ class FilePrep:
     root_id: int
     known: dict[tuple[str, str], dict[str, Any]]  # (implant key, sha256) -> its row
     scan_paths: frozenset[str]
-    # embedding.Preprocess (picklable, no model inside), or in this process the
+    # embedding.preprocess.Preprocess (picklable, no model inside), or in this process the
     # ModelHandle, so that a run with nothing to decode never loads the model.
     transform: Any
     store: storage.Store | None

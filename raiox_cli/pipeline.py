@@ -146,10 +146,8 @@ def embed(rows: list[Row], embedder: Embedder) -> list[Row]:
     good = [row for row in rows if not row.get("error") and row.get("pixels") is not None]
     if not good:
         return rows
-    import torch
-
     stacked = np.concatenate([row["pixels"] for row in good])
-    vectors = embedder.embed_tensors(torch.from_numpy(stacked))
+    vectors = embedder.embed_tensors(stacked)
     start = 0
     for row in good:
         count = len(row["pixels"])

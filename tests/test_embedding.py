@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from raiox_cli import embedding
+from raiox_cli.embedding.preprocess import Preprocess
 from raiox_cli.errors import ModelUnavailable
 
 
@@ -125,7 +126,7 @@ def test_unknown_model_and_tag_are_named() -> None:
 
 def test_numpy_normalisation_equals_open_clips_transform(tiny_embedder) -> None:
     """The fast preprocess path gives exactly what open_clip's own transform gives."""
-    assert tiny_embedder.preprocessor.pil_steps is not None  # the fast path is in use
+    assert isinstance(tiny_embedder.preprocessor, Preprocess)  # the numpy path is in use
     rng = np.random.default_rng(0)
     noisy = Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8))
     for image in [*_images(), noisy, noisy.convert("L")]:
@@ -137,3 +138,31 @@ def test_numpy_normalisation_equals_open_clips_transform(tiny_embedder) -> None:
     grey = noisy.convert("L")
     converted = tiny_embedder.transform(grey.convert("RGB"))
     assert float((tiny_embedder.preprocess(grey) - converted).abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_preprocessing_is_open_clips_transform_for_many_sizes(tiny_embedder, mode) -> None:
+    """preprocess.Preprocess (Pillow + numpy, no torch) gives exactly open_clip's
+    tensor for grey and colour images of many shapes: upscaled, odd crop offsets
+    (torchvision's rounding), portrait, landscape, square, one pixel wide. Above 4x
+    the model's size, reducing_gap changes the last decimals (test_pipeline)."""
+    rng = np.random.default_rng(7)
+    pre = tiny_embedder.preprocessor
+    assert isinstance(pre, Preprocess)
+    for width, height in [(64, 64), (65, 64), (64, 67), (31, 90), (250, 97), (101, 250), (1, 9)]:
+        channels = (height, width) if mode == "L" else (height, width, 3)
+        image = Image.fromarray(rng.integers(0, 256, channels, dtype=np.uint8), mode)
+        fast = pre(image)
+        reference = tiny_embedder.transform(image).numpy()
+        assert fast.dtype == np.float32 and fast.shape == reference.shape == (3, 64, 64)
+        assert float(np.abs(fast - reference).max()) == 0.0, (width, height)
+
+
+def test_preprocessing_config_round_trips_and_refuses_what_it_cannot_do(tiny_embedder) -> None:
+    from raiox_cli.embedding.preprocess import PreprocessConfig, UnsupportedPreprocessing
+
+    config = tiny_embedder.preprocessor.config
+    assert PreprocessConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    for odd in [{"size": (64, 96)}, {"resize_mode": "squash"}, {"interpolation": "lanczos"}]:
+        with pytest.raises(UnsupportedPreprocessing):
+            PreprocessConfig.from_open_clip({"size": 64, **odd})

@@ -23,6 +23,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raiox_cli.config import Settings
+from raiox_cli.embedding.preprocess import (
+    PREPROCESS_VERSION,
+    Preprocess,
+    PreprocessConfig,
+    UnsupportedPreprocessing,
+)
 from raiox_cli.errors import ModelUnavailable
 
 if TYPE_CHECKING:
@@ -33,15 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Bump when preprocessing changes in a way that changes embeddings.
-# 2: large images are downscaled with Pillow's reducing_gap (and JPEGs decoded at a
-# reduced DCT scale): cosine to version 1 >= 0.99999 on ViT-B-32 (bench/README.md).
-PREPROCESS_VERSION = 2
-# Pillow's reducing_gap for the model's resize: a box reduction to within 2x of the
-# target, then the model's filter; "indistinguishable" per Pillow from 3 up, and
-# measured at cosine >= 0.999998 to the exact resize at 2, for a third of the CPU
-# on a 2000x1600 radiograph.
-REDUCING_GAP = 2.0
 RANDOM_SEED = 20240601
 HUB_PROBE_TIMEOUT_S = 3.0
 # Called after every forward pass with (images, seconds): the server's metrics listen.
@@ -104,7 +101,7 @@ class Embedder:
         self.model_id = model_id(spec)
         self.model = model
         self.transform = preprocess
-        self.preprocessor = Preprocess(preprocess)
+        self.preprocessor = preprocessor_for(model, preprocess)
         self.device = device
         self.dim = dim
         self.preprocess_version = PREPROCESS_VERSION
@@ -120,11 +117,13 @@ class Embedder:
 
         return torch.from_numpy(self.preprocessor(image))
 
-    def embed_tensors(self, pixels: torch.Tensor) -> np.ndarray:
+    def embed_tensors(self, pixels: torch.Tensor | np.ndarray) -> np.ndarray:
         """A batch (N, 3, H, W) of preprocessed images -> (N, dim) unit float32 vectors."""
         import torch
         import torch.nn.functional as F
 
+        if isinstance(pixels, np.ndarray):
+            pixels = torch.from_numpy(pixels)
         cuda = self.device.startswith("cuda")
         with self._lock, torch.inference_mode():
             started = time.perf_counter()
@@ -153,109 +152,26 @@ class Embedder:
         return out
 
 
-class Preprocess:
-    """The model's preprocessing without the model: PIL image -> float32 (3, H, W).
-    Picklable, so decode workers of any engine (threads, Ray processes) hold one.
+class TransformPreprocess:
+    """open_clip's own transform, for a model whose preprocessing preprocess.py does
+    not reproduce (torch backend only): PIL image -> float32 (3, H, W)."""
 
-    open_clip's resize/crop run as given; its ToTensor + Normalize are done in numpy
-    instead (the same float32 arithmetic, identical values), because torch ops
-    called from decode threads fight the model's OpenMP threads for the cores:
-    39 ms vs 1.4 ms per image while a forward pass runs."""
+    decode_to = None
 
     def __init__(self, transform: Any):
         self.transform = transform
-        self.pil_steps, self.mean, self.std = _split_normalisation(transform)
-        steps = list(getattr(self.pil_steps, "transforms", []))
-        if steps and _converts_to_rgb(steps[-1]):
-            # Grey stays one channel to the end (normalised per channel below): the
-            # same values as converting it to RGB first, a third of the copying.
-            steps = steps[:-1]
-        # The model's Resize (shortest side -> N) done here with reducing_gap.
-        self.resize_to, self.resample = _plain_resize(steps[0]) if steps else (None, None)
-        if self.resize_to is not None:
-            steps = steps[1:]
-        if self.pil_steps is not None:
-            self.pil_steps = type(self.pil_steps)(steps)
-
-    @property
-    def decode_to(self) -> int | None:
-        """The shortest side a decoder may stop at (JPEG draft): still REDUCING_GAP
-        times what the resize makes of it."""
-        return int(self.resize_to * REDUCING_GAP) if self.resize_to else None
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        if self.pil_steps is None:
-            return self.transform(image.convert("RGB")).numpy()
-        if self.resize_to is not None:
-            image = image.resize(
-                _shortest_side(image.size, self.resize_to),
-                self.resample,
-                reducing_gap=REDUCING_GAP,
-            )
-        resized = self.pil_steps(image)
-        if resized.mode not in ("L", "RGB"):
-            resized = resized.convert("RGB")
-        pixels = np.asarray(resized, dtype=np.uint8)
-        if resized.mode == "L":  # grey: one channel scaled, normalised per channel
-            grey = pixels.astype(np.float32)
-            grey /= np.float32(255)
-            out = np.empty((3, *grey.shape), dtype=np.float32)
-            for channel in range(3):
-                np.subtract(grey, self.mean[channel], out=out[channel])
-                out[channel] /= self.std[channel]
-            return out
-        out = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
-        out /= np.float32(255)
-        out -= self.mean
-        out /= self.std
-        return out
+        return self.transform(image.convert("RGB")).numpy()
 
 
-def _plain_resize(step: Any) -> tuple[int | None, int | None]:
-    """(N, Pillow filter) for torchvision's Resize(N) of a PIL image (shortest side ->
-    N, antialiased: what Pillow's resize does), else (None, None)."""
-    from PIL import Image
-
-    size = getattr(step, "size", None)
-    if isinstance(size, (list, tuple)) and len(size) == 1:
-        size = size[0]
-    filters = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-    mode = str(getattr(getattr(step, "interpolation", None), "value", ""))
-    if type(step).__name__ != "Resize" or not isinstance(size, int) or mode not in filters:
-        return None, None
-    if getattr(step, "max_size", None) is not None:
-        return None, None
-    return size, filters[mode]
-
-
-def _shortest_side(size: tuple[int, int], target: int) -> tuple[int, int]:
-    """torchvision's output size for Resize(target) of a (w, h) image."""
-    width, height = size
-    short, long = min(width, height), max(width, height)
-    other = int(target * long / short)
-    return (target, other) if width <= height else (other, target)
-
-
-def _converts_to_rgb(step: Any) -> bool:
-    name = getattr(step, "__name__", type(step).__name__)
-    return name == "_convert_to_rgb" or (
-        name == "MaybeConvertMode" and getattr(step, "mode", None) == "RGB"
-    )
-
-
-def _split_normalisation(transform: Any) -> tuple[Any, np.ndarray | None, np.ndarray | None]:
-    """(PIL steps, mean, std) when the transform ends in ToTensor + Normalize of an
-    RGB image; (None, None, None) for anything else (then it runs unchanged)."""
-    steps = list(getattr(transform, "transforms", []))
-    if len(steps) < 3 or type(steps[-1]).__name__ != "Normalize":
-        return None, None, None
-    if "ToTensor" not in type(steps[-2]).__name__:
-        return None, None, None
-    mean = np.asarray(steps[-1].mean, dtype=np.float32).reshape(-1, 1, 1)
-    std = np.asarray(steps[-1].std, dtype=np.float32).reshape(-1, 1, 1)
-    if mean.shape[0] != 3 or std.shape[0] != 3:
-        return None, None, None
-    return type(transform)(steps[:-2]), mean, std
+def preprocessor_for(model: Any, transform: Any) -> Preprocess | TransformPreprocess:
+    """The numpy/Pillow preprocessing when it reproduces the model's transform."""
+    try:
+        return Preprocess(PreprocessConfig.from_open_clip(model.visual.preprocess_cfg))
+    except (AttributeError, UnsupportedPreprocessing) as exc:
+        log.info("preprocessing through open_clip's transform (%s)", exc)
+        return TransformPreprocess(transform)
 
 
 _cache: dict[ModelSpec, Embedder] = {}
