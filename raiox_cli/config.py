@@ -23,6 +23,14 @@ def _default_home() -> str:
     return platformdirs.user_data_dir("raiox", appauthor=False)
 
 
+def home_dir(env: Mapping[str, str] | None = None) -> Path:
+    """RAIOX_HOME resolved as resolve() does, for code that needs only the home folder
+    (the embedding module's caches) and must not fail on unrelated settings."""
+    env = os.environ if env is None else env
+    raw = env.get("RAIOX_HOME", "")
+    return Path(raw).expanduser() if raw else Path(_default_home())
+
+
 def _int(name: str, value: str) -> int:
     try:
         return int(value)
@@ -195,7 +203,7 @@ def resolve(env: Mapping[str, str] | None = None, **options: Any) -> Settings:
             values[f.name] = _convert(f, env[f.metadata["env"]])
     if options:
         raise TypeError(f"unknown settings: {sorted(options)}")
-    values.setdefault("home", Path(_default_home()))
+    values.setdefault("home", home_dir(env))
     settings = Settings(**values)
     if settings.device not in DEVICES:
         raise UsageError(f"device {settings.device!r} is not one of {', '.join(DEVICES)}")

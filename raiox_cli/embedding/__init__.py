@@ -8,7 +8,6 @@ embed start fast.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raiox_cli.config import Settings
+from raiox_cli.embedding import checkpoints
 from raiox_cli.embedding.preprocess import (
     PREPROCESS_VERSION,
     Preprocess,
@@ -67,27 +67,12 @@ class ModelSpec:
         return self.weights is None and self.pretrained.lower() in {"none", "random", ""}
 
 
-_file_hashes: dict[tuple[str, int, int], str] = {}
-
-
-def _file_sha256(path: Path) -> str:
-    stat = path.stat()
-    cache_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if cache_key not in _file_hashes:
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        _file_hashes[cache_key] = digest.hexdigest()
-    return _file_hashes[cache_key]
-
-
 def model_id(spec: ModelSpec) -> str:
     """The id recorded with every embedding; computed without loading the model."""
     if spec.weights is not None:
         if not spec.weights.is_file():
             raise ModelUnavailable(f"RAIOX_WEIGHTS file {spec.weights} does not exist")
-        return f"{spec.name}:file:{_file_sha256(spec.weights)[:16]}"
+        return f"{spec.name}:file:{checkpoints.file_sha256(spec.weights)[:16]}"
     if spec.random:
         return f"{spec.name}:none"
     return f"{spec.name}:{spec.pretrained}"
