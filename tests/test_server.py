@@ -626,3 +626,58 @@ def test_batched_worker_matches_single_jobs_and_fails_per_job(
         ]
         for a, b in zip(many["matches"], one["matches"], strict=True):
             assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
+def test_server_follows_the_tta_setting(
+    catalogue: Catalogue, tiny_embedder: Any, site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RAIOX_TTA reaches every server path like the CLI's: with it off a job costs
+    one image in the forward pass (both worker paths and /upload), with it on three."""
+    from raiox_cli import embedding
+
+    site.routes["/q.png"] = (200, catalogue.query_png, {})
+    passes: list[int] = []
+    monkeypatch.setattr(embedding, "forward_observers", [lambda n, _s: passes.append(n)])
+    images_per_job = {}
+    for tta in (False, True):
+        for batch in (1, 8):
+            passes.clear()
+            with db.connect(catalogue.settings) as conn:  # both due before the worker starts
+                ids = [
+                    queries.get_analysis(
+                        conn,
+                        queries.create_analysis(
+                            conn, source="webhook", image_url=f"{site.base}/q.png"
+                        )[0],
+                    )["public_id"]
+                    for _ in range(2)
+                ]
+                conn.commit()
+            with running(
+                catalogue,
+                tiny_embedder,
+                webhook_token=TOKEN,
+                download_allow_loopback=True,
+                batch=batch,
+                tta=tta,
+            ) as base:
+                headers = {"x-raiox-token": TOKEN}
+                for analysis_id in ids:
+                    assert poll(f"{base}/analyses/{analysis_id}", headers=headers)["status"] == (
+                        "done"
+                    )
+                worker_images = sum(passes)
+                answer = httpx.post(
+                    f"{base}/upload",
+                    files={"file": ("q.png", catalogue.query_png, "image/png")},
+                    headers=headers,
+                    timeout=30,
+                )
+                assert answer.status_code == 200, answer.text
+            images_per_job[tta, batch] = (worker_images / len(ids), sum(passes) - worker_images)
+    assert images_per_job == {
+        (False, 1): (1, 1),
+        (False, 8): (1, 1),
+        (True, 1): (3, 3),
+        (True, 8): (3, 3),
+    }

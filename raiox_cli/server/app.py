@@ -860,6 +860,7 @@ def _analyse_now(request: Request, caller: auth.Caller, data: bytes, k: int) -> 
             k=k,
             ef_search=settings.ef_search,
             min_score=settings.min_score,
+            tta=settings.tta,
         )
         queries.finish_analysis(conn, analysis_id, model_id=result.model_id, matches=result.matches)
         conn.commit()

@@ -289,7 +289,7 @@ class Worker:
         if not pictures:
             return []
         model = search.catalogue_model(conn, self.embedder.model_id)
-        views = search.ORIENTATIONS if search.DEFAULT_TTA else search.ORIENTATIONS[:1]
+        views = search.ORIENTATIONS if self.settings.tta else search.ORIENTATIONS[:1]
         preprocess = self.embedder.preprocessor
         rows = [
             {"pixels": np.stack([preprocess(p) for p in pipeline.oriented(loaded.image, views)])}
@@ -319,6 +319,7 @@ class Worker:
             k=TOP_K,
             ef_search=self.settings.ef_search,
             min_score=self.settings.min_score,
+            tta=self.settings.tta,
         )
         self._finish(conn, claim, result)
 
