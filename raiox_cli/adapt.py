@@ -5,7 +5,7 @@ training and held-out sets), model (the trainable tower embedding.py builds),
 loop (multi-positive InfoNCE over P implants x K augmented views, AdamW, warm-up
 + cosine, gradient clipping, AMP on CUDA), evaluation (the ranking search does:
 best image per implant, TTA orientations) and save (an open_clip safetensors
-checkpoint that --weights loads unchanged, and a model card beside it).
+checkpoint of the image tower that --weights loads unchanged, and a model card beside it).
 
 Every random choice comes from generators seeded by (--seed, step, sample), so a
 run is reproducible on CPU and a resumed run draws the same batches. What must
@@ -867,8 +867,9 @@ def evaluate_tower(
 
 
 def save_weights(tower: Tower, best_visual: dict[str, Any], path: Path) -> None:
-    """Stage 5: the best weights, LoRA merged, as the whole open_clip state dict (the
-    text tower unchanged) in safetensors: --weights loads it like any checkpoint."""
+    """Stage 5: the best weights, LoRA merged, as the image tower's open_clip state
+    dict (keys visual.*: embedding.py never loads a text tower) in safetensors:
+    --weights loads it like any checkpoint."""
     from safetensors.torch import save
 
     model = tower.embedder.model

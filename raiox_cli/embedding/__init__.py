@@ -205,6 +205,8 @@ def _load(spec: ModelSpec) -> Embedder:
     import open_clip
     import torch
 
+    from raiox_cli.embedding import tower
+
     register_bundled_configs()
     if spec.name not in open_clip.list_models():
         raise ModelUnavailable(
@@ -220,9 +222,14 @@ def _load(spec: ModelSpec) -> Embedder:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)  # random weights are the same in every process
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.name, pretrained=checkpoint, device=device
-            )
+            if tower.supported(spec.name, checkpoint):
+                model, preprocess = tower.build(
+                    spec.name, checkpoint, device, _pretrained_cfg(spec)
+                )
+            else:  # open_clip's whole model (CoCa, big_vision .npz files)
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    spec.name, pretrained=checkpoint, device=device
+                )
         except (RuntimeError, KeyError, ValueError) as exc:
             raise ModelUnavailable(
                 f"could not load {spec.name} weights from {checkpoint}: {exc}"
@@ -230,6 +237,15 @@ def _load(spec: ModelSpec) -> Embedder:
     model.eval()
     dim = int(model.visual.output_dim)
     return Embedder(spec, model, preprocess, device, dim)
+
+
+def _pretrained_cfg(spec: ModelSpec) -> dict[str, Any] | None:
+    """A pretrained tag's preprocessing (mean, std, resize mode), as open_clip merges it."""
+    if spec.weights is not None or spec.random:
+        return None
+    import open_clip
+
+    return open_clip.get_pretrained_cfg(spec.name, spec.pretrained) or None
 
 
 def _checkpoint_path(spec: ModelSpec) -> str | None:
