@@ -231,10 +231,13 @@ def run_pipeline(
 def _yield_to_model() -> None:
     """Decode threads run at a lower priority (Linux nices threads one by one), so on
     a CPU-bound machine the model's threads keep the cores and decoding fills the
-    gaps instead of preempting a matrix multiply that all its threads wait on."""
+    gaps instead of preempting a matrix multiply that all its threads wait on.
+    Relative to the process's own niceness: under `nice -n 10` (a cron reindex) an
+    absolute 10 would put decoding level with the model again."""
     if DECODE_NICE and hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
         with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICE)
+            nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + DECODE_NICE)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 def worker_count(settings: Settings) -> int:

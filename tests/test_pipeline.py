@@ -4,7 +4,9 @@ a fresh embedded home gets its schema without init-db."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,23 @@ def test_engine_keeps_order_and_batcher_counts_views() -> None:
     assert batcher.add({"error": "bad"}) is None  # failed rows ride along, cost nothing
     full = batcher.add(dict(three))
     assert full is not None and len(full) == 3 and batcher.take() == []
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="no per-thread niceness")
+def test_decode_threads_yield_relative_to_the_process_niceness() -> None:
+    """Decode threads sit DECODE_NICE below whatever ran them, so a niced run (cron's
+    `nice -n 10 raiox reindex`) still puts the model's threads first."""
+    seen: list[int] = []
+
+    def niced_run() -> None:  # its own thread: niceness set here never comes back down
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 3)
+        engine = pipeline.LocalEngine(workers=2, batch_size=2)
+        seen.extend(engine.map(lambda _: os.getpriority(os.PRIO_PROCESS, 0), range(4)))
+
+    thread = threading.Thread(target=niced_run)
+    thread.start()
+    thread.join()
+    assert seen == [3 + pipeline.DECODE_NICE] * 4
 
 
 def test_fresh_embedded_home_ingests_without_init_db(
