@@ -3,6 +3,9 @@ the same embeddings as open_clip's own whole-model path, no text tower in memory
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +180,26 @@ def test_files_that_are_not_checkpoints_are_refused(
         embedding.load_trainable(embedding.ModelSpec("raiox-tiny", "x", garbage, "cpu"))
     message = _refusal(tmp_path, {"encoder.weight": torch.zeros(3)})
     assert "no visual.* weights" in message
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_overwriting_the_checkpoint_in_place_does_not_crash_a_loaded_model(
+    tmp_path: Path, suffix: str
+) -> None:
+    """Weights left mapped to the file would die with SIGBUS here (a server running
+    while an operator copies a new checkpoint onto the old path)."""
+    checkpoint = _write(_trained_like("raiox-tiny", seed=4).state_dict(), tmp_path / f"w{suffix}")
+    code = (
+        "import sys; from pathlib import Path; from PIL import Image;"
+        "from raiox_cli import embedding as e;"
+        "m = e.load_embedder(e.ModelSpec('raiox-tiny', 'x', Path(sys.argv[1]), 'cpu'));"
+        "img = Image.new('RGB', (80, 80), (100, 20, 30)); a = m.embed_images([img]);"
+        "open(sys.argv[1], 'r+b').truncate(64);"
+        "b = m.embed_images([img]); print(float(abs(a - b).max()))"
+    )
+    env = {**os.environ, "RAIOX_HOME": str(tmp_path / "home")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(checkpoint)], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) == 0.0

@@ -3,8 +3,9 @@
 raiox only ever embeds images, so only `visual` is built (the text tower is 40% of
 ViT-B-32's weights). With a checkpoint the tower is built on the meta device (no
 random initialisation that the checkpoint would overwrite) and takes the
-checkpoint's `visual.*` tensors with load_state_dict(assign=True), read from a
-memory-mapped file, so the weights are in memory once. Random weights (smoke runs)
+checkpoint's `visual.*` tensors with load_state_dict(assign=True), read with
+pread (safetensors) or from a memory-mapped file (torch), so the text tower's bytes
+are never read and the weights are in memory once. Random weights (smoke runs)
 are built on the CPU under raiox's seed: open_clip's CLIP builds its visual tower
 first, so the same seed gives the same visual weights as the whole model did.
 
@@ -106,11 +107,14 @@ Shapes = dict[str, tuple[int, ...]]
 def read_checkpoint(path: str) -> tuple[Shapes, dict[str, torch.Tensor]]:
     """Every key's shape, and the `visual.*` tensors, of a checkpoint file, unwrapped
     the way open_clip's load_state_dict does (a `state_dict` entry, DataParallel's
-    `module.` prefix). Memory-mapped: only the image tower's bytes are ever read."""
+    `module.` prefix). Only the image tower's bytes are read, into tensors this
+    process owns: weights left mapped to the file would crash a running server
+    (SIGBUS) the moment someone overwrites the checkpoint in place."""
     try:
         if path.endswith(".safetensors"):
             return _read_safetensors(path)
         try:
+            # Mapped, so the text tower is never read; the tower is copied out below.
             loaded: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as exc:
             if "mmap" not in str(exc):
@@ -128,20 +132,31 @@ def read_checkpoint(path: str) -> tuple[Shapes, dict[str, torch.Tensor]]:
     loaded = _unprefixed(loaded)
     tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    return shapes, {k: v for k, v in tensors.items() if k.startswith(VISUAL)}
+    return shapes, {k: v.clone() for k, v in tensors.items() if k.startswith(VISUAL)}
 
 
 def _read_safetensors(path: str) -> tuple[Shapes, dict[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt", device="cpu") as fh:
+    try:
+        # pread(2) straight into tensors this process owns: one copy, nothing mapped.
+        handle = safe_open(path, framework="pt", device="cpu", backend="pread")
+        owned = True
+    except TypeError:  # safetensors < 0.8: mapped, copied out below
+        handle = safe_open(path, framework="pt", device="cpu")
+        owned = False
+    with handle as fh:
         keys = list(fh.keys())
         if not keys:
             raise ModelUnavailable(f"{path} holds no tensors")
         names = _unprefixed(dict.fromkeys(keys))
         original = dict(zip(names, keys, strict=True))
         shapes = {k: tuple(fh.get_slice(original[k]).get_shape()) for k in names}
-        visual = {k: fh.get_tensor(original[k]) for k in names if k.startswith(VISUAL)}
+        visual = {}
+        for name in names:
+            if name.startswith(VISUAL):
+                tensor = fh.get_tensor(original[name])
+                visual[name] = tensor if owned else tensor.clone()
     return shapes, visual
 
 
