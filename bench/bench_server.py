@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import socket
 import statistics
 import subprocess
@@ -36,8 +37,10 @@ from typing import Any
 
 import httpx
 
-from raiox_cli import config, db, ingest, synth
+from raiox_cli import config, db, embedded, ingest, lifecycle, synth
 from raiox_cli.server import auth
+
+WORK_PREFIX = "raiox-bench-server-"
 
 
 def _percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -91,9 +94,22 @@ def main() -> None:
         help="paced arrivals per second (0 = as fast as the clients can send: a burst)",
     )
     parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for all jobs")
+    parser.add_argument(
+        "--model-bound",
+        action="store_true",
+        help="only time the forward pass of one job (3 TTA images) against a batch of jobs "
+        "(--batch's largest x 3) in this process: what batching alone can buy",
+    )
     args = parser.parse_args()
+    if args.model_bound:
+        print(json.dumps(_model_bound(args)))
+        return
+    # SIGTERM/SIGHUP unwind like Ctrl-C: the server child is stopped (finally in
+    # _run) and the embedded PostgreSQL this process holds stops at exit.
+    lifecycle.exit_on_termination()
+    _stop_orphans()
 
-    work = Path(tempfile.mkdtemp(prefix="raiox-bench-server-"))
+    work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
     token = secrets.token_urlsafe(24)
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     env = {
@@ -164,12 +180,98 @@ def main() -> None:
             f"p50 {e2e['p50_ms']} ms, p95 {e2e['p95_ms']} ms\n"
             f"lost {one['check']['lost']}, duplicated {one['check']['duplicated']}, "
             f"failed {one['check']['failed']}, replays answered with the same id: "
-            f"{one['check']['replays_same_id']}/{one['check']['replays']}",
+            f"{one['check']['replays_same_id']}/{one['check']['replays']}\n"
+            f"CPU ms per analysis: {one['cpu_ms_per_analysis']}",
             file=sys.stderr,
         )
     for name, value in result.items():
         if name.startswith("speedup"):
             print(f"\nanalyses/s {name}: {value}", file=sys.stderr)
+
+
+def _model_bound(args: argparse.Namespace, repeats: int = 5) -> dict[str, Any]:
+    """Forward passes alone, one job's 3 images vs a full batch's, interleaved so the
+    machine's load falls on both alike: per image, wall and CPU (all threads)."""
+    import numpy as np
+
+    from raiox_cli import embedding
+
+    jobs = max(int(b) for b in str(args.batch).split(","))
+    embedder = embedding.load_embedder(embedding.ModelSpec(args.model, "none", None, "cpu"))
+    from PIL import Image
+
+    shape = embedder.preprocessor(Image.new("L", (args.size, args.size))).shape  # (3, H, W)
+    rng = np.random.default_rng(0)
+    one, many = (rng.random((n, *shape), dtype=np.float32) for n in (3, 3 * jobs))
+    embedder.embed_tensors(many)  # warm-up
+    wall = {"job": 0.0, "batch": 0.0}
+    cpu = dict(wall)
+    for _ in range(repeats):
+        for name, pixels, passes in (("job", one, jobs), ("batch", many, 1)):
+            started, cpu_started = time.perf_counter(), time.process_time()
+            for _ in range(passes):
+                embedder.embed_tensors(pixels)
+            wall[name] += time.perf_counter() - started
+            cpu[name] += time.process_time() - cpu_started
+    images = 3 * jobs * repeats
+    per_image = {
+        f"{name}_{kind}_ms_per_image": round(table[name] * 1000 / images, 1)
+        for kind, table in (("wall", wall), ("cpu", cpu))
+        for name in table
+    }
+    return {
+        "jobs_per_batch": jobs,
+        **per_image,
+        "bound_wall": round(wall["job"] / wall["batch"], 2),
+        "bound_cpu": round(cpu["job"] / cpu["batch"], 2),
+        "load_average": os.getloadavg(),
+    }
+
+
+def _cpu_s(pid: int, settings: config.Settings) -> dict[str, float]:
+    """CPU seconds so far of the server process (all its threads) and of the
+    embedded PostgreSQL's processes (every backend: the jobs' queries)."""
+    import psutil
+
+    def total(process: psutil.Process, reaped: bool = False) -> float:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            # The postmaster's reaped children: backends that already exited.
+            extra = times.children_user + times.children_system if reaped else 0.0
+            return times.user + times.system + extra
+        return 0.0
+
+    pgdata = str(settings.pgdata_dir)
+    postgres = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] and pgdata in " ".join(p.info["cmdline"])
+    ]
+    postmaster = [p for p in postgres if p.info["cmdline"][0].endswith("postgres")]
+    backends = [child for root in postmaster for child in root.children()]
+    return {
+        "server": total(psutil.Process(pid)),
+        "postgres": sum(total(p, reaped=True) for p in postmaster)
+        + sum(total(p) for p in backends),
+    }
+
+
+def _stop_orphans() -> None:
+    """Stop embedded servers that killed (SIGKILL) earlier runs left behind."""
+    for pgdata in Path(tempfile.gettempdir()).glob(WORK_PREFIX + "*/home/pgdata"):
+        with contextlib.suppress(Exception):  # another run's, mid-start: leave it
+            if embedded.inspect(pgdata).orphaned:
+                embedded.stop(pgdata)
+                print(f"stopped an orphaned PostgreSQL in {pgdata}", file=sys.stderr)
+
+
+def _die_with_parent() -> None:
+    """In the server child: SIGTERM when the bench dies, even by SIGKILL (Linux), so
+    a killed bench never leaves a server holding the embedded database."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _forget_analyses(settings: config.Settings) -> None:
@@ -197,7 +299,9 @@ def _run(
         "--workers-threads", str(args.workers_threads), "--batch", str(batch),
     ]  # fmt: skip
     with log_path.open("wb") as log:
-        server = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+        server = subprocess.Popen(
+            command, env=env, stdout=log, stderr=log, preexec_fn=_die_with_parent
+        )
     try:
         started = time.monotonic()
         while True:
@@ -208,7 +312,15 @@ def _run(
                     break
             time.sleep(0.2)
         startup_s = time.monotonic() - started
+        before = _cpu_s(server.pid, settings)
         result = _load(args, base, token, secret, query_urls, settings)
+        after = _cpu_s(server.pid, settings)
+        done = result["end_to_end"]["done"] or 1
+        # CPU per analysis: unlike analyses/s, barely moved by other processes on
+        # the machine (a loaded CPU shows in wall time, not in what a job costs).
+        result["cpu_ms_per_analysis"] = {
+            name: round((after[name] - before[name]) * 1000 / done, 1) for name in before
+        }
         result["server_startup_s"] = round(startup_s, 2)
         result["batch"] = batch
     finally:
