@@ -3,6 +3,7 @@ the same embeddings as open_clip's own whole-model path, no text tower in memory
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -203,3 +204,33 @@ def test_overwriting_the_checkpoint_in_place_does_not_crash_a_loaded_model(
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout.strip().splitlines()[-1]) == 0.0
+
+
+def test_a_timm_image_tower_loads_like_open_clips(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """open_clip's timm-backed towers (TimmModel) take the same path."""
+    pytest.importorskip("timm")
+    monkeypatch.setenv("RAIOX_HOME", str(tmp_path / "home"))
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    vision = {
+        "timm_model_name": "vit_tiny_patch16_224",
+        "timm_model_pretrained": False,
+        "timm_pool": "",
+        "timm_proj": "linear",
+        "image_size": 224,  # open_clip's TimmModel keeps timm's own input size
+    }
+    text = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    (configs / "raiox-test-timm.json").write_text(
+        json.dumps({"embed_dim": 32, "vision_cfg": vision, "text_cfg": text})
+    )
+    open_clip.add_model_config(configs)
+    checkpoint = _write(
+        _trained_like("raiox-test-timm", seed=6).state_dict(), tmp_path / "timm.safetensors"
+    )
+    images = _images()
+    expected = _normal_path("raiox-test-timm", checkpoint, images)
+    spec = embedding.ModelSpec("raiox-test-timm", "x", checkpoint, "cpu")
+    got = embedding.load_trainable(spec).embed_images(images)
+    assert float(np.abs(got - expected).max()) == 0.0

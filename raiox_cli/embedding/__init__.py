@@ -235,8 +235,12 @@ def _load(spec: ModelSpec) -> Embedder:
                 f"could not load {spec.name} weights from {checkpoint}: {exc}"
             ) from exc
     model.eval()
-    dim = int(model.visual.output_dim)
-    return Embedder(spec, model, preprocess, device, dim)
+    # timm-backed towers (open_clip's TimmModel) have no output_dim: the config says
+    dim = (
+        getattr(model.visual, "output_dim", None)
+        or open_clip.get_model_config(spec.name)["embed_dim"]
+    )
+    return Embedder(spec, model, preprocess, device, int(dim))
 
 
 def _pretrained_cfg(spec: ModelSpec) -> dict[str, Any] | None:

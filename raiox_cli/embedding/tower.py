@@ -90,7 +90,11 @@ def build(
     else:
         shapes, visual = read_checkpoint(checkpoint)
         check_whole_model_keys(name, cfg, shapes, checkpoint)
-        with torch.device("meta"):
+        try:
+            with torch.device("meta"):
+                tower = ImageTower(make())
+        except Exception as exc:  # a tower whose __init__ computes with tensor values
+            log.info("building %s's image tower on the CPU (meta device: %s)", name, exc)
             tower = ImageTower(make())
         load_visual(tower, visual, checkpoint, name, make)
     tower.to(device)
@@ -180,10 +184,14 @@ def check_whole_model_keys(name: str, cfg: Mapping[str, Any], shapes: Shapes, pa
     if "hf_model_name" in cfg.get("text_cfg", {}):
         return  # a Hugging Face text tower is built from its own hub config: not checked
     custom = bool(cfg.get("custom_text", False))
-    with torch.device("meta"):
-        whole = (CustomTextCLIP if custom else CLIP)(
-            **{k: v for k, v in cfg.items() if k != "custom_text"}
-        )
+    try:
+        with torch.device("meta"):
+            whole = (CustomTextCLIP if custom else CLIP)(
+                **{k: v for k, v in cfg.items() if k != "custom_text"}
+            )
+    except Exception as exc:  # see build(): then only the image tower is checked
+        log.info("%s cannot be laid out on the meta device (%s)", name, exc)
+        return
     expected = {k: tuple(v.shape) for k, v in whole.state_dict().items()}
     if custom:
         shapes = convert_to_custom_text_state_dict(shapes)  # renames an old layout's keys
