@@ -234,3 +234,31 @@ def test_a_timm_image_tower_loads_like_open_clips(
     spec = embedding.ModelSpec("raiox-test-timm", "x", checkpoint, "cpu")
     got = embedding.load_trainable(spec).embed_images(images)
     assert float(np.abs(got - expected).max()) == 0.0
+
+
+def test_the_cli_refuses_another_architectures_weights_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from raiox_cli.cli import app
+
+    checkpoint = _write(
+        _trained_like("raiox-tiny48", seed=1).state_dict(), tmp_path / "tiny48.safetensors"
+    )
+    image = tmp_path / "x.png"
+    _images()[0].save(image)
+    for key, value in {
+        "RAIOX_HOME": str(tmp_path / "home"),
+        "RAIOX_MODEL": "raiox-tiny",
+        "RAIOX_WEIGHTS": str(checkpoint),
+        "RAIOX_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(app, ["embed", str(image)])
+    assert result.exit_code == 4
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "is not a checkpoint of raiox-tiny" in lines[0] and "RAIOX_MODEL" in lines[0]
