@@ -140,6 +140,14 @@ Device = Annotated[
     str | None,
     typer.Option(help="auto, cpu or cuda [env RAIOX_DEVICE; default auto]", show_default=False),
 ]
+Backend = Annotated[
+    str | None,
+    typer.Option(
+        help="who runs the model: onnx (ONNX Runtime, CPU), torch, or auto (onnx on a CPU, "
+        "torch on a CUDA GPU) [env RAIOX_BACKEND; default auto]",
+        show_default=False,
+    ),
+]
 BatchSize = Annotated[
     int | None,
     typer.Option(
@@ -198,6 +206,19 @@ def init_db(database_url: DatabaseUrl = None) -> None:
         out.print(f"applied {', '.join(report.applied)} on {report.url}", highlight=False)
     else:
         out.print(f"schema already at version {report.version}; nothing to do", highlight=False)
+    _prepare_backend(settings)
+
+
+def _prepare_backend(settings: config.Settings) -> None:
+    """Export the model for the ONNX backend now, when that backend runs it; weights
+    that cannot be had yet are not init-db's failure (the first search says why)."""
+    from raiox_cli import embedding
+    from raiox_cli.errors import ModelUnavailable
+
+    try:
+        embedding.prepare_backend(embedding.ModelSpec.from_settings(settings))
+    except ModelUnavailable as exc:
+        err.print(f"raiox init-db: the model is not exported yet: {exc}", highlight=False)
 
 
 # --- ingest and reindex -------------------------------------------------------------
@@ -300,6 +321,7 @@ def ingest(
     workers: Workers = None,
     batch_size: BatchSize = None,
     device: Device = None,
+    backend: Backend = None,
     engine: Engine = None,
     ray_address: RayAddress = None,
     database_url: DatabaseUrl = None,
@@ -321,6 +343,7 @@ def ingest(
         pretrained=pretrained,
         weights=weights,
         device=device,
+        backend=backend,
         batch_size=batch_size,
         workers=workers,
         engine=engine,
@@ -355,6 +378,7 @@ def reindex(
     workers: Workers = None,
     batch_size: BatchSize = None,
     device: Device = None,
+    backend: Backend = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Nightly upkeep: re-ingest every catalogue folder with --prune, embed images
@@ -375,6 +399,7 @@ def reindex(
         pretrained=pretrained,
         weights=weights,
         device=device,
+        backend=backend,
         batch_size=batch_size,
         workers=workers,
     )
@@ -416,6 +441,7 @@ def embed(
     pretrained: Pretrained = None,
     weights: Weights = None,
     device: Device = None,
+    backend: Backend = None,
     batch_size: BatchSize = None,
 ) -> None:
     """Print one JSON line per image: path, model_id and its embedding.
@@ -428,7 +454,12 @@ def embed(
 
     region = parse_crop(crop) if crop is not None else None
     settings = config.resolve(
-        model=model, pretrained=pretrained, weights=weights, device=device, batch_size=batch_size
+        model=model,
+        pretrained=pretrained,
+        weights=weights,
+        device=device,
+        backend=backend,
+        batch_size=batch_size,
     )
     embedder = embedding.load_embedder(embedding.ModelSpec.from_settings(settings))
     done, failed = embedding.embed_files(
@@ -542,6 +573,7 @@ def search(
     pretrained: Pretrained = None,
     weights: Weights = None,
     device: Device = None,
+    backend: Backend = None,
 ) -> None:
     """Print the top distinct implants for a radiograph, best first.
 
@@ -568,6 +600,7 @@ def search(
         pretrained=pretrained,
         weights=weights,
         device=device,
+        backend=backend,
         min_score=min_score,
         ef_search=ef_search,
         tta=tta,
@@ -711,6 +744,7 @@ def serve_webhook_minimal(
     pretrained: Pretrained = None,
     weights: Weights = None,
     device: Device = None,
+    backend: Backend = None,
 ) -> None:
     """Receive X-rays from Jotform or any client over HTTP; answer with implants.
 
@@ -728,6 +762,7 @@ def serve_webhook_minimal(
         pretrained=pretrained,
         weights=weights,
         device=device,
+        backend=backend,
     )
     server.serve(
         settings,
@@ -795,6 +830,7 @@ def eval_(
     pretrained: Pretrained = None,
     weights: Weights = None,
     device: Device = None,
+    backend: Backend = None,
 ) -> None:
     """Measure the catalogue on labelled queries: top-1/3/5 accuracy, mean reciprocal
     rank, the most confused implant pairs and every query whose implant was not first.
@@ -821,6 +857,7 @@ def eval_(
         pretrained=pretrained,
         weights=weights,
         device=device,
+        backend=backend,
         tta=tta,
         min_score=min_score,
     )
@@ -1059,6 +1096,7 @@ def demo(
     pretrained: Pretrained = None,
     weights: Weights = None,
     device: Device = None,
+    backend: Backend = None,
 ) -> None:
     """Try raiox end to end on a synthetic catalogue: generate, ingest, search, eval.
 
@@ -1079,6 +1117,7 @@ def demo(
         pretrained=pretrained,
         weights=weights,
         device=device,
+        backend=backend,
         tta=tta,
     )
     report = core.run_demo(settings, out_dir, systems=systems)

@@ -14,6 +14,7 @@ from raiox_cli.errors import UsageError
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "torch", "onnx")
 ENGINES = ("local", "ray")
 
 
@@ -52,6 +53,9 @@ class Settings:
     pretrained: str = field(default=DEFAULT_PRETRAINED, metadata={"env": "RAIOX_PRETRAINED"})
     weights: Path | None = field(default=None, metadata={"env": "RAIOX_WEIGHTS"})
     device: str = field(default="auto", metadata={"env": "RAIOX_DEVICE"})
+    # Who runs the model: ONNX Runtime (CPU, no torch import) or torch; auto picks
+    # ONNX Runtime on a CPU and torch on a CUDA GPU (README, "Inference backends").
+    backend: str = field(default="auto", metadata={"env": "RAIOX_BACKEND"})
     batch_size: int = field(default=32, metadata={"env": "RAIOX_BATCH_SIZE"})
     workers: int = field(default=0, metadata={"env": "RAIOX_WORKERS"})
     max_pixels: int = field(default=80_000_000, metadata={"env": "RAIOX_MAX_PIXELS"})
@@ -207,6 +211,8 @@ def resolve(env: Mapping[str, str] | None = None, **options: Any) -> Settings:
     settings = Settings(**values)
     if settings.device not in DEVICES:
         raise UsageError(f"device {settings.device!r} is not one of {', '.join(DEVICES)}")
+    if settings.backend not in BACKENDS:
+        raise UsageError(f"RAIOX_BACKEND={settings.backend!r} is not one of {', '.join(BACKENDS)}")
     if settings.engine not in ENGINES:
         raise UsageError(f"engine {settings.engine!r} is not one of {', '.join(ENGINES)}")
     if not 0 < settings.ray_gpus_per_actor <= 64 or settings.ray_actors < 0:

@@ -32,6 +32,10 @@ class ModelUnavailable(RaioxError):
     exit_code = 4
 
 
+class BackendUnavailable(ModelUnavailable):
+    """RAIOX_BACKEND names an inference runtime that is not installed."""
+
+
 class ModelMismatch(RaioxError):
     exit_code = 5
 

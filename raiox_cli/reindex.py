@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import psycopg
 
 from raiox_cli import catalogue, embedding, pipeline, queries, storage
 from raiox_cli.config import Settings
-from raiox_cli.errors import ModelMismatch, RaioxError
+from raiox_cli.errors import ModelMismatch, ModelUnavailable, RaioxError
 from raiox_cli.ingest import (
     Failure,
     IngestOptions,
@@ -50,6 +50,7 @@ class ReindexReport:
     failed: list[Failure] = field(default_factory=list)
     model_loaded: bool = False
     purged: dict[str, Any] | None = None  # RAIOX_RETENTION_DAYS applied (retention.purge)
+    onnx_export: str | None = None  # the ONNX backend's export folder, when it runs the model
     elapsed_s: float = 0.0
 
     @property
@@ -88,7 +89,7 @@ def target_spec(
             f"RAIOX_MODEL={name} and RAIOX_WEIGHTS to that file, or switch models with "
             '"raiox reindex --model ..."'
         )
-    return embedding.ModelSpec(name, tag, None, settings.device)
+    return replace(spec, name=name, pretrained=tag, weights=None)
 
 
 def reindex(
@@ -124,6 +125,11 @@ def reindex(
         report.model_loaded = model.loaded
         if settings.retention_days is not None:
             report.purged = _apply_retention(conn, settings)
+    # Export (outside the writer lock) now, so the morning's first search does not.
+    try:
+        report.onnx_export = embedding.prepare_backend(model.spec)
+    except ModelUnavailable as exc:
+        report.failed.append(Failure(model.model_id, f"ONNX export: {exc}"))
     report.elapsed_s = time.perf_counter() - start
     return report
 

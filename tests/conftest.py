@@ -3,6 +3,7 @@ test that needs one, and the tiny open_clip model (random weights, same code pat
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,10 @@ from psycopg import sql
 from raiox_cli import config, db
 
 TINY_ENV = {
+    # torch: most tests make a fresh RAIOX_HOME, where the ONNX backend would export
+    # the model again each time. tests/test_onnx.py runs the ONNX path through the CLI;
+    # RAIOX_TEST_BACKEND=onnx runs the whole suite on it.
+    "RAIOX_BACKEND": os.environ.get("RAIOX_TEST_BACKEND", "torch"),
     "RAIOX_MODEL": "raiox-tiny",
     "RAIOX_PRETRAINED": "none",
     "RAIOX_DEVICE": "cpu",

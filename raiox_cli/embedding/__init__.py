@@ -2,8 +2,10 @@
 
 Load once per process (hub cache, a local checkpoint, or seeded random weights),
 preprocess PIL images into tensors, batch-embed them into L2-normalised float32
-vectors. torch and open_clip are imported here, lazily, so commands that do not
-embed start fast.
+vectors. Two backends share that interface: torch (open_clip's model; CUDA, and
+always for `raiox adapt`) and ONNX Runtime (embedding/onnx.py: the image tower
+exported once, run without importing torch). torch and open_clip are imported
+here, lazily, so commands that do not embed, and the ONNX path, start fast.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from raiox_cli.config import Settings
+from raiox_cli.config import BACKENDS, Settings
 from raiox_cli.embedding import checkpoints
 from raiox_cli.embedding.preprocess import (
     PREPROCESS_VERSION,
@@ -29,7 +31,7 @@ from raiox_cli.embedding.preprocess import (
     PreprocessConfig,
     UnsupportedPreprocessing,
 )
-from raiox_cli.errors import ModelUnavailable
+from raiox_cli.errors import ModelUnavailable, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -57,10 +59,21 @@ class ModelSpec:
     pretrained: str
     weights: Path | None = None
     device: str = "auto"
+    # RAIOX_BACKEND (config.BACKENDS) and where the ONNX export cache lives (a
+    # spec built directly, as tests and adapt do, runs torch unless it says otherwise).
+    backend: str = "torch"
+    home: Path | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelSpec:
-        return cls(settings.model, settings.pretrained, settings.weights, settings.device)
+        return cls(
+            settings.model,
+            settings.pretrained,
+            settings.weights,
+            settings.device,
+            settings.backend,
+            settings.home,
+        )
 
     @property
     def random(self) -> bool:
@@ -80,6 +93,8 @@ def model_id(spec: ModelSpec) -> str:
 
 class Embedder:
     """A loaded model with its preprocessing. Thread-safe for embedding calls."""
+
+    backend = "torch"
 
     def __init__(self, spec: ModelSpec, model: Any, preprocess: Callable, device: str, dim: int):
         self.spec = spec
@@ -159,7 +174,7 @@ def preprocessor_for(model: Any, transform: Any) -> Preprocess | TransformPrepro
         return TransformPreprocess(transform)
 
 
-_cache: dict[ModelSpec, Embedder] = {}
+_cache: dict[ModelSpec, Any] = {}  # Embedder or onnx.OnnxEmbedder
 _cache_lock = threading.Lock()
 _configs_registered = False
 
@@ -176,6 +191,41 @@ def register_bundled_configs() -> None:
     _configs_registered = True
 
 
+def cuda_possible() -> bool:
+    """Whether this machine might have a CUDA GPU, without importing torch (1-3 s):
+    the NVIDIA driver's device nodes (or WSL's GPU node) exist. Only then is torch
+    asked, and on such a machine the torch backend needs torch anyway."""
+    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg"))
+
+
+def resolve_backend(spec: ModelSpec) -> str:
+    """Which backend runs spec, "torch" or "onnx": RAIOX_BACKEND when it names one,
+    else (auto) ONNX Runtime on the CPU when it is installed, torch on a CUDA GPU."""
+    if spec.backend not in BACKENDS:
+        raise UsageError(f"backend {spec.backend!r} is not one of {', '.join(BACKENDS)}")
+    if spec.backend == "onnx":
+        if spec.device == "cuda":
+            raise UsageError(
+                "RAIOX_BACKEND=onnx runs on the CPU; use RAIOX_BACKEND=torch with --device cuda"
+            )
+        return "onnx"
+    if spec.backend == "torch" or spec.device == "cuda":
+        return "torch"
+    if spec.device == "auto" and cuda_possible() and resolve_device("auto") == "cuda":
+        return "torch"
+    from raiox_cli.embedding import onnx
+
+    return "onnx" if onnx.onnxruntime_available() else "torch"
+
+
+def _onnx_home(spec: ModelSpec) -> Path:
+    if spec.home is not None:
+        return spec.home
+    from raiox_cli import config
+
+    return config.resolve().home
+
+
 def resolve_device(requested: str) -> str:
     import torch
 
@@ -187,11 +237,28 @@ def resolve_device(requested: str) -> str:
 
 
 def load_embedder(spec: ModelSpec) -> Embedder:
-    """Load (once per process) the model described by spec."""
+    """Load (once per process) the model described by spec, on its backend (an
+    onnx.OnnxEmbedder has Embedder's interface: callers never ask which)."""
     with _cache_lock:
         if spec not in _cache:
-            _cache[spec] = _load(spec)
+            if resolve_backend(spec) == "onnx":
+                from raiox_cli.embedding import onnx
+
+                _cache[spec] = onnx.load(spec, _onnx_home(spec))
+            else:
+                _cache[spec] = _load(spec)
         return _cache[spec]
+
+
+def prepare_backend(spec: ModelSpec) -> str | None:
+    """Export spec's model for the ONNX backend now when that backend would run it
+    (`raiox init-db`, `raiox reindex`), so the first search does not pay for it.
+    Returns the export's folder, or None when torch runs the model."""
+    if resolve_backend(spec) != "onnx":
+        return None
+    from raiox_cli.embedding import onnx
+
+    return str(onnx.ensure_export(spec, _onnx_home(spec)).folder)
 
 
 def load_trainable(spec: ModelSpec) -> Embedder:
@@ -338,8 +405,6 @@ def embed_files(
 ) -> tuple[list[EmbeddedFile], list[FailedFile]]:
     """Decode (through images.load_image) and embed files; bad files are reported,
     never fatal. Decoding is chunked so memory stays bounded for long lists."""
-    import torch
-
     from raiox_cli import images
 
     limits: dict[str, int] = {}
@@ -358,8 +423,8 @@ def embed_files(
                 failed.append(FailedFile(str(path), str(exc)))
                 continue
             names.append(str(path))
-            tensors.append(embedder.preprocess(loaded.image))
+            tensors.append(embedder.preprocessor(loaded.image))
         if tensors:
-            vectors = embedder.embed_tensors(torch.stack(tensors))
+            vectors = embedder.embed_tensors(np.stack(tensors))
             done.extend(EmbeddedFile(n, v) for n, v in zip(names, vectors, strict=True))
     return done, failed

@@ -1,0 +1,420 @@
+"""The ONNX Runtime backend: the image tower exported once, then run without torch.
+
+Search, ingest, batch search and the server on a CPU never need torch, torchvision
+or open_clip: the model's image tower is exported to ONNX the first time it is used
+(torch loads it once for that), kept under RAIOX_HOME, and every later process only
+imports onnxruntime and numpy. Preprocessing is embedding/preprocess.py (Pillow and
+numpy), whose config travels in the export's metadata.
+
+The cache folder is `$RAIOX_HOME/onnx/<model id>-p<PREPROCESS_VERSION>/`:
+
+    visual.onnx     the image tower, (N, 3, S, S) float32 -> (N, D) features, N dynamic
+    export.json     model id, preprocessing version and config, dim, opset, exporter,
+                    size and sha256 of visual.onnx (with the size and mtime they were
+                    verified at), the max abs difference to torch found at export
+
+A new model id or preprocessing version is a new folder, so the cache cannot serve a
+stale model. Exports are built in a temporary folder and renamed into place under a
+lock file, so concurrent processes never read half a file and export only once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from raiox_cli.embedding import preprocess as preprocessing
+from raiox_cli.embedding.preprocess import Preprocess, PreprocessConfig
+from raiox_cli.errors import BackendUnavailable, ModelUnavailable
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from raiox_cli.embedding import Embedder, ModelSpec
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+MODEL_FILE = "visual.onnx"
+META_FILE = "export.json"
+# Max abs difference allowed between the exported graph's unit vectors and torch's
+# on the verification batch. float32 kernels that sum in another order differ by
+# ~1e-6 per component (measured: 3e-6 on ViT-B-32's raw features); 1e-4 still
+# guarantees cosine >= 1 - D * 1e-8 / 2 > 0.99999 for D <= 1024, and any real
+# export bug (a wrong op, a frozen batch size, a missing layer) is orders above it.
+TOLERANCE = 1e-4
+VERIFY_BATCH = 3  # odd, and not the export's example batch of 2: proves N is dynamic
+INSTALL_HINT = (
+    'ONNX Runtime is not installed; run "pip install onnxruntime" or set RAIOX_BACKEND=torch'
+)
+
+
+class ExportError(ModelUnavailable):
+    """The exported graph does not reproduce the torch model."""
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendUnavailable(INSTALL_HINT) from exc
+    return onnxruntime
+
+
+def cache_dir(home: Path, model_id: str, version: int | None = None) -> Path:
+    """Where one model's export lives: the id made file-name safe, plus the
+    preprocessing version (a bump gives a new folder, never a stale export)."""
+    version = preprocessing.PREPROCESS_VERSION if version is None else version
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id).strip("._") or "model"
+    return home / "onnx" / f"{safe}-p{version}"
+
+
+@dataclass(frozen=True)
+class Export:
+    """A verified export on disk and what its metadata says."""
+
+    folder: Path
+    meta: dict[str, Any]
+
+    @property
+    def model_path(self) -> Path:
+        return self.folder / MODEL_FILE
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.meta["preprocess"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically: a reader sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def cached_export(folder: Path, model_id: str, version: int | None = None) -> Export | None:
+    """The export in `folder` if it is complete and intact, else None. The sha256 of
+    visual.onnx (350 MB for ViT-B-32) is recomputed only when its size or mtime
+    differs from what was last verified."""
+    version = preprocessing.PREPROCESS_VERSION if version is None else version
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        stat = (folder / MODEL_FILE).stat()
+    except (OSError, ValueError):
+        return None
+    if meta.get("model_id") != model_id or meta.get("preprocess_version") != version:
+        return None
+    if stat.st_size != meta.get("size"):
+        log.warning("cached ONNX export %s has the wrong size; exporting again", folder)
+        return None
+    if stat.st_mtime_ns != meta.get("verified_mtime_ns"):
+        if _sha256(folder / MODEL_FILE) != meta.get("sha256"):
+            log.warning("cached ONNX export %s is corrupt (sha256); exporting again", folder)
+            return None
+        meta["verified_mtime_ns"] = stat.st_mtime_ns
+        with contextlib.suppress(OSError):  # a read-only home still works, it re-hashes
+            _write_json(folder / META_FILE, meta)
+    return Export(folder, meta)
+
+
+@contextlib.contextmanager
+def _export_lock(folder: Path) -> Iterator[None]:
+    """One exporter per model and home at a time (others wait, then reuse it)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: the rename below still keeps readers safe
+        yield
+        return
+    with open(folder.parent / f".{folder.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_export(spec: ModelSpec, home: Path, *, embedder: Embedder | None = None) -> Export:
+    """The verified export of spec's model under home, exporting it when missing,
+    stale or corrupt (with torch: loads the model once, unless `embedder` is given)."""
+    from raiox_cli.embedding import model_id
+
+    mid = model_id(spec)
+    folder = cache_dir(home, mid)
+    found = cached_export(folder, mid)
+    if found is not None:
+        return found
+    with _export_lock(folder):
+        found = cached_export(folder, mid)  # another process may have just built it
+        if found is not None:
+            return found
+        return _export(spec, folder, embedder)
+
+
+def _export(spec: ModelSpec, folder: Path, embedder: Embedder | None) -> Export:
+    from raiox_cli import embedding
+
+    started = time.perf_counter()
+    if embedder is None:
+        # Exported on the CPU (the ONNX backend runs there), not kept in the torch cache.
+        embedder = embedding._load(replace(spec, device="cpu"))
+    config = getattr(embedder.preprocessor, "config", None)
+    if not isinstance(config, PreprocessConfig):
+        raise ModelUnavailable(
+            f"{embedder.model_id}'s preprocessing is not one the ONNX backend reproduces; "
+            "set RAIOX_BACKEND=torch"
+        )
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        exporter = _export_graph(embedder, config.size, tmp / MODEL_FILE)
+        max_diff = verify(embedder, tmp / MODEL_FILE, config)
+        stat = (tmp / MODEL_FILE).stat()
+        meta = {
+            "model_id": embedder.model_id,
+            "preprocess_version": preprocessing.PREPROCESS_VERSION,
+            "preprocess": config.to_dict(),
+            "dim": embedder.dim,
+            "opset": OPSET,
+            "exporter": exporter,
+            "size": stat.st_size,
+            "sha256": _sha256(tmp / MODEL_FILE),
+            "verified_mtime_ns": stat.st_mtime_ns,
+            "max_abs_diff": max_diff,
+            "tolerance": TOLERANCE,
+        }
+        _write_json(tmp / META_FILE, meta)
+        # mkdtemp/mkstemp make private files; the server and cron may be other users.
+        for path in (tmp, tmp / MODEL_FILE, tmp / META_FILE):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        _replace_folder(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    log.warning(
+        "exported %s's image tower to ONNX in %.1f s (%s, max abs diff %.1e); later runs "
+        "start from %s",
+        embedder.model_id,
+        seconds,
+        exporter,
+        max_diff,
+        folder,
+    )
+    return Export(folder, meta)
+
+
+def _replace_folder(tmp: Path, folder: Path) -> None:
+    """Move the finished export into place; an old (corrupt, stale) one goes aside
+    first, since a folder cannot be renamed over a non-empty one."""
+    if folder.exists():
+        old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.old-"))
+        os.replace(folder, old / "export")
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def _export_graph(embedder: Embedder, size: int, path: Path) -> str:
+    """Export with torch's dynamo exporter (torch's default and maintained one), and
+    with the TorchScript exporter if dynamo fails on this model. Both reproduce
+    ViT-B-32 and the tiny configs; dynamo's graph ran as fast or faster on CPU."""
+    import torch
+
+    # open_clip's encode_image is visual(x), then an optional F.normalize: export the
+    # tower and normalise in numpy (float32), as the torch backend does after it.
+    tower = embedder.model.visual.eval()
+    example = torch.zeros(2, 3, size, size)
+    names = {"input_names": ["pixels"], "output_names": ["features"], "opset_version": OPSET}
+    try:
+        # dynamo prints progress on stdout, which carries results: keep it out.
+        with contextlib.redirect_stdout(io.StringIO()):
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            torch.onnx.export(
+                tower,
+                (example,),
+                str(path),
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes=({0: batch},),
+                **names,
+            )
+        return "dynamo"
+    except Exception as exc:  # the exporter raises many classes; fall back, say why
+        log.info("dynamo ONNX export failed (%s); trying the TorchScript exporter", exc)
+    import warnings
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # its own deprecation notice
+        torch.onnx.export(
+            tower,
+            (example,),
+            str(path),
+            dynamo=False,
+            dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
+            **names,
+        )
+    return "torchscript"
+
+
+def verify(embedder: Embedder, path: Path, config: PreprocessConfig) -> float:
+    """Max abs difference between the export's unit vectors and torch's on a few
+    synthetic radiograph-like images; raises ExportError above TOLERANCE."""
+    pixels = np.stack([Preprocess(config)(img) for img in _verification_images(config.size)])
+    expected = embedder.embed_tensors(pixels)
+    session = new_session(path)
+    got = _normalise(session.run(None, {"pixels": pixels})[0])
+    if got.shape != expected.shape:
+        raise ExportError(f"ONNX export gives shape {got.shape}, torch {expected.shape}")
+    diff = float(np.abs(got - expected).max())
+    if not diff <= TOLERANCE:
+        raise ExportError(
+            f"ONNX export of {embedder.model_id} differs from torch by {diff:.2e} "
+            f"(tolerance {TOLERANCE:.0e}); set RAIOX_BACKEND=torch"
+        )
+    return diff
+
+
+def _verification_images(size: int) -> list[Image.Image]:
+    """Seeded, various sizes and modes (grey and RGB, portrait and landscape)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(16)
+    shapes = [(size + 37, size * 2, 1), (size * 3, size + 5, 3), (size, size, 1)]
+    out = []
+    for i, (w, h, channels) in enumerate(shapes[:VERIFY_BATCH]):
+        ramp = np.linspace(0, 255, w * h, dtype=np.float32).reshape(h, w)
+        noise = rng.normal(0, 40, (h, w, channels)).astype(np.float32)
+        data = np.clip(ramp[..., None] * (0.4 + 0.2 * i) + noise, 0, 255).astype(np.uint8)
+        out.append(Image.fromarray(data[..., 0] if channels == 1 else data))
+    return out
+
+
+def _normalise(features: np.ndarray) -> np.ndarray:
+    features = features.astype(np.float32, copy=False)
+    norms = np.linalg.norm(features, axis=-1, keepdims=True)
+    return features / np.maximum(norms, np.float32(1e-12))
+
+
+def intra_op_threads() -> int:
+    """The cores this process may run on (containers and taskset limit them)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def new_session(path: Path) -> Any:
+    """An ONNX Runtime CPU session. Spinning is off: ORT's idle threads otherwise
+    spin on the cores the decode threads and PostgreSQL want (measured in
+    bench/README.md), and a search runs one forward pass anyway."""
+    ort = _import_onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only: its warnings are not the user's to act on
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxEmbedder:
+    """The same interface as embedding.Embedder (what ingest, search, the pipeline
+    and the server use), on ONNX Runtime. Thread-safe."""
+
+    device = "cpu"
+    backend = "onnx"
+
+    def __init__(self, spec: ModelSpec, export: Export, session: Any):
+        self.spec = spec
+        self.model_id = str(export.meta["model_id"])
+        self.dim = export.dim
+        self.preprocessor = Preprocess(export.preprocess_config)
+        self.preprocess_version = int(export.meta["preprocess_version"])
+        self.export = export
+        self.session = session
+        self._lock = threading.Lock()
+
+    @property
+    def meaningless(self) -> bool:
+        return self.spec.random
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        return self.preprocessor(image)
+
+    def embed_tensors(self, pixels: Any) -> np.ndarray:
+        """A batch (N, 3, H, W) of preprocessed images -> (N, dim) unit float32 vectors."""
+        from raiox_cli.embedding import forward_observers
+
+        batch = np.ascontiguousarray(np.asarray(pixels, dtype=np.float32))
+        # One forward at a time: each already uses every core (intra-op threads).
+        with self._lock:
+            started = time.perf_counter()
+            features = self.session.run(None, {"pixels": batch})[0]
+            vectors = _normalise(features)
+        for observe in forward_observers:
+            observe(len(vectors), time.perf_counter() - started)
+        return vectors
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        out = np.empty((len(images), self.dim), dtype=np.float32)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            out[start : start + len(chunk)] = self.embed_tensors(
+                np.stack([self.preprocessor(img) for img in chunk])
+            )
+        return out
+
+
+def load(spec: ModelSpec, home: Path) -> OnnxEmbedder:
+    """The ONNX embedder for spec: from the cache, or exported now. An export that
+    ONNX Runtime refuses (a damaged file with intact metadata) is rebuilt once."""
+    _import_onnxruntime()
+    if spec.random:
+        log.warning(
+            "MODEL HAS RANDOM WEIGHTS (--pretrained none): embeddings are only good for "
+            "speed tests and smoke runs; search results are meaningless"
+        )
+    export = ensure_export(spec, home)
+    try:
+        session = new_session(export.model_path)
+    except Exception as exc:  # ORT's load errors (InvalidProtobuf, Fail...) subclass Exception
+        log.warning("ONNX Runtime refused %s (%s); exporting again", export.model_path, exc)
+        with _export_lock(export.folder):
+            shutil.rmtree(export.folder, ignore_errors=True)
+        export = ensure_export(spec, home)
+        session = new_session(export.model_path)
+    return OnnxEmbedder(spec, export, session)
