@@ -540,6 +540,7 @@ def search_file(
     from raiox_cli import db, embedding
 
     spec = embedding.ModelSpec.from_settings(settings)
+    embedding.preload(spec)  # overlaps the model's load with decoding and the database
     data = read_query(path, settings)  # read once: decoded, stored, drawn
     loaded = load_query(path, settings, crop, data=data)
     with db.connect(settings) as conn:

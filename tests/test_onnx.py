@@ -132,33 +132,29 @@ def test_a_model_switch_and_a_preprocessing_bump_export_again(
     assert tiny.model_path.is_file()  # the old version's export is left alone
 
 
-def _flip_a_byte(path: Path) -> None:
+def _flip_a_byte(folder: Path) -> None:
+    path = folder / onnx.DATA_FILE
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
 
 
-def _garbage_with_matching_metadata(export: onnx.Export) -> None:
-    """A file ONNX Runtime refuses, whose size and sha256 the metadata agrees with."""
-    export.model_path.write_bytes(b"not an onnx graph" * 100)
-    stat = export.model_path.stat()
-    meta = dict(
-        export.meta,
-        size=stat.st_size,
-        sha256=onnx._sha256(export.model_path),
-        verified_mtime_ns=stat.st_mtime_ns,
-    )
-    (export.folder / onnx.META_FILE).write_text(json.dumps(meta))
+def _truncate(folder: Path) -> None:
+    path = folder / onnx.DATA_FILE
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _refused(folder: Path) -> None:
+    """A graph ONNX Runtime refuses, whose size and sha256 the metadata agrees with."""
+    (folder / onnx.MODEL_FILE).write_bytes(b"not an onnx graph" * 100)
+    meta = json.loads((folder / onnx.META_FILE).read_text())
+    meta["files"][onnx.MODEL_FILE] = onnx._file_record(folder / onnx.MODEL_FILE)
+    (folder / onnx.META_FILE).write_text(json.dumps(meta))
 
 
 @pytest.mark.parametrize(
     "damage",
-    [
-        _flip_a_byte,
-        lambda path: path.write_bytes(path.read_bytes()[:1000]),
-        lambda path: path.unlink(),
-        "refused",
-    ],
+    [_flip_a_byte, _truncate, lambda folder: (folder / onnx.MODEL_FILE).unlink(), _refused],
     ids=["sha256", "size", "missing", "refused"],
 )
 def test_a_corrupt_export_is_detected_and_rebuilt(
@@ -168,13 +164,11 @@ def test_a_corrupt_export_is_detected_and_rebuilt(
     spec = _spec("raiox-tiny", "onnx", tiny_export)
     first = onnx.load(spec, tiny_export)
     reference = first.embed_images(_images()[:2])
-    if damage == "refused":
-        _garbage_with_matching_metadata(first.export)
-    else:
-        damage(first.export.model_path)
+    damage(first.export.folder)
     rebuilt = onnx.load(spec, tiny_export)
     assert _exports_logged(caplog) == 1
-    assert onnx._sha256(rebuilt.export.model_path) == rebuilt.export.meta["sha256"]
+    for name, record in rebuilt.export.meta["files"].items():
+        assert onnx._sha256(rebuilt.export.folder / name) == record["sha256"]
     np.testing.assert_allclose(rebuilt.embed_images(_images()[:2]), reference, atol=1e-5)
 
 
@@ -186,9 +180,10 @@ def test_an_intact_export_is_not_rehashed(
     monkeypatch.setattr(onnx, "_sha256", lambda path: calls.append(path) or "x")
     assert onnx.cached_export(export.folder, "raiox-tiny:none") is not None
     assert calls == []  # size and mtime match what was verified: no 350 MB read
-    os.utime(export.model_path, ns=(1, 1))  # touched (a copy, a restore): hash again
+    weights = export.folder / onnx.DATA_FILE
+    os.utime(weights, ns=(1, 1))  # touched (a copy, a restore): hash again
     assert onnx.cached_export(export.folder, "raiox-tiny:none") is None
-    assert calls == [export.model_path]
+    assert calls == [weights]
 
 
 def test_concurrent_first_uses_export_once(
@@ -206,7 +201,7 @@ def test_concurrent_first_uses_export_once(
     for thread in threads:
         thread.join()
     assert len(results) == 2 and _exports_logged(caplog) == 1
-    assert results[0].meta["sha256"] == results[1].meta["sha256"]
+    assert results[0].meta["files"] == results[1].meta["files"]
     assert not [p for p in (tmp_path / "onnx").iterdir() if ".tmp-" in p.name]
 
 

@@ -10,6 +10,7 @@ here, lazily, so commands that do not embed, and the ONNX path, start fast.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -248,6 +249,21 @@ def load_embedder(spec: ModelSpec) -> Embedder:
             else:
                 _cache[spec] = _load(spec)
         return _cache[spec]
+
+
+def preload(spec: ModelSpec) -> None:
+    """Start loading spec's model in a background thread when ONNX Runtime runs it:
+    its session is built in C++ (the GIL released) while this thread decodes the
+    query and starts the database; load_embedder then waits for it. A failure is
+    left for load_embedder to raise again, in the caller's thread."""
+    if spec in _cache or resolve_backend(spec) != "onnx":
+        return
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            load_embedder(spec)
+
+    threading.Thread(target=run, name="raiox-model-preload", daemon=True).start()
 
 
 def prepare_backend(spec: ModelSpec) -> str | None:
