@@ -224,7 +224,7 @@ def _onnx_home(spec: ModelSpec) -> Path:
         return spec.home
     from raiox_cli import config
 
-    return config.resolve().home
+    return config.home_dir()
 
 
 def resolve_device(requested: str) -> str:
@@ -255,9 +255,14 @@ def preload(spec: ModelSpec) -> None:
     """Start loading spec's model in a background thread when ONNX Runtime runs it:
     its session is built in C++ (the GIL released) while this thread decodes the
     query and starts the database; load_embedder then waits for it. A failure is
-    left for load_embedder to raise again, in the caller's thread."""
+    left for load_embedder to raise again, in the caller's thread. Only an existing
+    export is preloaded."""
     if spec in _cache or resolve_backend(spec) != "onnx":
         return
+    from raiox_cli.embedding import onnx
+
+    if not onnx.is_exported(spec, _onnx_home(spec)):
+        return  # exporting loads torch: only once the caller knows it needs the model
 
     def run() -> None:
         with contextlib.suppress(Exception):

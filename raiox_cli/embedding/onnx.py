@@ -185,6 +185,14 @@ def _export_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def is_exported(spec: ModelSpec, home: Path) -> bool:
+    """Whether spec's model has an intact export under home (no torch, no export)."""
+    from raiox_cli.embedding import model_id
+
+    mid = model_id(spec)
+    return cached_export(cache_dir(home, mid), mid) is not None
+
+
 def ensure_export(spec: ModelSpec, home: Path, *, embedder: Embedder | None = None) -> Export:
     """The verified export of spec's model under home, exporting it when missing,
     stale or corrupt (with torch: loads the model once, unless `embedder` is given)."""
