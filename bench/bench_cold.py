@@ -315,7 +315,7 @@ def main() -> None:
     if not args.skip_ingest:
         ingest: dict[str, list[dict[str, Any]]] = {}
         for round_ in range(args.runs):
-            for what, folder in (("256", catalogue), ("1", one)):
+            for what, folder in ((str(args.images), catalogue), ("1", one)):
                 home = fresh_home(work, "home-ingest", exports)
                 env = raiox_env(home, "onnx")
                 subprocess.run([*raiox, "init-db"], env=env, check=True, capture_output=True)
@@ -333,7 +333,7 @@ def main() -> None:
                     run = measured_cpu(
                         [sys.executable, "-c", SPINNING, spin, "ingest", str(catalogue)], env
                     )
-                    ingest.setdefault(f"ingest_256_spinning_{spin}", []).append(run)
+                    ingest.setdefault(f"ingest_{args.images}_spinning_{spin}", []).append(run)
         if not args.skip_rclip:  # leave rclip's index of the catalogue for reruns
             (datadir / "db.sqlite3").unlink(missing_ok=True)
             subprocess.run(

@@ -369,6 +369,9 @@ class RootIngest:
         self.known = {(row["key"], row["sha256"]): row for row in known}
         wrote = bool(todo)
         if todo:
+            # New or changed files: the model (an ONNX session) loads while the
+            # decode workers and the writer start.
+            embedding.preload(self.model.spec)
             self._pipeline(todo)
         if self.options.prune:
             # Re-read: rows may have moved to other paths during the run.

@@ -225,17 +225,19 @@ def _run_cli(
     )
 
 
-def test_an_onnx_search_imports_no_torch(shared_exports: Path, tmp_path: Path) -> None:
+def test_onnx_ingest_and_search_import_no_torch(shared_exports: Path, tmp_path: Path) -> None:
     info = synth.make_catalogue(tmp_path / "s", systems=2, views=2, queries=0, size=SMALL)
     assert runner.invoke(app, ["init-db"]).exit_code == 0
-    ingested = runner.invoke(app, ["ingest", str(info.catalogue), "--backend", "onnx"])
-    assert ingested.exit_code == 0, ingested.output
     env = {**os.environ, "RAIOX_BACKEND": "auto"}  # auto on a CPU machine is ONNX Runtime
+    ingested = _run_cli(["ingest", str(info.catalogue), "--json"], env)
+    assert ingested.returncode == 0, ingested.stderr
+    assert json.loads(ingested.stdout)["embedded"] == 4
+    assert ingested.stderr.strip().splitlines()[-1] == "IMPORTED []", ingested.stderr
     planted = info.implants[0]
     proc = _run_cli(["search", str(planted.views[0]), "--json", "--no-tta"], env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["matches"][0]["key"] == planted.key
-    assert proc.stderr.strip().splitlines()[-1] == "IMPORTED []"
+    assert proc.stderr.strip().splitlines()[-1] == "IMPORTED []", proc.stderr
 
 
 @pytest.mark.parametrize(("backend", "exit_code"), [("onnx", 4), ("auto", 0)])
