@@ -131,7 +131,11 @@ def export_for_rclip(datadir: Path) -> None:
     from raiox_cli import embedding
 
     folder.mkdir(parents=True, exist_ok=True)
-    model = embedding._load(embedding.ModelSpec(MODEL, "none", None, "cpu")).model
+    # The whole CLIP (raiox builds the image tower alone): under raiox's seed open_clip
+    # builds the visual tower first, so its weights are the ones raiox uses.
+    embedding.register_bundled_configs()
+    torch.manual_seed(embedding.RANDOM_SEED)
+    model = open_clip.create_model(MODEL, pretrained=None).eval()
 
     class Textual(torch.nn.Module):
         def __init__(self, clip: Any):

@@ -88,6 +88,11 @@ def test_backends_agree_and_share_the_model_id(name: str, export_home: Path) -> 
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, rtol=1e-5)
     cosines = np.sum(got * expected, axis=1)
     assert cosines.min() >= 0.9999, cosines
+    twice = np.stack([onnx_side.preprocessor(p) for p in pictures * 2])
+    assert len(twice) > onnx.RUN_CHUNK  # one call, several ONNX Runtime runs
+    np.testing.assert_allclose(
+        onnx_side.embed_tensors(twice), np.concatenate([got, got]), atol=1e-5
+    )
     meta = onnx_side.export.meta
     assert meta["max_abs_diff"] <= meta["tolerance"] == onnx.TOLERANCE
     assert meta["opset"] >= 17 and meta["exporter"] in {"dynamo", "torchscript"}

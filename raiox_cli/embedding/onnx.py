@@ -64,6 +64,10 @@ META_FILE = "export.json"
 # export bug (a wrong op, a frozen batch size, a missing layer) is orders above it.
 TOLERANCE = 1e-4
 VERIFY_BATCH = 3  # odd, and not the export's example batch of 2: proves N is dynamic
+# Images per ONNX Runtime run: its arena keeps the largest run's activations, so an
+# ingest batch of 32 in one run peaked at 871 MiB on ViT-B-32-256, runs of 8 at 539
+# MiB, for the same CPU per image (bench/README.md, "Cold start").
+RUN_CHUNK = 8
 # ORT's idle intra-op threads spin (busy-wait) for the next job by default; they then
 # compete with decode threads and PostgreSQL for 2 cores (bench/README.md, "Cold start").
 ALLOW_SPINNING = "0"
@@ -423,11 +427,16 @@ class OnnxEmbedder:
         """A batch (N, 3, H, W) of preprocessed images -> (N, dim) unit float32 vectors."""
         from raiox_cli.embedding import forward_observers
 
-        batch = np.ascontiguousarray(np.asarray(pixels, dtype=np.float32))
+        batch = np.asarray(pixels, dtype=np.float32)
         # One forward at a time: each already uses every core (intra-op threads).
         with self._lock:
             started = time.perf_counter()
-            features = self.session.run(None, {"pixels": batch})[0]
+            features = np.concatenate(
+                [
+                    self.session.run(None, {"pixels": np.ascontiguousarray(part)})[0]
+                    for part in np.array_split(batch, range(RUN_CHUNK, len(batch), RUN_CHUNK))
+                ]
+            )
             vectors = _normalise(features)
         for observe in forward_observers:
             observe(len(vectors), time.perf_counter() - started)
