@@ -74,6 +74,12 @@ def _free_port() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=config.BACKENDS,
+        help="the server's RAIOX_BACKEND (auto picks onnx on a CPU: name what is measured)",
+    )
     parser.add_argument("--requests", type=int, default=200, help="distinct deliveries")
     parser.add_argument("--concurrency", type=int, default=16, help="client threads")
     parser.add_argument("--workers-threads", type=int, default=2)
@@ -118,6 +124,7 @@ def main() -> None:
         "RAIOX_MODEL": args.model,
         "RAIOX_PRETRAINED": "none",
         "RAIOX_DEVICE": "cpu",
+        "RAIOX_BACKEND": args.backend,
         "HF_HUB_OFFLINE": "1",
         "RAIOX_WEBHOOK_TOKEN": token,
         "RAIOX_WEBHOOK_SECRET": secret,
@@ -197,7 +204,9 @@ def _model_bound(args: argparse.Namespace, repeats: int = 5) -> dict[str, Any]:
     from raiox_cli import embedding
 
     jobs = max(int(b) for b in str(args.batch).split(","))
-    embedder = embedding.load_embedder(embedding.ModelSpec(args.model, "none", None, "cpu"))
+    home = Path(tempfile.gettempdir()) / "raiox-bench-model-bound"  # the ONNX export, kept
+    spec = embedding.ModelSpec(args.model, "none", None, "cpu", args.backend, home)
+    embedder = embedding.load_embedder(spec)
     from PIL import Image
 
     shape = embedder.preprocessor(Image.new("L", (args.size, args.size))).shape  # (3, H, W)
