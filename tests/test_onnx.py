@@ -268,3 +268,23 @@ def test_backend_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "RAIOX_BACKEND='tensorrt' is not one of auto, torch, onnx" in result.output
     with pytest.raises(Exception, match="runs on the CPU"):
         embedding.resolve_backend(replace(_spec("raiox-tiny", "onnx"), device="cuda"))
+
+
+def test_auto_asks_torch_about_cuda_only_where_a_gpu_may_be(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[str] = []
+
+    def resolve_device(requested: str) -> str:
+        asked.append(requested)
+        return "cuda"
+
+    monkeypatch.setattr(embedding, "resolve_device", resolve_device)
+    auto = replace(_spec("raiox-tiny", "auto"), device="auto")
+    monkeypatch.setattr(embedding, "cuda_possible", lambda: False)
+    assert embedding.resolve_backend(auto) == "onnx" and asked == []  # torch not imported
+    monkeypatch.setattr(embedding, "cuda_possible", lambda: True)
+    assert embedding.resolve_backend(auto) == "torch" and asked == ["auto"]
+    assert embedding.resolve_backend(replace(auto, device="cpu")) == "onnx"
+    assert embedding.resolve_backend(replace(auto, device="cuda")) == "torch"
+    assert embedding.resolve_backend(replace(auto, backend="torch", device="cpu")) == "torch"
