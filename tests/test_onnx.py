@@ -288,3 +288,19 @@ def test_auto_asks_torch_about_cuda_only_where_a_gpu_may_be(
     assert embedding.resolve_backend(replace(auto, device="cpu")) == "onnx"
     assert embedding.resolve_backend(replace(auto, device="cuda")) == "torch"
     assert embedding.resolve_backend(replace(auto, backend="torch", device="cpu")) == "torch"
+
+
+def test_a_busy_embedder_swaps_in_prepacked_weights(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(onnx, "PREPACK_AFTER", 4)
+    embedder = onnx.load(_spec("raiox-tiny", "onnx", tiny_export), tiny_export)
+    pictures = _images()[:3]
+    first = embedder.embed_images(pictures)
+    assert embedder.prepacking is None and not embedder.prepacked  # a search stops here
+    again = embedder.embed_images(pictures)  # 6 images: past PREPACK_AFTER
+    assert embedder.prepacking is not None
+    embedder.prepacking.join(timeout=60)
+    assert embedder.prepacked
+    np.testing.assert_allclose(embedder.embed_images(pictures), first, atol=1e-5)
+    np.testing.assert_allclose(again, first, atol=1e-5)
