@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from raiox_cli import embedding, synth
 from raiox_cli.cli import app
-from raiox_cli.embedding import onnx
+from raiox_cli.embedding import checkpoints, onnx
 from raiox_cli.embedding import preprocess as preprocessing
 
 runner = CliRunner()
@@ -173,7 +173,7 @@ def test_a_corrupt_export_is_detected_and_rebuilt(
     rebuilt = onnx.load(spec, tiny_export)
     assert _exports_logged(caplog) == 1
     for name, record in rebuilt.export.meta["files"].items():
-        assert onnx._sha256(rebuilt.export.folder / name) == record["sha256"]
+        assert checkpoints.sha256_of(rebuilt.export.folder / name) == record["sha256"]
     np.testing.assert_allclose(rebuilt.embed_images(_images()[:2]), reference, atol=1e-5)
 
 
@@ -182,7 +182,7 @@ def test_an_intact_export_is_not_rehashed(
 ) -> None:
     export = onnx.ensure_export(_spec("raiox-tiny", "onnx"), tiny_export)
     calls = []
-    monkeypatch.setattr(onnx, "_sha256", lambda path: calls.append(path) or "x")
+    monkeypatch.setattr(onnx, "sha256_of", lambda path: calls.append(path) or "x")
     assert onnx.cached_export(export.folder, "raiox-tiny:none") is not None
     assert calls == []  # size and mtime match what was verified: no 350 MB read
     weights = export.folder / onnx.DATA_FILE
@@ -302,3 +302,28 @@ def test_a_busy_embedder_swaps_in_prepacked_weights(
     assert embedder.prepacked
     np.testing.assert_allclose(embedder.embed_images(pictures), first, atol=1e-5)
     np.testing.assert_allclose(again, first, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "onnx"])
+def test_a_model_onnx_cannot_run_falls_back_to_torch_only_with_auto(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, backend: str, caplog
+) -> None:
+    """An export that fails (here: its verification) stops RAIOX_BACKEND=onnx with
+    the fix, and lets auto run the model on torch with one warning."""
+
+    def differs(*args: object) -> float:
+        raise onnx.ExportError("ONNX export differs from torch by 1e-2; set RAIOX_BACKEND=torch")
+
+    monkeypatch.setattr(onnx, "verify", differs)
+    spec = replace(_spec("raiox-tiny", backend, tmp_path / "home"), device="cpu")
+    if backend == "onnx":
+        with pytest.raises(onnx.ExportError, match="RAIOX_BACKEND=torch"):
+            embedding.load_embedder(spec)
+        return
+    with caplog.at_level(logging.WARNING):
+        embedder = embedding.load_embedder(spec)
+        assert embedding.prepare_backend(spec) is None
+    assert not isinstance(embedder, onnx.OnnxEmbedder)
+    assert embedder.model_id == "raiox-tiny:none"
+    assert any("running it on torch" in r.getMessage() for r in caplog.records)
+    assert not list((tmp_path / "home" / "onnx").glob("*/visual.onnx"))  # nothing half-made

@@ -243,12 +243,24 @@ def load_embedder(spec: ModelSpec) -> Embedder:
     with _cache_lock:
         if spec not in _cache:
             if resolve_backend(spec) == "onnx":
-                from raiox_cli.embedding import onnx
-
-                _cache[spec] = onnx.load(spec, _onnx_home(spec))
+                _cache[spec] = _load_onnx(spec)
             else:
                 _cache[spec] = _load(spec)
         return _cache[spec]
+
+
+def _load_onnx(spec: ModelSpec) -> Embedder:
+    """ONNX Runtime's embedder; with RAIOX_BACKEND=auto, torch's when this model
+    cannot run on ONNX Runtime (say why once, on stderr)."""
+    from raiox_cli.embedding import onnx
+
+    try:
+        return onnx.load(spec, _onnx_home(spec))
+    except onnx.ExportError as exc:
+        if spec.backend != "auto":
+            raise
+        log.warning("%s; running it on torch instead (RAIOX_BACKEND=auto)", exc)
+        return _load(spec)
 
 
 def preload(spec: ModelSpec) -> None:
@@ -279,7 +291,13 @@ def prepare_backend(spec: ModelSpec) -> str | None:
         return None
     from raiox_cli.embedding import onnx
 
-    return str(onnx.ensure_export(spec, _onnx_home(spec)).folder)
+    try:
+        return str(onnx.ensure_export(spec, _onnx_home(spec)).folder)
+    except onnx.ExportError as exc:
+        if spec.backend != "auto":
+            raise
+        log.warning("%s; it will run on torch (RAIOX_BACKEND=auto)", exc)
+        return None
 
 
 def load_trainable(spec: ModelSpec) -> Embedder:

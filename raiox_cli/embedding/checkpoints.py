@@ -46,14 +46,16 @@ def file_sha256(path: Path) -> str:
     cache = hash_cache_path()
     digest = _lookup(cache, key)
     if digest is None:
-        digest = _hash_file(resolved)
+        digest = sha256_of(resolved)
         _remember(cache, key, digest)
     with _memo_lock:
         _memo[key] = digest
     return digest
 
 
-def _hash_file(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The file's sha256, read now (file_sha256 remembers it; the ONNX export
+    cache checks its own files with this)."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -24,7 +24,6 @@ lock file, so concurrent processes never read half a file and export only once.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -42,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raiox_cli.embedding import preprocess as preprocessing
+from raiox_cli.embedding.checkpoints import sha256_of
 from raiox_cli.embedding.preprocess import Preprocess, PreprocessConfig
 from raiox_cli.errors import BackendUnavailable, ModelUnavailable
 
@@ -82,7 +82,9 @@ INSTALL_HINT = (
 
 
 class ExportError(ModelUnavailable):
-    """The exported graph does not reproduce the torch model."""
+    """The model cannot run on ONNX Runtime: its preprocessing is not one
+    preprocess.py reproduces, neither exporter handles it, or the exported graph
+    does not reproduce the torch model. With RAIOX_BACKEND=auto, torch runs it."""
 
 
 def onnxruntime_available() -> bool:
@@ -129,14 +131,6 @@ class Export:
         return PreprocessConfig.from_dict(self.meta["preprocess"])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomically: a reader sees the old file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -166,7 +160,7 @@ def cached_export(folder: Path, model_id: str, version: int | None = None) -> Ex
             log.warning("cached ONNX export %s has the wrong size; exporting again", folder)
             return None
         if stat.st_mtime_ns != known.get("verified_mtime_ns"):
-            if _sha256(folder / name) != known.get("sha256"):
+            if sha256_of(folder / name) != known.get("sha256"):
                 log.warning("cached ONNX export %s is corrupt (sha256); exporting again", folder)
                 return None
             known["verified_mtime_ns"] = stat.st_mtime_ns
@@ -228,13 +222,18 @@ def _export(spec: ModelSpec, folder: Path, embedder: Embedder | None) -> Export:
         embedder = embedding._load(replace(spec, device="cpu"))
     config = getattr(embedder.preprocessor, "config", None)
     if not isinstance(config, PreprocessConfig):
-        raise ModelUnavailable(
+        raise ExportError(
             f"{embedder.model_id}'s preprocessing is not one the ONNX backend reproduces; "
             "set RAIOX_BACKEND=torch"
         )
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
-        exporter = _export_graph(embedder, config.size, tmp / MODEL_FILE)
+        try:
+            exporter = _export_graph(embedder, config.size, tmp / MODEL_FILE)
+        except Exception as exc:  # both exporters failed: torch raises many classes
+            raise ExportError(
+                f"{embedder.model_id} cannot be exported to ONNX ({exc}); set RAIOX_BACKEND=torch"
+            ) from exc
         _externalise(tmp / MODEL_FILE)
         max_diff = verify(embedder, tmp / MODEL_FILE, config)
         for path in tmp.iterdir():  # mkdtemp is private; the server and cron may be others
@@ -271,7 +270,7 @@ def _export(spec: ModelSpec, folder: Path, embedder: Embedder | None) -> Export:
 
 def _file_record(path: Path) -> dict[str, Any]:
     stat = path.stat()
-    return {"size": stat.st_size, "sha256": _sha256(path), "verified_mtime_ns": stat.st_mtime_ns}
+    return {"size": stat.st_size, "sha256": sha256_of(path), "verified_mtime_ns": stat.st_mtime_ns}
 
 
 def _externalise(path: Path) -> None:
