@@ -92,8 +92,10 @@ def writer_lock(settings: Settings, *, wait: bool, command: str) -> Iterator[psy
                 raise Busy(f"{_holder(conn)}; try again later, or pass --wait to queue behind it")
             queries.wait_writer_lock(conn)
         yield conn
+        if not conn.closed:
+            queries.release_writer_lock(conn)
     finally:
-        conn.close()  # ends the session, which releases the lock
+        conn.close()  # ends the session, which releases the lock on any other way out
 
 
 def _holder(conn: psycopg.Connection) -> str:

@@ -84,6 +84,19 @@ def test_incremental_nothing_changed_then_one_file(migrated: config.Settings, tm
     assert (fourth.embedded, fourth.unchanged, fourth.model_loaded) == (0, 6, False)
 
 
+def test_the_writer_lock_is_free_when_ingest_returns(migrated: config.Settings, tmp_path: Path):
+    """Released by the session itself, not left to the server's backend exiting after
+    close(): the next writer, started at once, must find it free (it once found the
+    previous ingest of the same process still holding it)."""
+    info = synth.make_catalogue(tmp_path / "s", systems=1, views=1, queries=0, size=SMALL)
+    for _ in range(3):
+        ingest_catalogue(migrated, info.catalogue)
+        with db.connect(migrated, autocommit=True) as conn:
+            assert queries.writer_lock_holder(conn) is None
+            assert queries.try_writer_lock(conn)
+            queries.release_writer_lock(conn)
+
+
 def test_prune_and_dry_run(migrated: config.Settings, tmp_path: Path):
     info = synth.make_catalogue(tmp_path / "s", systems=3, views=2, queries=0, size=SMALL)
     ingest_catalogue(migrated, info.catalogue)

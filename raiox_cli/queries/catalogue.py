@@ -135,6 +135,13 @@ def wait_writer_lock(conn: psycopg.Connection) -> None:
     conn.execute("SELECT pg_advisory_lock(%(k)s)", {"k": WRITER_LOCK})
 
 
+def release_writer_lock(conn: psycopg.Connection) -> None:
+    """Release it now: closing the session releases it too, but only once the
+    server's backend has exited, after close() returns (a writer starting right
+    after could find it still held)."""
+    conn.execute("SELECT pg_advisory_unlock(%(k)s)", {"k": WRITER_LOCK})
+
+
 def writer_lock_holder(conn: psycopg.Connection) -> dict[str, Any] | None:
     """pid, application_name, client address and since when of the lock's holder."""
     with conn.cursor(row_factory=dict_row) as cur:
