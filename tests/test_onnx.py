@@ -327,3 +327,15 @@ def test_a_model_onnx_cannot_run_falls_back_to_torch_only_with_auto(
     assert embedder.model_id == "raiox-tiny:none"
     assert any("running it on torch" in r.getMessage() for r in caplog.records)
     assert not list((tmp_path / "home" / "onnx").glob("*/visual.onnx"))  # nothing half-made
+
+
+def test_a_first_use_exports_and_says_so_once(raiox_env, tmp_path: Path) -> None:
+    """The first ONNX use in a fresh home exports (one stderr line saying so) and
+    warns about random weights once, though the export loads the torch model too."""
+    image = tmp_path / "q.png"
+    Image.fromarray(np.full((64, 80), 90, dtype=np.uint8)).save(image)
+    proc = _run_cli(["embed", str(image)], {**os.environ, "RAIOX_BACKEND": "onnx"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("MODEL HAS RANDOM WEIGHTS") == 1, proc.stderr
+    assert proc.stderr.count("exported raiox-tiny:none's image tower to ONNX") == 1
+    assert json.loads(proc.stdout)["model_id"] == "raiox-tiny:none"

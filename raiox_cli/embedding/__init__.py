@@ -192,6 +192,20 @@ def register_bundled_configs() -> None:
     _configs_registered = True
 
 
+_warned_random: set[str] = set()
+
+
+def warn_if_random(spec: ModelSpec) -> None:
+    """Say loudly, once per process and model (an ONNX export loads the torch
+    model too), that random weights make meaningless results."""
+    if spec.random and spec.name not in _warned_random:
+        _warned_random.add(spec.name)
+        log.warning(
+            "MODEL HAS RANDOM WEIGHTS (--pretrained none): embeddings are only good for "
+            "speed tests and smoke runs; search results are meaningless"
+        )
+
+
 def cuda_possible() -> bool:
     """Whether this machine might have a CUDA GPU, without importing torch (1-3 s):
     the NVIDIA driver's device nodes (or WSL's GPU node) exist. Only then is torch
@@ -320,11 +334,7 @@ def _load(spec: ModelSpec) -> Embedder:
         )
     device = resolve_device(spec.device)
     checkpoint = _checkpoint_path(spec)
-    if spec.random:
-        log.warning(
-            "MODEL HAS RANDOM WEIGHTS (--pretrained none): embeddings are only good for "
-            "speed tests and smoke runs; search results are meaningless"
-        )
+    warn_if_random(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)  # random weights are the same in every process
         try:

@@ -478,12 +478,10 @@ class OnnxEmbedder:
 def load(spec: ModelSpec, home: Path) -> OnnxEmbedder:
     """The ONNX embedder for spec: from the cache, or exported now. An export that
     ONNX Runtime refuses (a damaged file with intact metadata) is rebuilt once."""
+    from raiox_cli.embedding import warn_if_random
+
     _import_onnxruntime()
-    if spec.random:
-        log.warning(
-            "MODEL HAS RANDOM WEIGHTS (--pretrained none): embeddings are only good for "
-            "speed tests and smoke runs; search results are meaningless"
-        )
+    warn_if_random(spec)
     export = ensure_export(spec, home)
     try:
         session = new_session(export.model_path)
