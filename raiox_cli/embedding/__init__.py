@@ -92,7 +92,31 @@ def model_id(spec: ModelSpec) -> str:
     return f"{spec.name}:{spec.pretrained}"
 
 
-class Embedder:
+class Embedding:
+    """What every backend's embedder shares; each defines spec, dim, preprocessor
+    and embed_tensors (numpy in, unit float32 vectors out)."""
+
+    spec: ModelSpec
+    dim: int
+    preprocessor: Callable[[Image.Image], np.ndarray]
+
+    def embed_tensors(self, pixels: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def meaningless(self) -> bool:
+        return self.spec.random
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        out = np.empty((len(images), self.dim), dtype=np.float32)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            batch = np.stack([self.preprocessor(img) for img in chunk])
+            out[start : start + len(chunk)] = self.embed_tensors(batch)
+        return out
+
+
+class Embedder(Embedding):
     """A loaded model with its preprocessing. Thread-safe for embedding calls."""
 
     backend = "torch"
@@ -107,10 +131,6 @@ class Embedder:
         self.dim = dim
         self.preprocess_version = PREPROCESS_VERSION
         self._lock = threading.Lock()
-
-    @property
-    def meaningless(self) -> bool:
-        return self.spec.random
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """Grey ("L") or RGB PIL image -> the model's input tensor (CPU). Thread-safe."""
@@ -141,16 +161,6 @@ class Embedder:
         for observe in forward_observers:
             observe(len(vectors), time.perf_counter() - started)
         return vectors
-
-    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
-        import torch
-
-        out = np.empty((len(images), self.dim), dtype=np.float32)
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            batch = torch.stack([self.preprocess(img) for img in chunk])
-            out[start : start + len(chunk)] = self.embed_tensors(batch)
-        return out
 
 
 class TransformPreprocess:

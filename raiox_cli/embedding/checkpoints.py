@@ -10,17 +10,13 @@ rewritten, a read-only home only costs the re-hash.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 from raiox_cli import config
+from raiox_cli.embedding.files import locked, sha256_of, write_json
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +49,6 @@ def file_sha256(path: Path) -> str:
     return digest
 
 
-def sha256_of(path: Path) -> str:
-    """The file's sha256, read now (file_sha256 remembers it; the ONNX export
-    cache checks its own files with this)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read(cache: Path) -> dict[str, dict]:
     try:
         data = json.loads(cache.read_text(encoding="utf-8"))
@@ -89,34 +75,11 @@ def _lookup(cache: Path, key: tuple[str, int, int]) -> str | None:
 def _remember(cache: Path, key: tuple[str, int, int], digest: str) -> None:
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(cache.with_suffix(".lock")):
+        with locked(cache.with_suffix(".lock")):
             # Read-modify-replace under the lock, so two processes hashing different
-            # files both keep their entry; os.replace keeps readers off half-written files.
+            # files both keep their entry; the replace keeps readers off half-written files.
             entries = _read(cache)
             entries[key[0]] = {"size": key[1], "mtime_ns": key[2], "sha256": digest}
-            fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".hashes-", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    json.dump(entries, fh, indent=1, sort_keys=True)
-                os.replace(tmp, cache)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_json(cache, entries)
     except OSError as exc:
         log.info("could not remember the checkpoint hash in %s (%s)", cache, exc)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # Windows: atomic replace alone (an entry may be lost, never the file)
-        yield
-        return
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -33,15 +33,15 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from raiox_cli.embedding import Embedding
 from raiox_cli.embedding import preprocess as preprocessing
-from raiox_cli.embedding.checkpoints import sha256_of
+from raiox_cli.embedding.files import locked, sha256_of, write_json
 from raiox_cli.embedding.preprocess import Preprocess, PreprocessConfig
 from raiox_cli.errors import BackendUnavailable, ModelUnavailable
 
@@ -131,15 +131,6 @@ class Export:
         return PreprocessConfig.from_dict(self.meta["preprocess"])
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomically: a reader sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
 def cached_export(folder: Path, model_id: str, version: int | None = None) -> Export | None:
     """The export in `folder` if it is complete and intact, else None. The sha256 of
     a file (350 MB of weights for ViT-B-32) is recomputed only when its size or
@@ -167,25 +158,14 @@ def cached_export(folder: Path, model_id: str, version: int | None = None) -> Ex
             rehashed = True
     if rehashed:
         with contextlib.suppress(OSError):  # a read-only home still works, it re-hashes
-            _write_json(folder / META_FILE, meta)
+            write_json(folder / META_FILE, meta)
     return Export(folder, meta)
 
 
-@contextlib.contextmanager
-def _export_lock(folder: Path) -> Iterator[None]:
+def _export_lock(folder: Path) -> contextlib.AbstractContextManager[None]:
     """One exporter per model and home at a time (others wait, then reuse it)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # Windows: the rename below still keeps readers safe
-        yield
-        return
-    with open(folder.parent / f".{folder.name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return locked(folder.parent / f".{folder.name}.lock")
 
 
 def is_exported(spec: ModelSpec, home: Path) -> bool:
@@ -250,7 +230,7 @@ def _export(spec: ModelSpec, folder: Path, embedder: Embedder | None) -> Export:
             "max_abs_diff": max_diff,
             "tolerance": TOLERANCE,
         }
-        _write_json(tmp / META_FILE, meta)
+        write_json(tmp / META_FILE, meta)
         (tmp / META_FILE).chmod(0o644)
         _replace_folder(tmp, folder)
     finally:
@@ -406,7 +386,7 @@ def new_session(path: Path, *, prepack: bool = False) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-class OnnxEmbedder:
+class OnnxEmbedder(Embedding):
     """The same interface as embedding.Embedder (what ingest, search, the pipeline
     and the server use), on ONNX Runtime. Thread-safe."""
 
@@ -424,10 +404,6 @@ class OnnxEmbedder:
         self.prepacked = False
         self._embedded = 0
         self._lock = threading.Lock()
-
-    @property
-    def meaningless(self) -> bool:
-        return self.spec.random
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         return self.preprocessor(image)
@@ -464,15 +440,6 @@ class OnnxEmbedder:
         except Exception as exc:  # ORT's errors subclass Exception
             log.info("could not build a pre-packed ONNX Runtime session: %s", exc)
             self.session = new_session(self.export.model_path)
-
-    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
-        out = np.empty((len(images), self.dim), dtype=np.float32)
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            out[start : start + len(chunk)] = self.embed_tensors(
-                np.stack([self.preprocessor(img) for img in chunk])
-            )
-        return out
 
 
 def load(spec: ModelSpec, home: Path) -> OnnxEmbedder:
