@@ -1,1 +1,1 @@
-raiox_cli/sql
+raiox_cli/db/sql

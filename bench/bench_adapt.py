@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raiox_cli import synth
+from raiox_cli.training import synth
 
 
 def _cpu_model() -> str:

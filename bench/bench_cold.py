@@ -101,7 +101,7 @@ def _summary(samples: list[dict[str, Any]]) -> dict[str, float]:
 
 def make_images(work: Path, count: int) -> tuple[Path, Path, Path]:
     """count PNGs in raiox's catalogue layout, a one-image catalogue, a query."""
-    from raiox_cli import synth
+    from raiox_cli.training import synth
 
     catalogue = work / "catalogue"
     if not catalogue.exists():
@@ -199,7 +199,8 @@ BREAKDOWN = r"""
 import json, sys, time
 t0 = time.perf_counter()
 from pathlib import Path
-from raiox_cli import cli, config, db, embedding, search
+from raiox_cli import cli, config, db, embedding
+from raiox_cli.search import query as search
 t_import = time.perf_counter()
 settings = config.resolve()
 spec = embedding.ModelSpec.from_settings(settings)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raiox_cli import synth
+from raiox_cli.training import synth
 
 RUNS = ("local", "ray_own", "ray_joined")
 

@@ -35,7 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from raiox_cli import config, db, embedding, images, queries, synth
+from raiox_cli import config, db, embedding, images
+from raiox_cli.db import queries
+from raiox_cli.training import synth
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -114,7 +116,7 @@ def child_model_only(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_ingest(args: argparse.Namespace) -> dict[str, Any]:
-    from raiox_cli.ingest import ingest_catalogue
+    from raiox_cli.catalogue.ingest import ingest_catalogue
 
     root = _catalogue(args.work / f"png-{args.images}", args.images, _parse_size(args.size))
     settings = _settings(Path(tempfile.mkdtemp(dir=args.work)), args)
@@ -137,8 +139,8 @@ def child_ingest(args: argparse.Namespace) -> dict[str, Any]:
 def child_batch_search(args: argparse.Namespace) -> dict[str, Any]:
     """`raiox search` over the same PNGs as X-rays (a 32-image catalogue), TTA off
     and on; target: TTA off >= 0.8 of model only, TTA on <= 3 images per X-ray."""
-    from raiox_cli import batch_search
-    from raiox_cli.ingest import ingest_catalogue
+    from raiox_cli.catalogue.ingest import ingest_catalogue
+    from raiox_cli.search import batch as batch_search
 
     size = _parse_size(args.size)
     queries_root = _catalogue(args.work / f"png-{args.images}", args.images, size)
@@ -190,7 +192,7 @@ def child_loop(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from raiox_cli.catalogue import scan
+    from raiox_cli.catalogue.scan import scan
 
     root = _catalogue(args.work / f"png-{args.images}", args.images, _parse_size(args.size))
     settings = _settings(Path(tempfile.mkdtemp(dir=args.work)), args)
@@ -249,7 +251,7 @@ def child_decode_pool(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_rss(args: argparse.Namespace) -> dict[str, Any]:
-    from raiox_cli.ingest import ingest_catalogue
+    from raiox_cli.catalogue.ingest import ingest_catalogue
 
     root = _catalogue(args.work / f"small-{args.count}", args.count, (320, 256))
     settings = _settings(Path(tempfile.mkdtemp(dir=args.work)), args, model=args.rss_model)

@@ -28,7 +28,9 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
-from raiox_cli import config, db, queries, search
+from raiox_cli import config, db
+from raiox_cli.db import queries
+from raiox_cli.search import query as search
 
 MODEL_ID = "ViT-B-32:none"  # what `--model ViT-B-32 --pretrained none` searches with
 
@@ -238,7 +240,8 @@ def bench_warm(conn: psycopg.Connection, args: argparse.Namespace) -> dict[str, 
     without TTA (one forward pass) and with it (three, batched)."""
     import torch
 
-    from raiox_cli import embedding, images, synth
+    from raiox_cli import embedding, images
+    from raiox_cli.training import synth
 
     embedder = embedding.load_embedder(embedding.ModelSpec("ViT-B-32", "none", None, "cpu"))
     design = synth.design_systems(1)[0]
@@ -275,7 +278,7 @@ def bench_warm(conn: psycopg.Connection, args: argparse.Namespace) -> dict[str, 
 
 def bench_cold(url: str, args: argparse.Namespace) -> dict[str, Any]:
     """Wall time of fresh `raiox` processes, as a user types them."""
-    from raiox_cli import synth
+    from raiox_cli.training import synth
 
     raiox = str(Path(sys.executable).with_name("raiox"))
     env = {

@@ -37,8 +37,11 @@ from typing import Any
 
 import httpx
 
-from raiox_cli import config, db, embedded, ingest, lifecycle, synth
+from raiox_cli import config, db, lifecycle
+from raiox_cli.catalogue import ingest
+from raiox_cli.db import embedded
 from raiox_cli.server import auth
+from raiox_cli.training import synth
 
 WORK_PREFIX = "raiox-bench-server-"
 

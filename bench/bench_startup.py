@@ -43,7 +43,8 @@ def mark(name):
     t.append((name, time.perf_counter(), rss()))
 from pathlib import Path
 import raiox_cli.cli
-from raiox_cli import config, db, embedding, search
+from raiox_cli import config, db, embedding
+from raiox_cli.search import query as search
 mark("import raiox")
 settings = config.resolve()
 spec = embedding.ModelSpec.from_settings(settings)
@@ -124,7 +125,7 @@ def _checkpoint(work: Path) -> Path:
 
 
 def _setup(work: Path, env: dict[str, str], new: dict[str, str]) -> Path:
-    from raiox_cli import synth
+    from raiox_cli.training import synth
 
     catalogue = work / "catalogue"
     if not (catalogue / ".complete").exists():

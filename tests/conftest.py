@@ -137,7 +137,8 @@ def store_synthetic_catalogue(conn, embedder, info, store=None) -> list[int]:
     """Write a synth.make_catalogue() result through the data layer, embedded by the
     real (tiny) model: the rows ingest writes. Returns the implant ids in order;
     with a store, each image's bytes go there and rows carry its key."""
-    from raiox_cli import images, queries
+    from raiox_cli import images
+    from raiox_cli.db import queries
 
     model = queries.register_model(conn, embedder.model_id, embedder.dim, 1)
     implant_ids, pairs = [], []
@@ -186,7 +187,7 @@ def catalogue_rows(settings: config.Settings) -> dict:
     """What an ingest leaves behind, independent of ids, timestamps and where the
     catalogue root is: implants, images (key, sha256, source path, storage key, size)
     and each image's vectors by (implant key, sha256, model)."""
-    from raiox_cli import queries
+    from raiox_cli.db import queries
 
     with db.connect(settings) as conn:
         images = conn.execute(

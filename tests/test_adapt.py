@@ -25,9 +25,10 @@ from PIL import Image
 from psycopg import sql
 from typer.testing import CliRunner
 
-from raiox_cli import adapt, augment, config, db, embedding, synth
+from raiox_cli import config, db, embedding
+from raiox_cli.catalogue.ingest import ingest_catalogue
 from raiox_cli.cli import app
-from raiox_cli.ingest import ingest_catalogue
+from raiox_cli.training import adapt, augment, synth
 
 runner = CliRunner()
 SIZE = (64, 80)
@@ -311,7 +312,8 @@ def test_kill_9_then_the_same_command_resumes(
 def _search_loop(env: dict[str, str], query: Path, seconds: float) -> subprocess.Popen:
     code = f"""
 import json, sys, time
-from raiox_cli import config, db, embedding, images, search
+from raiox_cli import config, db, embedding, images
+from raiox_cli.search import query as search
 from raiox_cli.errors import ModelMismatch
 settings = config.resolve()
 embedder = embedding.load_embedder(embedding.ModelSpec.from_settings(settings))
@@ -379,7 +381,7 @@ def test_guard_refuses_a_model_that_is_not_better(
     assert "does not beat the catalogue's raiox-tiny:none" in result.stderr
     assert result.stderr.count("MRR") >= 2  # both sets of numbers
     with db.connect(config.resolve(env)) as conn:
-        from raiox_cli import queries
+        from raiox_cli.db import queries
 
         assert queries.active_model(conn).model_id == "raiox-tiny:none"
     forced = runner.invoke(app, [*args, "--lr", "1e-12", "--apply", "--force", "--json"], env=env)

@@ -20,10 +20,15 @@ import uvicorn
 from psycopg import sql
 from typer.testing import CliRunner
 
-from raiox_cli import backup, config, db, embedded, feedback, storage, synth
+from raiox_cli import config, db
+from raiox_cli.catalogue.ingest import ingest_catalogue
 from raiox_cli.cli import app
-from raiox_cli.ingest import ingest_catalogue
+from raiox_cli.clinics import feedback
+from raiox_cli.db import embedded
 from raiox_cli.server.app import ServerConfig, create_app
+from raiox_cli.store import backup
+from raiox_cli.store import objects as storage
+from raiox_cli.training import synth
 
 runner = CliRunner()
 

@@ -19,8 +19,11 @@ import pytest
 from conftest import store_synthetic_catalogue
 from typer.testing import CliRunner
 
-from raiox_cli import config, queries, search, synth
+from raiox_cli import config
 from raiox_cli.cli import app
+from raiox_cli.db import queries
+from raiox_cli.search import query as search
+from raiox_cli.training import synth
 
 runner = CliRunner()
 

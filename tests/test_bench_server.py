@@ -15,7 +15,7 @@ import psutil
 import pytest
 from conftest import TINY_ENV
 
-from raiox_cli import embedded
+from raiox_cli.db import embedded
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_server.py"
 

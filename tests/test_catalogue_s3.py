@@ -11,9 +11,12 @@ import pytest
 from conftest import assert_same_rows, catalogue_rows, fresh_database, upload_folder
 from typer.testing import CliRunner
 
-from raiox_cli import catalogue, config, db, reindex, synth
+from raiox_cli import config, db
+from raiox_cli.catalogue import reindex
+from raiox_cli.catalogue import scan as catalogue
+from raiox_cli.catalogue.ingest import IngestOptions, ingest_catalogue
 from raiox_cli.cli import app
-from raiox_cli.ingest import IngestOptions, ingest_catalogue
+from raiox_cli.training import synth
 
 SMALL = (64, 80)
 

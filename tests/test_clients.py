@@ -8,8 +8,9 @@ import time
 
 from typer.testing import CliRunner
 
-from raiox_cli import clients, config, db
+from raiox_cli import config, db
 from raiox_cli.cli import app
+from raiox_cli.clinics import keys as clients
 
 runner = CliRunner()
 

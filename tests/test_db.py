@@ -5,7 +5,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from raiox_cli import config, db, queries
+from raiox_cli import config, db
+from raiox_cli.db import queries
 from raiox_cli.errors import DatabaseUnavailable, SchemaError
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 from PIL import Image
 from typer.testing import CliRunner
 
-from raiox_cli import sheet
 from raiox_cli.cli import app
+from raiox_cli.search import sheet
 
 runner = CliRunner()
 

@@ -23,9 +23,10 @@ from conftest import (
 )
 from typer.testing import CliRunner
 
-from raiox_cli import config, db, synth
+from raiox_cli import config, db
+from raiox_cli.catalogue.ingest import ingest_catalogue
 from raiox_cli.cli import app
-from raiox_cli.ingest import ingest_catalogue
+from raiox_cli.training import synth
 
 SMALL = (64, 80)
 

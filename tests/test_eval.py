@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from raiox_cli import evaluate, synth
 from raiox_cli.cli import app
+from raiox_cli.search import evaluate
+from raiox_cli.training import synth
 
 runner = CliRunner()
 

@@ -15,8 +15,12 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from raiox_cli import config, db, feedback, queries, storage, synth
+from raiox_cli import config, db
 from raiox_cli.cli import app
+from raiox_cli.clinics import feedback
+from raiox_cli.db import queries
+from raiox_cli.store import objects as storage
+from raiox_cli.training import synth
 
 runner = CliRunner()
 
@@ -347,7 +351,7 @@ def test_confirmed_query_images_filters_and_keeps_the_latest(
 def test_a_clinic_confirms_only_its_own_analyses(
     answered: dict[str, int], conn: psycopg.Connection
 ) -> None:
-    from raiox_cli import clients
+    from raiox_cli.clinics import keys as clients
 
     mine, _ = clients.add(conn, "sorriso-sp")
     theirs, _ = clients.add(conn, "outra-clinica")

@@ -13,8 +13,10 @@ from test_server import TOKEN, Catalogue, running
 from test_server import catalogue as catalogue  # the fixture, re-exported for pytest
 from typer.testing import CliRunner
 
-from raiox_cli import clients, db, queries
+from raiox_cli import db
 from raiox_cli.cli import app
+from raiox_cli.clinics import keys as clients
+from raiox_cli.db import queries
 
 runner = CliRunner()
 AUTH = {"authorization": f"Bearer {TOKEN}"}

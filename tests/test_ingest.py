@@ -20,10 +20,12 @@ import pytest
 from psycopg import sql
 from typer.testing import CliRunner
 
-from raiox_cli import config, db, queries, synth
-from raiox_cli.catalogue import implant_key, scan
+from raiox_cli import config, db
+from raiox_cli.catalogue.ingest import IngestOptions, ingest_catalogue
+from raiox_cli.catalogue.scan import implant_key, scan
 from raiox_cli.cli import app
-from raiox_cli.ingest import IngestOptions, ingest_catalogue
+from raiox_cli.db import queries
+from raiox_cli.training import synth
 
 SMALL = (64, 80)
 
@@ -311,7 +313,7 @@ def test_renamed_file_is_moved_not_embedded_nor_pruned(migrated: config.Settings
 
 
 def test_moved_catalogue_adopts_its_rows(migrated: config.Settings, tmp_path: Path):
-    from raiox_cli import reindex
+    from raiox_cli.catalogue import reindex
 
     info = synth.make_catalogue(tmp_path / "s", systems=2, views=2, queries=0, size=SMALL)
     ingest_catalogue(migrated, info.catalogue)

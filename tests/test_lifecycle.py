@@ -23,8 +23,9 @@ import pytest
 from conftest import TINY_ENV
 from typer.testing import CliRunner
 
-from raiox_cli import db, synth
+from raiox_cli import db
 from raiox_cli.cli import app
+from raiox_cli.training import synth
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -204,7 +205,7 @@ def test_ingest_normal_and_error_exits_stop_postgres(home: Home, tmp_path: Path)
 
 def test_ingest_uncaught_exception_stops_postgres(home: Home) -> None:
     boom = (
-        "import raiox_cli.ingest as core, raiox_cli.db as db\n"
+        "import raiox_cli.catalogue.ingest as core, raiox_cli.db as db\n"
         "def boom(settings, *a, **k):\n"
         "    db.connect(settings).close()\n"
         "    raise RuntimeError('boom in ingest')\n"
@@ -221,7 +222,7 @@ def test_ingest_uncaught_exception_stops_postgres(home: Home) -> None:
 # The real CLI whose ingest joins the database and then holds it (a long command
 # without the model's start-up cost).
 HOLD = (
-    "import time, raiox_cli.ingest as core, raiox_cli.db as db\n"
+    "import time, raiox_cli.catalogue.ingest as core, raiox_cli.db as db\n"
     "def hold(settings, *a, **k):\n"
     "    db.connect(settings).close()\n"
     "    time.sleep(300)\n"

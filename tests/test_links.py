@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from raiox_cli import config, links
+from raiox_cli import config
+from raiox_cli.clinics import links
 
 KEY = links.derive_key(b"x" * 32, "result-link")
 NOW = 1_800_000_000.0

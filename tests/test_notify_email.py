@@ -35,7 +35,8 @@ from test_server import (  # noqa: F401 (catalogue and site are fixtures)
     site,
 )
 
-from raiox_cli import db, queries
+from raiox_cli import db
+from raiox_cli.db import queries
 from raiox_cli.errors import UsageError
 from raiox_cli.server import notify
 

@@ -18,10 +18,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from raiox_cli import embedding, synth
+from raiox_cli import embedding
 from raiox_cli.cli import app
 from raiox_cli.embedding import checkpoints, onnx
 from raiox_cli.embedding import preprocess as preprocessing
+from raiox_cli.training import synth
 
 runner = CliRunner()
 TINY = ["raiox-tiny", "raiox-tiny48"]

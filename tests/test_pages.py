@@ -23,7 +23,9 @@ from test_server import (  # noqa: F401 (catalogue and site are fixtures)
     site,
 )
 
-from raiox_cli import clients, db, links
+from raiox_cli import db
+from raiox_cli.clinics import keys as clients
+from raiox_cli.clinics import links
 from raiox_cli.server import pages
 
 SECRET_KEY = "pages-test-secret-" + uuid.uuid4().hex  # signs the result links

@@ -14,8 +14,10 @@ import pytest
 from conftest import TINY_ENV
 from typer.testing import CliRunner
 
-from raiox_cli import images, pipeline, synth
+from raiox_cli import images
+from raiox_cli.catalogue import pipeline
 from raiox_cli.cli import app
+from raiox_cli.training import synth
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,11 @@ from PIL import Image, PngImagePlugin
 from pydicom.data import get_testdata_file
 from test_server import TOKEN, Catalogue, Site, catalogue, running, site  # noqa: F401
 
-from raiox_cli import clients, config, db, images, privacy, search, storage
+from raiox_cli import config, db, images
+from raiox_cli.clinics import keys as clients
+from raiox_cli.clinics import privacy
+from raiox_cli.search import query as search
+from raiox_cli.store import objects as storage
 
 PATIENT = {
     "PatientName": "Souza^Ana",

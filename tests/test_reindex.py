@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from raiox_cli import config, db, embedding, images, queries, synth
-from raiox_cli import reindex as core
-from raiox_cli import search as search_core
+from raiox_cli import config, db, embedding, images
+from raiox_cli.catalogue import reindex as core
+from raiox_cli.catalogue.ingest import ingest_catalogue
 from raiox_cli.cli import app
+from raiox_cli.db import queries
 from raiox_cli.errors import ModelMismatch
-from raiox_cli.ingest import ingest_catalogue
+from raiox_cli.search import query as search_core
+from raiox_cli.training import synth
 
 SMALL = (64, 80)
 

@@ -16,8 +16,10 @@ import pytest
 from test_server import TOKEN, Catalogue, catalogue, running  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
-from raiox_cli import clients, config, db, queries
+from raiox_cli import config, db
 from raiox_cli.cli import app
+from raiox_cli.clinics import keys as clients
+from raiox_cli.db import queries
 
 runner = CliRunner()
 

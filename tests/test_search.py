@@ -9,9 +9,12 @@ from conftest import store_synthetic_catalogue
 from PIL import Image
 from typer.testing import CliRunner
 
-from raiox_cli import images, queries, search, synth
+from raiox_cli import images
 from raiox_cli.cli import app
+from raiox_cli.db import queries
 from raiox_cli.errors import EmptyCatalogue, ModelMismatch
+from raiox_cli.search import query as search
+from raiox_cli.training import synth
 
 runner = CliRunner()
 
@@ -244,7 +247,7 @@ def test_cli_exit_codes(migrated, conn, tiny_embedder, tmp_path, monkeypatch) ->
 
 
 def test_cli_contact_sheet(conn, catalogue, tmp_path) -> None:
-    from raiox_cli import sheet
+    from raiox_cli.search import sheet
 
     out = tmp_path / "sheet.png"
     query = catalogue.implants[0].queries[0]

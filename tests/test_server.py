@@ -28,10 +28,13 @@ from conftest import store_synthetic_catalogue
 from psycopg import sql
 from typer.testing import CliRunner
 
-from raiox_cli import config, db, queries, storage, synth
+from raiox_cli import config, db
 from raiox_cli.cli import app as cli_app
+from raiox_cli.db import queries
 from raiox_cli.server import auth
 from raiox_cli.server.app import ServerConfig, create_app
+from raiox_cli.store import objects as storage
+from raiox_cli.training import synth
 
 TOKEN = "tok-" + uuid.uuid4().hex
 SECRET = "whsec_" + base64.b64encode(uuid.uuid4().bytes * 2).decode()

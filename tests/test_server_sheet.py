@@ -9,7 +9,7 @@ import httpx
 from PIL import Image
 from test_server import TOKEN, Catalogue, catalogue, running  # noqa: F401 (fixture)
 
-from raiox_cli import sheet
+from raiox_cli.search import sheet
 
 
 def test_sheet_png_of_a_finished_analysis(

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raiox_cli import sheet
-from raiox_cli.search import Match, SearchResult
+from raiox_cli.search import sheet
+from raiox_cli.search.query import Match, SearchResult
 
 
 def _radiograph(shade: int, size: tuple[int, int] = (120, 160)) -> Image.Image:

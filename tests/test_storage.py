@@ -10,7 +10,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from raiox_cli import config, storage
+from raiox_cli import config
+from raiox_cli.store import objects as storage
 
 
 def _blob(text: str) -> tuple[str, bytes]:

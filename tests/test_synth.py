@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from raiox_cli import synth
-from raiox_cli.catalogue import implant_key
+from raiox_cli.catalogue.scan import implant_key
+from raiox_cli.training import synth
 
 
 def _all_bytes(root: Path) -> dict[str, bytes]:

@@ -24,7 +24,8 @@ from test_server import (  # noqa: F401  (fixtures)
     site,
 )
 
-from raiox_cli import clients, db
+from raiox_cli import db
+from raiox_cli.clinics import keys as clients
 
 
 def add_clinic(cat: Catalogue, name: str) -> str:

@@ -32,22 +32,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.staticfiles import StaticFiles
 
-from raiox_cli import (
-    __version__,
-    clients,
-    db,
-    feedback,
-    images,
-    privacy,
-    queries,
-    retention,
-    search,
-    utc,
-)
+from raiox_cli import __version__, db, images, utc
+from raiox_cli.clinics import feedback, privacy, retention
+from raiox_cli.clinics import keys as clients
 from raiox_cli.config import Settings
+from raiox_cli.db import queries
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import DatabaseUnavailable, RaioxError, UsageError
 from raiox_cli.lifecycle import Terminated
+from raiox_cli.search import query as search
 from raiox_cli.server import (
     auth,
     inputs,
@@ -921,7 +914,8 @@ def _load(
 ) -> Any:
     import uvicorn
 
-    from raiox_cli import embedding, storage
+    from raiox_cli import embedding
+    from raiox_cli.store import objects as storage
 
     check_auth_configured(settings, insecure_no_auth)
     if worker_threads < 1:

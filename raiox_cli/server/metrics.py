@@ -19,7 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from raiox_cli import embedding, queries
+from raiox_cli import embedding
+from raiox_cli.db import queries
 from raiox_cli.server import logs
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

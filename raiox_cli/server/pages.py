@@ -28,9 +28,13 @@ from PIL import Image, ImageDraw, ImageOps
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from raiox_cli import clients, feedback, images, links, queries, search
+from raiox_cli import images
+from raiox_cli.clinics import feedback, links
+from raiox_cli.clinics import keys as clients
 from raiox_cli.config import Settings
+from raiox_cli.db import queries
 from raiox_cli.errors import EmptyCatalogue, ModelMismatch, RaioxError
+from raiox_cli.search import query as search
 from raiox_cli.server import i18n, logs
 
 KEY_COOKIE = "raiox_key"
@@ -338,7 +342,7 @@ async def submit(request: Request) -> Response:
             return refuse(image_error_key(exc))
         except (EmptyCatalogue, ModelMismatch):
             return refuse("error.catalogue")
-        from raiox_cli import privacy
+        from raiox_cli.clinics import privacy
 
         # Only a de-identified copy is stored (privacy.py); it decodes to the same pixels.
         key = privacy.store_image(config.store, data, loaded.format, settings)

@@ -11,7 +11,10 @@ from typing import Any, Protocol
 import psycopg
 from PIL import Image
 
-from raiox_cli import feedback, images, queries, sheet
+from raiox_cli import images
+from raiox_cli.clinics import feedback
+from raiox_cli.db import queries
+from raiox_cli.search import sheet
 from raiox_cli.server import logs
 
 

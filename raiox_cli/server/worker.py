@@ -20,10 +20,14 @@ from typing import Any, Protocol
 import numpy as np
 import psycopg
 
-from raiox_cli import db, images, pipeline, privacy, queries, search
+from raiox_cli import db, images
+from raiox_cli.catalogue import pipeline
+from raiox_cli.clinics import privacy
 from raiox_cli.config import Settings
+from raiox_cli.db import queries
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import EmptyCatalogue, ModelMismatch, RaioxError
+from raiox_cli.search import query as search
 from raiox_cli.server import download, i18n, logs, notify, pages, results
 from raiox_cli.server.metrics import Metrics
 

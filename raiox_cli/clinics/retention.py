@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import psycopg
 
-from raiox_cli import queries
+from raiox_cli.db import queries
 
 BATCH = 500
 

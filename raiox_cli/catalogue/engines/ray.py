@@ -26,9 +26,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from raiox_cli import embedding, pipeline
+from raiox_cli import embedding
+from raiox_cli.catalogue import pipeline
+from raiox_cli.catalogue.engines import row_of
 from raiox_cli.config import Settings
-from raiox_cli.engines import row_of
 from raiox_cli.errors import RaioxError, UsageError
 
 T = TypeVar("T")

@@ -13,8 +13,8 @@ from typing import Any
 import psycopg
 from pgvector.psycopg import register_vector
 
-from raiox_cli import queries
 from raiox_cli.config import Settings
+from raiox_cli.db import queries
 from raiox_cli.errors import DatabaseUnavailable, SchemaError
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def embedded_url(pgdata: Path) -> str:
     """Start (or join) the embedded PostgreSQL for this data folder; return its URL.
 
     This process holds it until it exits; the last holder stops it (embedded.py)."""
-    from raiox_cli import embedded
+    from raiox_cli.db import embedded
 
     return embedded.join(pgdata)
 
@@ -99,7 +99,7 @@ def _register_vector(conn: psycopg.Connection) -> None:
 
 def load_migrations() -> list[Migration]:
     found = []
-    for entry in resources.files("raiox_cli").joinpath("sql").iterdir():
+    for entry in resources.files("raiox_cli.db").joinpath("sql").iterdir():
         match = MIGRATION_NAME.match(entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
@@ -225,7 +225,7 @@ class Status:
 
 def status(settings: Settings) -> Status:
     """Inspect the database without starting the embedded server or joining it."""
-    from raiox_cli import embedded
+    from raiox_cli.db import embedded
 
     state = None if settings.database_url else embedded.inspect(settings.pgdata_dir)
     url = settings.database_url or (state.url if state else None)

@@ -53,8 +53,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import psycopg
 
-from raiox_cli import db, images, queries
+from raiox_cli import db, images
 from raiox_cli.config import Settings
+from raiox_cli.db import queries
 from raiox_cli.errors import RaioxError
 
 if TYPE_CHECKING:

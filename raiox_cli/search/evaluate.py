@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from raiox_cli import queries, search
-from raiox_cli.catalogue import IMAGE_SUFFIXES, implant_key
+from raiox_cli.catalogue.scan import IMAGE_SUFFIXES, implant_key
 from raiox_cli.config import Settings
+from raiox_cli.db import queries
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import RaioxError, UsageError
+from raiox_cli.search import query as search
 
 DEPTH = 10  # implants ranked per query; MRR counts a label found deeper as 0
 BATCH = 32

@@ -32,9 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from raiox_cli import augment, embedding, images, queries, storage
+from raiox_cli import embedding, images
 from raiox_cli.config import Settings
+from raiox_cli.db import queries
 from raiox_cli.errors import ModelMismatch, RaioxError, UsageError
+from raiox_cli.store import objects as storage
+from raiox_cli.training import augment
 
 if TYPE_CHECKING:
     import psycopg
@@ -177,7 +180,7 @@ def catalogue_items(conn: psycopg.Connection) -> list[Item]:
 def xray_items(conn: psycopg.Connection, source: Path) -> tuple[list[Item], list[str]]:
     """Labelled X-rays from a folder in the `raiox eval` layout (or its CSV), their
     labels resolved to implant keys; unknown labels and unreadable files skipped."""
-    from raiox_cli import evaluate
+    from raiox_cli.search import evaluate
 
     index = evaluate._label_index(conn)
     found, skipped = [], []
@@ -313,7 +316,7 @@ def decode(item: Item, settings: Settings, store: storage.Store, longest: int) -
     from PIL import Image
 
     if item.row is not None:
-        from raiox_cli.reindex import original_bytes
+        from raiox_cli.catalogue.reindex import original_bytes
 
         data = original_bytes(item.row, settings, store)
     else:
@@ -787,7 +790,7 @@ def _last_mrr(state: RunState) -> float | None:
 
 
 def _orientations(picture: Image.Image, tta: bool) -> list[Image.Image]:
-    from raiox_cli import search
+    from raiox_cli.search import query as search
 
     return search.oriented(picture, tta)[0]
 
@@ -1228,7 +1231,7 @@ def _compare_and_apply(
             "(--force applies it anyway)"
         )
         return report
-    from raiox_cli import reindex
+    from raiox_cli.catalogue import reindex
 
     target = settings.replace(
         model=card["architecture"], weights=Path(report.weights or ""), pretrained="file"

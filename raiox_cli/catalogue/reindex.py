@@ -18,10 +18,10 @@ from typing import Any
 
 import psycopg
 
-from raiox_cli import catalogue, embedding, pipeline, queries, storage
-from raiox_cli.config import Settings
-from raiox_cli.errors import ModelMismatch, ModelUnavailable, RaioxError
-from raiox_cli.ingest import (
+from raiox_cli import embedding
+from raiox_cli.catalogue import pipeline
+from raiox_cli.catalogue import scan as catalogue
+from raiox_cli.catalogue.ingest import (
     Failure,
     IngestOptions,
     IngestReport,
@@ -32,7 +32,11 @@ from raiox_cli.ingest import (
     embed_batch,
     writer_lock,
 )
-from raiox_cli.pipeline import Writer, run_pipeline, worker_count
+from raiox_cli.catalogue.pipeline import Writer, run_pipeline, worker_count
+from raiox_cli.config import Settings
+from raiox_cli.db import queries
+from raiox_cli.errors import ModelMismatch, ModelUnavailable, RaioxError
+from raiox_cli.store import objects as storage
 
 PAGE = 1000  # images fetched per query when filling in missing embeddings
 
@@ -67,7 +71,7 @@ class ReindexReport:
 
 def _apply_retention(conn: psycopg.Connection, settings: Settings) -> dict[str, Any]:
     """Purge analyses older than RAIOX_RETENTION_DAYS (cron's nightly run)."""
-    from raiox_cli import retention
+    from raiox_cli.clinics import retention
 
     days = settings.retention_days or 0
     purged = retention.purge(conn, storage.open_store(settings), older_than_s=days * 86400.0)

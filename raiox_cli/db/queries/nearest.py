@@ -10,7 +10,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from raiox_cli.queries.models import ModelRow
+from raiox_cli.db.queries.models import ModelRow
 
 # --- search ------------------------------------------------------------------
 # The nearest-image scan must read `(embedding::vector(D)) <=> q` with

@@ -22,8 +22,9 @@ from typing import Any
 
 import psycopg
 
-from raiox_cli import queries, utc
+from raiox_cli import utc
 from raiox_cli.config import Settings
+from raiox_cli.db import queries
 from raiox_cli.errors import RaioxError, UsageError
 
 MAX_NOTE = 2000  # characters; the table's CHECKs hold the same bounds
@@ -89,7 +90,7 @@ def _bounded(value: str | None, name: str, limit: int) -> str | None:
 def find_implant(conn: psycopg.Connection, text: str) -> dict[str, Any]:
     """The catalogue implant a key names: exact, or as `raiox eval` labels match
     (any case and spacing, manufacturer/system/name or manufacturer/name)."""
-    from raiox_cli import evaluate
+    from raiox_cli.search import evaluate
 
     found = queries.implant_by_key(conn, text)
     if found is None:
@@ -366,7 +367,8 @@ def export_labels_to(
     settings: Settings, out: Path, *, since: datetime | None = None, client: str | None = None
 ) -> ExportReport:
     """`raiox export-labels`: the configured database and image store."""
-    from raiox_cli import db, storage
+    from raiox_cli import db
+    from raiox_cli.store import objects as storage
 
     store = storage.open_store(settings)
     with db.connect(settings) as conn:

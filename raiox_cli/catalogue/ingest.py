@@ -23,10 +23,15 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from raiox_cli import catalogue, db, embedding, engines, pipeline, privacy, queries, storage
+from raiox_cli import db, embedding
+from raiox_cli.catalogue import engines, pipeline
+from raiox_cli.catalogue import scan as catalogue
+from raiox_cli.catalogue.pipeline import Writer
+from raiox_cli.clinics import privacy
 from raiox_cli.config import Settings
+from raiox_cli.db import queries
 from raiox_cli.errors import Busy, ModelMismatch, RaioxError
-from raiox_cli.pipeline import Writer
+from raiox_cli.store import objects as storage
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 TOUCH_BATCH = 500  # metadata-only rows (touched or moved files) per transaction

@@ -335,7 +335,7 @@ def ingest(
     stderr), 2 when PATH is not a catalogue folder, 75 when another ingest/reindex
     is running. Example: raiox ingest ./catalogue --prune --json
     """
-    from raiox_cli import ingest as core
+    from raiox_cli.catalogue import ingest as core
 
     settings = config.resolve(
         database_url=database_url,
@@ -390,7 +390,7 @@ def reindex(
     problems go to stderr with exit 1; 75 when another writer runs.
     Example (crontab): 17 3 * * * raiox reindex --json >> /var/log/raiox-reindex.log
     """
-    from raiox_cli import reindex as core
+    from raiox_cli.catalogue import reindex as core
 
     switch = any(option is not None for option in (model, pretrained, weights))
     settings = config.resolve(
@@ -592,7 +592,7 @@ def search(
     Example: raiox search ./archive --from more.csv --out answers.jsonl
     """
     from raiox_cli import images
-    from raiox_cli import search as core
+    from raiox_cli.search import query as core
 
     settings = config.resolve(
         database_url=database_url,
@@ -647,7 +647,7 @@ def _batch_options(
     out_file: Path | None,
     csv_file: Path | None,
 ) -> Any:
-    from raiox_cli import batch_search
+    from raiox_cli.search import batch as batch_search
 
     return batch_search.BatchOptions(k, crop, manufacturer, save, client_id, out_file, csv_file)
 
@@ -662,8 +662,8 @@ def _search_batch(
     progress: bool,
 ) -> None:
     """`raiox search` over many X-rays: JSON lines out, failures and a summary on stderr."""
-    from raiox_cli import batch_search
     from raiox_cli.errors import UsageError
+    from raiox_cli.search import batch as batch_search
 
     if sheet is not None:
         raise UsageError("--sheet draws one X-ray: search a single image with it")
@@ -687,7 +687,7 @@ def _search_batch(
 
 
 def _search_json(image: Path, k: int, result: Any) -> dict[str, Any]:
-    from raiox_cli import search as core
+    from raiox_cli.search import query as core
 
     return core.result_json(str(image), k, result)
 
@@ -845,7 +845,7 @@ def eval_(
     was right and when it was wrong. "Not in the catalogue" confirmations are
     counted apart. Example: raiox eval --confirmed --since 2026-01-01 --client clinic-42
     """
-    from raiox_cli import evaluate
+    from raiox_cli.search import evaluate
 
     if confirmed == (queries is not None):
         raise UsageError("give QUERIES (labelled X-rays) or --confirmed, one of them")
@@ -1010,7 +1010,7 @@ def confirm(
       raiox confirm 43 --not-in-catalogue --note "Neodent Helix GM, not catalogued"
       raiox confirm 5f0c6a2e-8d1b-4c7e-9a53-2b6f1d0e7c41 straumann/blx --json
     """
-    from raiox_cli import feedback
+    from raiox_cli.clinics import feedback
 
     settings = config.resolve(database_url=database_url)
     done = feedback.confirm_analysis(
@@ -1059,7 +1059,7 @@ def export_labels(
 
     Example: raiox export-labels ./confirmed --since 2026-01-01 && raiox eval ./confirmed
     """
-    from raiox_cli import feedback
+    from raiox_cli.clinics import feedback
 
     settings = config.resolve(database_url=database_url)
     report = feedback.export_labels_to(settings, out_dir, since=since, client=client)
@@ -1109,7 +1109,7 @@ def demo(
 
     Example: raiox demo --pretrained none
     """
-    from raiox_cli import demo as core
+    from raiox_cli.catalogue import demo as core
 
     settings = config.resolve(
         database_url=database_url,
@@ -1214,7 +1214,7 @@ def clients_add(
 
     Example: KEY=$(raiox clients add sorriso-sp --email dr@sorriso.example)
     """
-    from raiox_cli import clients
+    from raiox_cli.clinics import keys as clients
 
     with _database(database_url) as conn:
         row, key = clients.add(conn, name, notify_url=notify_url, email=email)
@@ -1227,7 +1227,7 @@ def clients_list(json_out: JsonOut = False, database_url: DatabaseUrl = None) ->
 
     Example: raiox clients list --json
     """
-    from raiox_cli import clients
+    from raiox_cli.clinics import keys as clients
 
     with _database(database_url) as conn:
         rows = clients.list_rows(conn)
@@ -1265,7 +1265,7 @@ def clients_rotate(
 
     Example: raiox clients rotate sorriso-sp --grace 2h
     """
-    from raiox_cli import clients
+    from raiox_cli.clinics import keys as clients
 
     grace_s = config.parse_duration(grace, what="--grace")
     with _database(database_url) as conn:
@@ -1284,7 +1284,7 @@ def clients_revoke(
 
     Example: raiox clients revoke sorriso-sp
     """
-    from raiox_cli import clients
+    from raiox_cli.clinics import keys as clients
 
     with _database(database_url) as conn:
         row = clients.revoke(conn, name)
@@ -1461,7 +1461,7 @@ def adapt(
     same validation splits (else exit 1 with both results, unless --force).
     Example: raiox adapt --labels ./confirmed --max-minutes 60 --apply
     """
-    from raiox_cli import adapt as core
+    from raiox_cli.training import adapt as core
 
     settings = config.resolve(
         database_url=database_url,
@@ -1511,7 +1511,9 @@ def purge(
 
     Example: raiox purge --older-than 90d --client sorriso-sp --dry-run
     """
-    from raiox_cli import clients, retention, storage
+    from raiox_cli.clinics import keys as clients
+    from raiox_cli.clinics import retention
+    from raiox_cli.store import objects as storage
 
     seconds = config.parse_duration(older_than, what="--older-than")
     with _database(database_url) as conn:
@@ -1563,7 +1565,7 @@ def backup_(
     Examples: raiox backup /var/backups/raiox/2026-11-27
               raiox backup --verify /var/backups/raiox/2026-11-27
     """
-    from raiox_cli import backup as core
+    from raiox_cli.store import backup as core
 
     if verify:
         report = core.verify(path)
@@ -1587,7 +1589,7 @@ def restore(
 
     Example: RAIOX_HOME=/var/lib/raiox raiox restore /var/backups/raiox/2026-11-27
     """
-    from raiox_cli import backup as core
+    from raiox_cli.store import backup as core
 
     report = core.restore(config.resolve(database_url=database_url), path, force=force)
     _print_backup("restored", report, json_out)
@@ -1680,7 +1682,7 @@ def db_stop(
 
     Example: raiox db stop
     """
-    from raiox_cli import embedded
+    from raiox_cli.db import embedded
 
     settings = config.resolve()
     if settings.database_url:

@@ -20,15 +20,17 @@ import numpy as np
 import psycopg
 from PIL import Image
 
-from raiox_cli import images, pipeline, queries
+from raiox_cli import images
+from raiox_cli.catalogue import pipeline
+from raiox_cli.catalogue.pipeline import ORIENTATIONS
 from raiox_cli.config import Settings
+from raiox_cli.db import queries
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import EmptyCatalogue, ModelMismatch, UnreadableQuery
 from raiox_cli.images import Crop, LoadedImage
-from raiox_cli.pipeline import ORIENTATIONS
 
 if TYPE_CHECKING:
-    from raiox_cli.storage import Store
+    from raiox_cli.store.objects import Store
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +270,7 @@ def _image_path(row: dict[str, Any]) -> str | None:
     if not row["source_path"]:
         return None
     if row["root_path"]:
-        from raiox_cli.catalogue import open_root
+        from raiox_cli.catalogue.scan import open_root
 
         return open_root(row["root_path"]).location(row["source_path"])
     return row["source_path"] if Path(row["source_path"]).is_absolute() else None
@@ -507,7 +509,8 @@ def write_contact_sheet(
     settings: Settings, query_path: Path, data: bytes, result: SearchResult, out: Path
 ) -> Path:
     """The query (uncropped, crop box drawn) beside the matches' reference images."""
-    from raiox_cli import sheet, storage
+    from raiox_cli.search import sheet
+    from raiox_cli.store import objects as storage
 
     original = load_query(query_path, settings, data=data).image
     try:
@@ -573,6 +576,7 @@ def search_file(
 
 def _store_query(settings: Settings, fmt: str, data: bytes) -> str:
     """Keep the query with the analysis, de-identified, as the server does for uploads."""
-    from raiox_cli import privacy, storage
+    from raiox_cli.clinics import privacy
+    from raiox_cli.store import objects as storage
 
     return privacy.store_image(storage.open_store(settings), data, fmt, settings)

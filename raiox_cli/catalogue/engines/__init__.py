@@ -42,7 +42,7 @@ def check(settings: Settings) -> None:
     """Fail now, before any work, when the engine asked for cannot run here (Ray not
     installed: the message says how to install it)."""
     if settings.engine == "ray":
-        from raiox_cli.engines.ray import require_ray
+        from raiox_cli.catalogue.engines.ray import require_ray
 
         require_ray()
 
@@ -55,11 +55,11 @@ def open_engine(
     stopped on exit. `batch_size`: items per model batch (default the setting's)."""
     batch_size = batch_size or settings.batch_size
     if settings.engine == "ray":
-        from raiox_cli.engines import ray
+        from raiox_cli.catalogue.engines import ray
 
         with ray.session(settings):
             yield ray.RayEngine(settings, spec, batch_size=batch_size)
         return
-    from raiox_cli.pipeline import LocalEngine, worker_count
+    from raiox_cli.catalogue.pipeline import LocalEngine, worker_count
 
     yield LocalEngine(workers=worker_count(settings), batch_size=batch_size)

@@ -34,9 +34,11 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from raiox_cli import __version__, db, embedded, queries, storage
+from raiox_cli import __version__, db
 from raiox_cli.config import Settings
+from raiox_cli.db import embedded, queries
 from raiox_cli.errors import RaioxError, SchemaError, UsageError
+from raiox_cli.store import objects as storage
 
 FORMAT = "raiox-backup"
 FORMAT_VERSION = 1

@@ -11,9 +11,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raiox_cli import db, embedding, evaluate, ingest, search, synth
+from raiox_cli import db, embedding
+from raiox_cli.catalogue import ingest
 from raiox_cli.config import Settings
 from raiox_cli.errors import ModelUnavailable
+from raiox_cli.search import evaluate
+from raiox_cli.search import query as search
+from raiox_cli.training import synth
 
 SEARCHED = 3  # queries shown as result tables
 

@@ -28,11 +28,15 @@ from typing import Any
 
 import psycopg
 
-from raiox_cli import db, embedding, engines, pipeline, privacy, queries, search
-from raiox_cli.catalogue import IMAGE_SUFFIXES
+from raiox_cli import db, embedding
+from raiox_cli.catalogue import engines, pipeline
+from raiox_cli.catalogue.scan import IMAGE_SUFFIXES
+from raiox_cli.clinics import privacy
 from raiox_cli.config import Settings
+from raiox_cli.db import queries
 from raiox_cli.errors import UsageError
 from raiox_cli.images import Crop
+from raiox_cli.search import query as search
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 Emit = Callable[[dict[str, Any]], None]
@@ -352,7 +356,7 @@ class _Run:
         self.views = search.ORIENTATIONS if settings.tta else search.ORIENTATIONS[:1]
         store = None
         if options.save:
-            from raiox_cli import storage
+            from raiox_cli.store import objects as storage
 
             store = storage.open_store(settings)
         self.prepare = QueryPrep(

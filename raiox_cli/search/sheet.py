@@ -26,7 +26,7 @@ WEAK = (240, 170, 60)
 CROP = (255, 80, 80)
 
 if TYPE_CHECKING:
-    from raiox_cli.search import Match, SearchResult
+    from raiox_cli.search.query import Match, SearchResult
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from raiox_cli.images import ImageError
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-    from raiox_cli.storage import Store
+    from raiox_cli.store.objects import Store
 
 CONTENT_TYPES = {
     "JPEG": "image/jpeg",
@@ -121,7 +121,7 @@ def dicom_seed(settings: Settings) -> str:
     """Seeds dicognito from the server secret: the same original UID gets the same
     replacement in every process (series stay together), and nobody without the
     secret can recompute the mapping."""
-    from raiox_cli import links
+    from raiox_cli.clinics import links
 
     return links.derive_key(links.server_secret(settings), "dicom-uids").hex()
 

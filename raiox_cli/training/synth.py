@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from raiox_cli.catalogue import implant_key
+from raiox_cli.catalogue.scan import implant_key
 
 MANUFACTURERS = (
     "Acme Dental",

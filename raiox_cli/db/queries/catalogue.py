@@ -10,8 +10,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from raiox_cli.queries.models import ModelRow
-from raiox_cli.queries.schema import WRITER_LOCK
+from raiox_cli.db.queries.models import ModelRow
+from raiox_cli.db.queries.schema import WRITER_LOCK
 
 # --- catalogue ---------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 
-from raiox_cli import queries
+from raiox_cli.db import queries
 from raiox_cli.errors import RaioxError, UsageError
 
 KEY_PREFIX = "rxk_"

@@ -22,7 +22,7 @@ from raiox_cli.errors import RaioxError, UsageError
 
 if TYPE_CHECKING:
     from raiox_cli.config import Settings
-    from raiox_cli.storage import Bucket
+    from raiox_cli.store.objects import Bucket
 
 _SPACES = re.compile(r"\s+")
 
@@ -170,7 +170,7 @@ class BucketRoot:
         return self.bucket.read(self._key(rel), max_bytes)
 
     def read_optional(self, name: str) -> bytes | None:
-        from raiox_cli.storage import ObjectNotFound
+        from raiox_cli.store.objects import ObjectNotFound
 
         try:
             return self.bucket.read(self._key(name), 64 * 1024 * 1024)
@@ -199,7 +199,7 @@ def open_root(root: str | Path | Root, settings: Settings | None = None) -> Root
     text = str(root)
     if not text.startswith(S3_SCHEME):
         return FolderRoot(Path(text).expanduser().resolve())
-    from raiox_cli.storage import Bucket
+    from raiox_cli.store.objects import Bucket
 
     name, _, prefix = text[len(S3_SCHEME) :].partition("/")
     if not name:
