@@ -636,11 +636,11 @@ def test_server_follows_the_tta_setting(
 ) -> None:
     """RAIOX_TTA reaches every server path like the CLI's: with it off a job costs
     one image in the forward pass (both worker paths and /upload), with it on three."""
-    from raiox_cli import embedding
+    from raiox_cli.embedding import base
 
     site.routes["/q.png"] = (200, catalogue.query_png, {})
     passes: list[int] = []
-    monkeypatch.setattr(embedding, "forward_observers", [lambda n, _s: passes.append(n)])
+    monkeypatch.setattr(base, "forward_observers", [lambda n, _s: passes.append(n)])
     images_per_job = {}
     for tta in (False, True):
         for batch in (1, 8):

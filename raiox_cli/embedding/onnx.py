@@ -33,22 +33,23 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
-from raiox_cli.embedding import Embedding
 from raiox_cli.embedding import preprocess as preprocessing
+from raiox_cli.embedding import torch as torch_runtime
+from raiox_cli.embedding.base import Embedding, ModelSpec, model_id, observed, warn_if_random
 from raiox_cli.embedding.files import locked, sha256_of, write_json
 from raiox_cli.embedding.preprocess import Preprocess, PreprocessConfig
 from raiox_cli.errors import BackendUnavailable, ModelUnavailable
 
 if TYPE_CHECKING:
-    from PIL import Image
-
-    from raiox_cli.embedding import Embedder, ModelSpec
+    from raiox_cli.embedding.torch import TorchEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class ExportError(ModelUnavailable):
 
 def onnxruntime_available() -> bool:
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: F401  (start-up time: only asked, not loaded, here)
     except ImportError:
         return False
     return True
@@ -97,7 +98,7 @@ def onnxruntime_available() -> bool:
 
 def _import_onnxruntime() -> Any:
     try:
-        import onnxruntime
+        import onnxruntime  # start-up time: imported by the first session only
     except ImportError as exc:
         raise BackendUnavailable(INSTALL_HINT) from exc
     return onnxruntime
@@ -170,17 +171,13 @@ def _export_lock(folder: Path) -> contextlib.AbstractContextManager[None]:
 
 def is_exported(spec: ModelSpec, home: Path) -> bool:
     """Whether spec's model has an intact export under home (no torch, no export)."""
-    from raiox_cli.embedding import model_id
-
     mid = model_id(spec)
     return cached_export(cache_dir(home, mid), mid) is not None
 
 
-def ensure_export(spec: ModelSpec, home: Path, *, embedder: Embedder | None = None) -> Export:
+def ensure_export(spec: ModelSpec, home: Path, *, embedder: TorchEmbedder | None = None) -> Export:
     """The verified export of spec's model under home, exporting it when missing,
     stale or corrupt (with torch: loads the model once, unless `embedder` is given)."""
-    from raiox_cli.embedding import model_id
-
     mid = model_id(spec)
     folder = cache_dir(home, mid)
     found = cached_export(folder, mid)
@@ -193,13 +190,11 @@ def ensure_export(spec: ModelSpec, home: Path, *, embedder: Embedder | None = No
         return _export(spec, folder, embedder)
 
 
-def _export(spec: ModelSpec, folder: Path, embedder: Embedder | None) -> Export:
-    from raiox_cli import embedding
-
+def _export(spec: ModelSpec, folder: Path, embedder: TorchEmbedder | None) -> Export:
     started = time.perf_counter()
     if embedder is None:
         # Exported on the CPU (the ONNX backend runs there), not kept in the torch cache.
-        embedder = embedding._load(replace(spec, device="cpu"))
+        embedder = torch_runtime.load(replace(spec, device="cpu"))
     config = getattr(embedder.preprocessor, "config", None)
     if not isinstance(config, PreprocessConfig):
         raise ExportError(
@@ -256,7 +251,7 @@ def _file_record(path: Path) -> dict[str, Any]:
 def _externalise(path: Path) -> None:
     """Rewrite the graph with its weights in DATA_FILE beside it (whichever exporter
     wrote it, and however it laid them out)."""
-    import onnx
+    import onnx  # start-up time: only an export needs the onnx package
 
     model = onnx.load(str(path))
     for stale in path.parent.glob(f"{path.name}*.data"):
@@ -281,11 +276,11 @@ def _replace_folder(tmp: Path, folder: Path) -> None:
     os.replace(tmp, folder)
 
 
-def _export_graph(embedder: Embedder, size: int, path: Path) -> str:
+def _export_graph(embedder: TorchEmbedder, size: int, path: Path) -> str:
     """Export with torch's dynamo exporter (torch's default and maintained one), and
     with the TorchScript exporter if dynamo fails on this model. Both reproduce
     ViT-B-32 and the tiny configs; dynamo's graph ran as fast or faster on CPU."""
-    import torch
+    import torch  # start-up time: only an export needs torch
 
     # open_clip's encode_image is visual(x), then an optional F.normalize: export the
     # tower and normalise in numpy (float32), as the torch backend does after it.
@@ -308,8 +303,6 @@ def _export_graph(embedder: Embedder, size: int, path: Path) -> str:
         return "dynamo"
     except Exception as exc:  # the exporter raises many classes; fall back, say why
         log.info("dynamo ONNX export failed (%s); trying the TorchScript exporter", exc)
-    import warnings
-
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # its own deprecation notice
         torch.onnx.export(
@@ -323,7 +316,7 @@ def _export_graph(embedder: Embedder, size: int, path: Path) -> str:
     return "torchscript"
 
 
-def verify(embedder: Embedder, path: Path, config: PreprocessConfig) -> float:
+def verify(embedder: TorchEmbedder, path: Path, config: PreprocessConfig) -> float:
     """Max abs difference between the export's unit vectors and torch's on a few
     synthetic radiograph-like images; raises ExportError above TOLERANCE."""
     pixels = np.stack([Preprocess(config)(img) for img in _verification_images(config.size)])
@@ -343,8 +336,6 @@ def verify(embedder: Embedder, path: Path, config: PreprocessConfig) -> float:
 
 def _verification_images(size: int) -> list[Image.Image]:
     """Seeded, various sizes and modes (grey and RGB, portrait and landscape)."""
-    from PIL import Image
-
     rng = np.random.default_rng(16)
     shapes = [(size + 37, size * 2, 1), (size * 3, size + 5, 3), (size, size, 1)]
     out = []
@@ -387,8 +378,8 @@ def new_session(path: Path, *, prepack: bool = False) -> Any:
 
 
 class OnnxEmbedder(Embedding):
-    """The same interface as embedding.Embedder (what ingest, search, the pipeline
-    and the server use), on ONNX Runtime. Thread-safe."""
+    """The image tower on ONNX Runtime, behind the interface every runtime shares
+    (what ingest, search, the pipeline and the server use). Thread-safe."""
 
     device = "cpu"
     backend = "onnx"
@@ -405,13 +396,8 @@ class OnnxEmbedder(Embedding):
         self._embedded = 0
         self._lock = threading.Lock()
 
-    def preprocess(self, image: Image.Image) -> np.ndarray:
-        return self.preprocessor(image)
-
     def embed_tensors(self, pixels: Any) -> np.ndarray:
         """A batch (N, 3, H, W) of preprocessed images -> (N, dim) unit float32 vectors."""
-        from raiox_cli.embedding import forward_observers
-
         batch = np.asarray(pixels, dtype=np.float32)
         # One forward at a time: each already uses every core (intra-op threads).
         with self._lock:
@@ -426,8 +412,7 @@ class OnnxEmbedder(Embedding):
             self._embedded += len(batch)
             if self._embedded >= PREPACK_AFTER and not self.prepacked:
                 self._prepack()
-        for observe in forward_observers:
-            observe(len(vectors), time.perf_counter() - started)
+        observed(len(vectors), time.perf_counter() - started)
         return vectors
 
     def _prepack(self) -> None:
@@ -445,8 +430,6 @@ class OnnxEmbedder(Embedding):
 def load(spec: ModelSpec, home: Path) -> OnnxEmbedder:
     """The ONNX embedder for spec: from the cache, or exported now. An export that
     ONNX Runtime refuses (a damaged file with intact metadata) is rebuilt once."""
-    from raiox_cli.embedding import warn_if_random
-
     _import_onnxruntime()
     warn_if_random(spec)
     export = ensure_export(spec, home)
