@@ -4,6 +4,7 @@ Exit codes (documented in `raiox --help` and the README):
   0 ok, 1 some inputs failed / other error, 2 usage error,
   3 database problem, 4 model weights unavailable, 5 catalogue built with
   another model, 6 empty catalogue, 7 the query image cannot be read,
+  8 an implant model cannot be rendered (format, units, holes),
   75 another writer holds the lock.
 """
 
@@ -48,6 +49,12 @@ class UnreadableQuery(RaioxError):
     """The one image a search was asked about cannot be decoded."""
 
     exit_code = 7
+
+
+class UnusableModel(RaioxError):
+    """An implant model file `raiox render` cannot use as it is: format, units, holes."""
+
+    exit_code = 8
 
 
 class Busy(RaioxError):

@@ -144,14 +144,16 @@ def design_systems(count: int, seed: int = 0) -> list[ImplantDesign]:
 # --- drawing --------------------------------------------------------------------
 
 
-def _half_width(d: ImplantDesign, y_mm: np.ndarray) -> np.ndarray:
-    """Half the implant's width (mm) at each depth below its platform; 0 outside."""
+def _half_width(d: ImplantDesign, y_mm: np.ndarray, turn: np.ndarray | float = 0.0) -> np.ndarray:
+    """Half the implant's width (mm) at each depth below its platform; 0 outside.
+    `turn` (fraction of a revolution about the axis) advances the thread's phase: the
+    helix of the 3D implant (synth3d.py); 0 is the outline this 2D drawing shows."""
     radius = np.full_like(y_mm, d.diameter_mm / 2)
     if d.body == "tapered":
         # Tapered from 40% of the length down to the apex.
         s = np.clip((y_mm - 0.4 * d.length_mm) / (0.6 * d.length_mm), 0, 1)
         radius = radius * (1 - (1 - d.taper) * s)
-    phase = np.mod((y_mm - d.collar_mm) / d.thread_pitch_mm, 1.0)
+    phase = np.mod((y_mm - d.collar_mm) / d.thread_pitch_mm - turn, 1.0)
     if d.thread_profile == "v":
         crest = 1 - np.abs(2 * phase - 1)
     elif d.thread_profile == "square":

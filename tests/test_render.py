@@ -1,0 +1,248 @@
+"""catalogue/render.py + drr.py: implant models -> radiograph-like catalogue views."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+
+from raiox_cli.catalogue import drr, render, scan
+from raiox_cli.errors import UnusableModel
+from raiox_cli.training import synth, synth3d
+
+CLEAN = render.RenderSettings(turns=1, tilts=1, size=256, blur_mm=0, photons=0, mirror=False)
+
+
+def _revolved(profile: list[tuple[float, float]], path: Path, sections: int = 256) -> Path:
+    """A watertight solid of revolution about +z from an (r, z) profile whose ends
+    lie on the axis, written as STL."""
+    mesh = trimesh.creation.revolve(np.array(profile, dtype=float), sections=sections)
+    assert mesh.is_watertight
+    mesh.export(path)
+    return path
+
+
+def _cylinder(path: Path, radius: float = 2.0, height: float = 10.0) -> Path:
+    return _revolved([(0, 0), (radius, 0), (radius, height), (0, height)], path)
+
+
+def test_cylinder_path_lengths_follow_the_analytic_chord_within_1_percent(tmp_path) -> None:
+    mesh = render.load_mesh(_cylinder(tmp_path / "cyl.stl"))
+    assert mesh.length_mm == pytest.approx(10.0)  # the long axis found, vertical
+    size = 512
+    lengths = render.lengths_view(mesh, 0, 0, size)
+    scale = render.px_per_mm(mesh, size)
+    x_mm = (np.arange(size) + 0.5 - size / 2) / scale
+    chord = 2 * np.sqrt(np.clip(4.0 - x_mm**2, 0, None))
+    inside = np.abs(x_mm) < 1.95  # the last half-pixel before the silhouette is all edge
+    rows = slice(size // 2 - 100, size // 2 + 100)
+    error = np.abs(lengths[rows][:, inside] - chord[inside]) / chord[inside]
+    assert error.max() < 0.01
+    assert lengths[rows][:, np.abs(x_mm) > 2.05].max() == 0  # nothing outside the solid
+    # The whole projection integrates to the volume: no seams, no double counting.
+    assert lengths.sum() / scale**2 == pytest.approx(math.pi * 4 * 10, rel=2e-3)
+
+
+def test_stepped_cylinder_shows_both_widths_in_the_right_ratio(tmp_path) -> None:
+    model = _revolved(
+        [(0, 0), (1.5, 0), (1.5, 6), (3.0, 6), (3.0, 12), (0, 12)], tmp_path / "step.stl"
+    )
+    render.render_catalogue([model], tmp_path / "out", CLEAN, jobs=1)
+    png = tmp_path / "out" / "Unknown" / "step" / "rot000_tilt00.png"
+    image = np.asarray(Image.open(png), dtype=np.float64)
+    background = image[2, 2]
+    wide = (image[image.shape[0] // 4] > background + 10).sum()  # platform up: wide on top
+    narrow = (image[3 * image.shape[0] // 4] > background + 10).sum()
+    assert wide / narrow == pytest.approx(2.0, abs=0.05)
+    # Brightest through the thickest metal: the wide part's centre.
+    assert image[image.shape[0] // 4].max() > image[3 * image.shape[0] // 4].max()
+
+
+def _bumped(path: Path) -> Path:
+    """A cylinder along z with a box on its +x side: which way it faces is visible."""
+    body = trimesh.creation.cylinder(radius=2.0, height=10.0, sections=64)
+    bump = trimesh.creation.box(extents=(1.0, 1.0, 2.0))
+    bump.apply_translation((2.4, 0, 0))
+    (body + bump).export(path)
+    return path
+
+
+def _edges(image: np.ndarray, row: int) -> tuple[int, int]:
+    """First and last column of the row brighter than the frame's edge."""
+    columns = np.flatnonzero(image[row].astype(int) > int(image[row, 0]) + 10)
+    return int(columns[0]), int(columns[-1])
+
+
+def test_view_angles_and_mirrors_are_what_the_file_names_say(tmp_path) -> None:
+    settings = render.RenderSettings(turns=4, tilts=2, max_tilt=30, size=256, photons=0)
+    report = render.render_catalogue([_bumped(tmp_path / "bump.stl")], tmp_path / "out", settings)
+    folder = tmp_path / "out" / "Unknown" / "bump"
+    names = sorted(p.name for p in folder.glob("*.png"))
+    assert report.outcomes[0].views == len(names) == 16
+    parsed = {render.parse_view_name(n) for n in names}
+    assert parsed == {(t, tilt, m) for t in (0, 90, 180, 270) for tilt in (0, 30) for m in (0, 1)}
+
+    def load(name: str) -> np.ndarray:
+        return np.asarray(Image.open(folder / name))
+
+    top, middle = 50, 128  # the cylinder alone; the bump's height
+    (left_top, right_top), (left, right) = (
+        _edges(load("rot000_tilt00.png"), r) for r in (top, middle)
+    )
+    assert right > right_top + 5 and abs(left - left_top) <= 1  # bump on the right
+    (left_top, right_top), (left, right) = (
+        _edges(load("rot180_tilt00.png"), r) for r in (top, middle)
+    )
+    assert left < left_top - 5 and abs(right - right_top) <= 1  # turned half round: left
+    (left_top, right_top), (left, right) = (
+        _edges(load("rot090_tilt00.png"), r) for r in (top, middle)
+    )
+    assert abs(left - left_top) <= 1 and abs(right - right_top) <= 1  # toward or away
+    for name in names:
+        if name.endswith("_mirror.png"):
+            assert np.array_equal(load(name), load(name.replace("_mirror", ""))[:, ::-1])
+    # A tilt of 30 degrees shortens the 10 mm cylinder to 10 cos 30 + 4 sin 30 mm.
+    mesh = render.load_mesh(tmp_path / "bump.stl")
+    for tilt in (0, 30):
+        lengths = render.lengths_view(mesh, 90, tilt, 256)
+        rows = np.flatnonzero(lengths.max(axis=1) > 0)
+        height_mm = (rows[-1] - rows[0] + 1) / render.px_per_mm(mesh, 256)
+        t = math.radians(tilt)
+        assert height_mm == pytest.approx(10 * math.cos(t) + 4 * math.sin(t), abs=0.1)
+
+
+def test_view_grid_names_round_trip() -> None:
+    assert render.parse_views("12x3") == (12, 3)
+    grid = render.view_grid(12, 3, 20)
+    assert len(grid) == 36 and (30, 10) in grid and (330, 20) in grid
+    for turn, tilt in grid:
+        for mirrored in (False, True):
+            name = render.view_name(turn, tilt, mirrored)
+            assert render.parse_view_name(name) == (turn, tilt, mirrored)
+    assert render.parse_view_name("view_00.png") is None
+
+
+def test_absurd_scale_is_refused_naming_the_scale_that_fixes_it(tmp_path) -> None:
+    metres = trimesh.creation.cylinder(radius=0.002, height=0.012, sections=32)
+    metres.export(tmp_path / "metres.stl")
+    with pytest.raises(UnusableModel, match=r"--scale 1000\b"):
+        render.load_mesh(tmp_path / "metres.stl")
+    assert render.load_mesh(tmp_path / "metres.stl", scale=1000).length_mm == pytest.approx(12)
+    microns = trimesh.creation.cylinder(radius=2000, height=12000, sections=32)
+    microns.export(tmp_path / "microns.stl")
+    with pytest.raises(UnusableModel, match=r"--scale 0\.001\b"):
+        render.load_mesh(tmp_path / "microns.stl")
+
+
+def test_open_mesh_is_refused_and_a_small_hole_is_filled(tmp_path) -> None:
+    open_mesh = trimesh.creation.cylinder(radius=2.0, height=10.0, sections=32)
+    open_mesh.update_faces(np.arange(len(open_mesh.faces))[40:])  # a big hole in the side
+    open_mesh.export(tmp_path / "open.obj")
+    with pytest.raises(UnusableModel, match=r"not watertight: \d+ open edges"):
+        render.load_mesh(tmp_path / "open.obj")
+    one_missing = trimesh.creation.cylinder(radius=2.0, height=10.0, sections=32)
+    one_missing.update_faces(np.arange(len(one_missing.faces))[1:])  # one triangle: safe
+    one_missing.export(tmp_path / "nearly.ply")
+    mesh = render.load_mesh(tmp_path / "nearly.ply")
+    assert any("filled small holes" in note for note in mesh.notes)
+
+
+def test_step_files_are_refused_with_how_to_convert(tmp_path) -> None:
+    (tmp_path / "implant.step").write_text("ISO-10303-21;\n")
+    with pytest.raises(UnusableModel, match="Export > STL"):
+        render.load_mesh(tmp_path / "implant.step")
+
+
+def test_huge_mesh_is_decimated_and_still_projects_right(tmp_path, monkeypatch) -> None:
+    dense = trimesh.creation.cylinder(radius=2.0, height=10.0, sections=256).subdivide()
+    dense.subdivide().export(tmp_path / "dense.stl")  # 16,384 faces
+    monkeypatch.setattr(render, "MAX_FACES", 4000)
+    mesh = render.load_mesh(tmp_path / "dense.stl")
+    assert len(mesh.faces) <= 4000
+    assert any("decimated from 16,384 to" in note for note in mesh.notes)
+    lengths = render.lengths_view(mesh, 0, 0, 256)
+    scale = render.px_per_mm(mesh, 256)
+    assert lengths.sum() / scale**2 == pytest.approx(math.pi * 4 * 10, rel=0.05)
+
+
+def test_rendered_folder_is_an_ordinary_catalogue_and_rerendering_is_a_no_op(tmp_path) -> None:
+    designs = synth.design_systems(2)
+    models = synth3d.write_models(tmp_path / "models", designs, around=48, detail=0.3)
+    settings = render.RenderSettings(turns=3, tilts=2, size=128)
+    out = tmp_path / "catalogue"
+    first = render.render_catalogue([tmp_path / "models"], out, settings, jobs=2)
+    assert [o.status for o in first.outcomes] == ["rendered", "rendered"]
+    assert first.images == 2 * 3 * 2 * 2
+    found = scan.scan(out)
+    assert not found.problems
+    assert set(found.implants) == {d.key for d in designs}  # catalogue.csv beside the models
+    record = found.implants[designs[0].key]
+    assert record.diameter_mm == designs[0].diameter_mm
+    assert record.connection == designs[0].connection
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    again = render.render_catalogue([models[0], models[1]], out, settings)
+    assert [o.status for o in again.outcomes] == ["unchanged", "unchanged"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == stamps
+
+    fewer = render.RenderSettings(turns=2, tilts=1, size=128)
+    render.render_catalogue([models[0]], out, fewer, jobs=1)
+    folder = out / designs[0].manufacturer / designs[0].name
+    assert sorted(p.name for p in folder.glob("*.png")) == [
+        "rot000_tilt00.png",
+        "rot000_tilt00_mirror.png",
+        "rot180_tilt00.png",
+        "rot180_tilt00_mirror.png",
+    ]
+    assert len(scan.scan(out).implants) == 2  # the other implant's row and views stay
+
+
+def test_same_seed_same_pixels_and_noise_follows_the_seed(tmp_path) -> None:
+    mesh = synth3d.prepared(synth.design_systems(1)[0], around=32, detail=0.3)
+    settings = render.RenderSettings(size=96, background="bone")
+    one = render.draw_view(mesh, 30, 10, settings, render.view_rng(0, "ab" * 32, 30, 10))
+    two = render.draw_view(mesh, 30, 10, settings, render.view_rng(0, "ab" * 32, 30, 10))
+    other = render.draw_view(mesh, 30, 10, settings, render.view_rng(1, "ab" * 32, 30, 10))
+    assert np.array_equal(one, two) and not np.array_equal(one, other)
+
+
+@pytest.mark.parametrize("connection", synth.CONNECTIONS)
+def test_synthetic_implants_are_watertight_solids(connection: str) -> None:
+    design = next(d for d in synth.design_systems(8) if d.connection == connection)
+    vertices, faces = synth3d.implant_mesh(design, around=48, detail=0.5)
+    mesh = trimesh.Trimesh(vertices, faces, process=True)
+    assert mesh.is_watertight and mesh.is_winding_consistent and mesh.volume > 0
+    extents = mesh.extents
+    assert extents[0] == pytest.approx(design.diameter_mm, rel=0.05)
+    hex_mm = synth3d.EXTERNAL_HEX_MM if connection == "external hex" else 0
+    assert extents[2] == pytest.approx(design.length_mm + hex_mm, rel=0.01)
+    # Hollow (connection + screw channel): less than the solid outline would hold.
+    assert mesh.volume < math.pi * (design.diameter_mm / 2) ** 2 * design.length_mm
+
+
+def test_one_implant_three_ways() -> None:
+    design = synth.design_systems(1)[0]
+    flat, clean, query = synth3d.three_drawings(design, size=160)
+    assert flat.size == clean.size == query.size == (160, 160)
+    clean_px = np.asarray(clean, dtype=float)
+    assert clean_px[80, 80] > clean_px[5, 5] + 60  # bright implant on a plain background
+    again = synth3d.three_drawings(design, size=160)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip([flat, clean, query], again, strict=True))
+
+
+def test_drr_physics_is_beer_lambert() -> None:
+    lengths = np.zeros((8, 8))
+    lengths[:, 4:] = 2.0
+    physics = drr.Physics("titanium", "plain", blur_mm=0, photons=0)
+    image = drr.radiograph(lengths, physics, 10.0, np.random.default_rng(0)).astype(float)
+    shown = (image / 255) ** (1 / drr.GAMMA) * drr.WHITE_AT  # back to attenuation
+    assert shown[0, 0] == pytest.approx(0.6, abs=0.03)  # soft tissue only
+    assert shown[0, 7] == pytest.approx(0.6 + 1.5 * 2.0, abs=0.05)
+    zirconia = drr.radiograph(
+        lengths, drr.Physics("zirconia", "plain", 0, 0), 10.0, np.random.default_rng(0)
+    )
+    assert zirconia[0, 7] > image[0, 7]
