@@ -97,3 +97,40 @@ def test_tracebacks_only_with_debug(raiox_env, monkeypatch, debug: str) -> None:
     else:
         assert result.exit_code == 3
         assert "Traceback" not in result.output
+
+
+def test_exit_codes_come_from_one_table() -> None:
+    """`raiox --help` lists every row of errors.EXIT_CODES, and every error class's code
+    is one of them (the README's list is generated from the same rows)."""
+    import inspect
+
+    from raiox_cli import errors
+
+    rows = errors.exit_code_rows()
+    codes = [code for code, _ in rows]
+    assert codes == sorted(codes) and len(set(codes)) == len(codes)
+    assert (0, "ok") in rows and (2, "usage error") in rows and 75 in codes
+    help_text = " ".join(runner.invoke(app, ["--help"], terminal_width=100).output.split())
+    assert " ".join(errors.help_text().split()) in help_text
+    for code, meaning in rows:
+        if not meaning.startswith("stopped by"):
+            assert f"{code} {meaning}" in help_text
+    assert "129/130/143 stopped by SIGHUP/SIGINT/SIGTERM" in help_text
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass)]
+    raised = {c.exit_code for c in classes if issubclass(c, errors.RaioxError)}
+    assert raised <= set(codes) and {1, 2, 3, 4, 5, 6, 7, 75} <= raised
+
+
+def test_clinics_group_and_its_old_name(migrated) -> None:
+    """The tenant is a clinic: `raiox clinics`, and `raiox clients` keeps working
+    (hidden from --help) for the scripts written before."""
+    listed = runner.invoke(app, ["--help"]).output
+    assert "clinics" in listed and "clients " not in listed
+    added = runner.invoke(app, ["clinics", "add", "sorriso-sp"])
+    assert added.exit_code == 0, added.output
+    for group in ("clinics", "clients"):
+        result = runner.invoke(app, [group, "list", "--json"])
+        assert result.exit_code == 0, result.output
+        assert [row["name"] for row in json.loads(result.stdout)] == ["sorriso-sp"]
+    empty = runner.invoke(app, ["clinics", "revoke", "nobody"])
+    assert empty.exit_code == 1 and empty.stderr.startswith("raiox clinics revoke: ")
