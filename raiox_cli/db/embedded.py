@@ -28,6 +28,7 @@ from typing import Any
 
 from raiox_cli import lifecycle
 from raiox_cli.errors import Busy, DatabaseUnavailable
+from raiox_cli.files import locked
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +81,10 @@ def _import_pgserver() -> Any:
 def _home_lock(pgdata: Path) -> Iterator[None]:
     """Serialise join, release and stop of every raiox process on this home."""
     path = pgdata.parent / f".{pgdata.name}.lock"  # not inside pgdata: initdb wants it empty
-    try:
-        import fcntl
-
-        handle = open(path, "a")  # noqa: SIM115 (closed below)
-    except (ImportError, OSError):  # Windows, or the home was deleted under us
-        yield  # pgserver's own lock still guards its handle list
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    # best effort: on Windows, or with the home deleted under us, pgserver's own lock
+    # still guards its handle list
+    with locked(path, best_effort=True):
+        yield
 
 
 def _pgserver_lock() -> Any:

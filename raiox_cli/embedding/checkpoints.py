@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from raiox_cli import config
-from raiox_cli.embedding.files import locked, sha256_of, write_json
+from raiox_cli.files import atomic_write_json, locked, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,6 @@ def _remember(cache: Path, key: tuple[str, int, int], digest: str) -> None:
             # files both keep their entry; the replace keeps readers off half-written files.
             entries = _read(cache)
             entries[key[0]] = {"size": key[1], "mtime_ns": key[2], "sha256": digest}
-            write_json(cache, entries)
+            atomic_write_json(cache, entries)
     except OSError as exc:
         log.info("could not remember the checkpoint hash in %s (%s)", cache, exc)

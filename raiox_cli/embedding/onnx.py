@@ -44,9 +44,9 @@ from PIL import Image
 from raiox_cli.embedding import preprocess as preprocessing
 from raiox_cli.embedding import torch as torch_runtime
 from raiox_cli.embedding.base import Embedding, ModelSpec, model_id, observed, warn_if_random
-from raiox_cli.embedding.files import locked, sha256_of, write_json
 from raiox_cli.embedding.preprocess import Preprocess, PreprocessConfig
 from raiox_cli.errors import BackendUnavailable, ModelUnavailable
+from raiox_cli.files import atomic_write_json, locked, sha256_of
 
 if TYPE_CHECKING:
     from raiox_cli.embedding.torch import TorchEmbedder
@@ -159,7 +159,7 @@ def cached_export(folder: Path, model_id: str, version: int | None = None) -> Ex
             rehashed = True
     if rehashed:
         with contextlib.suppress(OSError):  # a read-only home still works, it re-hashes
-            write_json(folder / META_FILE, meta)
+            atomic_write_json(folder / META_FILE, meta)
     return Export(folder, meta)
 
 
@@ -225,7 +225,7 @@ def _export(spec: ModelSpec, folder: Path, embedder: TorchEmbedder | None) -> Ex
             "max_abs_diff": max_diff,
             "tolerance": TOLERANCE,
         }
-        write_json(tmp / META_FILE, meta)
+        atomic_write_json(tmp / META_FILE, meta)
         (tmp / META_FILE).chmod(0o644)
         _replace_folder(tmp, folder)
     finally:

@@ -38,6 +38,7 @@ from raiox_cli import __version__, db
 from raiox_cli.config import Settings
 from raiox_cli.db import embedded, queries
 from raiox_cli.errors import RaioxError, SchemaError, UsageError
+from raiox_cli.files import CHUNK, sha256_of
 from raiox_cli.store import objects as storage
 
 FORMAT = "raiox-backup"
@@ -45,7 +46,6 @@ FORMAT_VERSION = 1
 DUMP = "database.dump"
 MANIFEST = "manifest.json"
 OBJECTS = "objects"
-CHUNK = 1 << 20
 
 
 class BackupError(RaioxError):
@@ -137,14 +137,6 @@ def _tool_version(tool: Path) -> str:
 
 
 # --- files --------------------------------------------------------------------------
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _copy_hashing(src: Path, dst: Path) -> tuple[str, int]:
@@ -245,7 +237,7 @@ def _write(settings: Settings, partial: Path, report: Report) -> None:
             "pg_dump": _tool_version(pg_dump),
             "file": DUMP,
             "bytes": report.dump_bytes,
-            "sha256": _sha256_file(partial / DUMP),
+            "sha256": sha256_of(partial / DUMP),
             "tables": report.tables,
         },
         "objects": objects,
@@ -292,7 +284,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
             f"{latest}; upgrade raiox (pip install -U raiox) to restore it"
         )
     dump = folder / DUMP
-    if not dump.is_file() or _sha256_file(dump) != manifest["database"]["sha256"]:
+    if not dump.is_file() or sha256_of(dump) != manifest["database"]["sha256"]:
         raise VerifyFailed(f"{dump} is missing or does not match the manifest's sha256")
     return manifest
 
@@ -418,7 +410,7 @@ def verify(folder: Path) -> Report:
         path = folder / OBJECTS / item["key"]
         if not path.is_file():
             report.problems.append(f"{item['key']} is missing from the backup")
-        elif _sha256_file(path) != item["sha256"]:
+        elif sha256_of(path) != item["sha256"]:
             report.problems.append(f"{item['key']} does not match its sha256")
     report.elapsed_s = time.monotonic() - started
     return report

@@ -9,9 +9,7 @@ through short-lived presigned URLs.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from raiox_cli.config import Settings
 from raiox_cli.errors import RaioxError
+from raiox_cli.files import atomic_write
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
@@ -86,14 +85,7 @@ class LocalStore:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # Write then rename: a crash never leaves a half-written object under its key.
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(path, lambda fh: fh.write(data), mode=0o600, durable=False)
         except OSError as exc:
             raise StorageError(f"{path}: cannot store ({exc.strerror or exc})") from exc
         return key

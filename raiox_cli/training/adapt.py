@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +35,7 @@ from raiox_cli import embedding, images
 from raiox_cli.config import Settings
 from raiox_cli.db import queries
 from raiox_cli.errors import ModelMismatch, RaioxError, UsageError
+from raiox_cli.files import atomic_write, sha256_of
 from raiox_cli.store import objects as storage
 from raiox_cli.training import augment
 
@@ -190,7 +190,7 @@ def xray_items(conn: psycopg.Connection, source: Path) -> tuple[list[Item], list
             skipped.append(f"{query.path}: label {query.label!r} names no implant in the catalogue")
             continue
         try:
-            digest = hashlib.sha256(query.path.read_bytes()).hexdigest()
+            digest = sha256_of(query.path)
         except OSError as exc:
             skipped.append(f"{query.path}: {exc.strerror or exc}")
             continue
@@ -620,30 +620,6 @@ def load_state(path: Path) -> dict[str, Any] | None:
     return payload
 
 
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from other users
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # the rename itself survives a power cut
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def plan_steps(data: Data, options: AdaptOptions) -> int:
     if options.steps is not None:
         return max(1, options.steps)
@@ -1064,7 +1040,7 @@ def adapt(
         "model_id": model_id,
         "architecture": spec.name,
         "weights": WEIGHTS_FILE,
-        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "weights_sha256": sha256_of(weights),
         "base_model_id": base_id,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data": report.data,
