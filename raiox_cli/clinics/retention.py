@@ -11,17 +11,14 @@ deleted is kept only as anonymous daily counts (analysis_counts).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import psycopg
 
 from raiox_cli.db import queries
+from raiox_cli.store.objects import Store
 
 BATCH = 500
-
-
-class DeletingStore(Protocol):
-    def delete(self, key: str) -> None: ...
 
 
 @dataclass
@@ -48,7 +45,7 @@ def _unshared(conn: psycopg.Connection, rows: list[dict[str, Any]]) -> list[str]
 
 def purge(
     conn: psycopg.Connection,
-    store: DeletingStore,
+    store: Store,
     *,
     older_than_s: float,
     clinic_id: int | None = None,
@@ -81,7 +78,7 @@ def purge(
     return report
 
 
-def delete_analysis(conn: psycopg.Connection, store: DeletingStore, analysis_id: int) -> bool:
+def delete_analysis(conn: psycopg.Connection, store: Store, analysis_id: int) -> bool:
     """Delete one analysis and its image (unless another row shares the object);
     False when it was gone already. Commits."""
     with conn.transaction():

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -30,6 +30,7 @@ from raiox_cli.errors import EmptyCatalogue, ModelMismatch, RaioxError
 from raiox_cli.search import query as search
 from raiox_cli.server import download, i18n, logs, notify, pages, results
 from raiox_cli.server.metrics import Metrics
+from raiox_cli.store.objects import Store
 
 TOP_K = 3
 POLL_S = 1.0
@@ -38,13 +39,6 @@ BATCH_WAIT_S = 0.005  # how long a short batch waits for more jobs to arrive
 MAX_BACKOFF_S = 600.0
 NOTIFY_MAX_ATTEMPTS = 8
 NOTIFY_LEASE_S = 60.0
-
-
-class Store(Protocol):
-    def put(self, sha256: str, data: bytes, *, content_type: str | None = None) -> str: ...
-    def get(self, key: str) -> bytes: ...
-    def delete(self, key: str) -> None: ...
-    def url(self, key: str, expires_s: int = 3600) -> str: ...
 
 
 class JobFailed(RaioxError):
