@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -9,8 +10,10 @@ import numpy as np
 import pytest
 import trimesh
 from PIL import Image
+from typer.testing import CliRunner
 
 from raiox_cli.catalogue import drr, render, scan
+from raiox_cli.cli import app
 from raiox_cli.errors import UnusableModel
 from raiox_cli.training import synth, synth3d
 
@@ -246,3 +249,59 @@ def test_drr_physics_is_beer_lambert() -> None:
         lengths, drr.Physics("zirconia", "plain", 0, 0), 10.0, np.random.default_rng(0)
     )
     assert zirconia[0, 7] > image[0, 7]
+
+
+# --- through the real CLI ------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def test_cli_renders_then_ingests_and_searches(migrated, tmp_path) -> None:
+    designs = synth.design_systems(3)
+    synth3d.write_models(tmp_path / "models", designs, around=48, detail=0.3)
+    out = tmp_path / "renders"
+    args = ["render", str(tmp_path / "models"), "--out", str(out), "--views", "4x2"]
+    first = runner.invoke(app, [*args, "--size", "128", "--background", "bone", "--json"])
+    assert first.exit_code == 0, first.output
+    report = json.loads(first.stdout)
+    assert report["images"] == 3 * 4 * 2 * 2
+    assert {m["status"] for m in report["models"]} == {"rendered"}
+    second = runner.invoke(app, [*args, "--size", "128", "--background", "bone"])
+    assert second.exit_code == 0 and second.stdout.count("unchanged") == 3
+
+    ingested = runner.invoke(app, ["ingest", str(out), "--json"])
+    assert ingested.exit_code == 0, ingested.output
+    assert json.loads(ingested.stdout)["new"] == 48
+    query = synth3d.query_render(designs[1], seed=5, size=128)
+    query.save(tmp_path / "query.png")
+    found = runner.invoke(app, ["search", str(tmp_path / "query.png"), "-k", "3", "--json"])
+    assert found.exit_code == 0, found.output
+    keys = [m["key"] for m in json.loads(found.stdout)["matches"]]
+    assert len(keys) == 3 and set(keys) == {d.key for d in designs}  # distinct implants
+
+
+def test_cli_refuses_unusable_models_with_exit_8_and_renders_the_rest(tmp_path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    _cylinder(models / "good.stl")
+    trimesh.creation.cylinder(radius=0.002, height=0.01).export(models / "metres.stl")
+    leaky = trimesh.creation.cylinder(radius=2.0, height=10.0, sections=32)
+    leaky.update_faces(np.arange(len(leaky.faces))[40:])
+    leaky.export(models / "leaky.stl")
+    (models / "implant.stp").write_text("ISO-10303-21;\n")
+    result = runner.invoke(
+        app, ["render", str(models), "--out", str(tmp_path / "out"), "--views", "2x1"]
+    )
+    assert result.exit_code == 8, result.output
+    assert "metres.stl" in result.stderr and "--scale 1000" in result.stderr
+    assert "leaky.stl: not watertight" in result.stderr
+    assert "implant.stp: STEP" in result.stderr and "Export > STL" in result.stderr
+    assert len(list((tmp_path / "out" / "Unknown" / "good").glob("*.png"))) == 4
+
+
+def test_cli_usage_errors_exit_2(tmp_path) -> None:
+    model = _cylinder(tmp_path / "cyl.stl")
+    for bad in (["--views", "12"], ["--material", "gold"], ["--axis", "up"]):
+        result = runner.invoke(app, ["render", str(model), "--out", str(tmp_path / "o"), *bad])
+        assert result.exit_code == 2, (bad, result.output)
+        assert bad[0] in result.stderr

@@ -33,7 +33,15 @@ from raiox_cli.errors import RaioxError, UnusableModel, UsageError
 
 RENDER_VERSION = 1  # bump when the same settings would draw different pixels
 MESH_SUFFIXES = (".stl", ".obj", ".ply")
-CAD_SUFFIXES = (".step", ".stp", ".iges", ".igs", ".sldprt", ".x_t")
+CAD_FORMATS = {
+    ".step": "STEP",
+    ".stp": "STEP",
+    ".iges": "IGES",
+    ".igs": "IGES",
+    ".sldprt": "SolidWorks",
+    ".x_t": "Parasolid",
+}
+CAD_SUFFIXES = tuple(CAD_FORMATS)
 MANIFEST = ".render.json"
 # Millimetres assumed. An implant (with or without abutment) is 5-30 mm long; a
 # model whose longest side is outside this range is in other units.
@@ -60,6 +68,22 @@ class RenderSettings:
     seed: int = 0
     scale: float = 1.0  # model units -> mm
     axis: str | None = None  # "z", "-y", "0,0,1": apex -> platform; None: principal axis
+
+    def __post_init__(self) -> None:
+        if self.material not in drr.MATERIALS:
+            raise UsageError(f"--material {self.material!r}: give {' or '.join(drr.MATERIALS)}")
+        if self.background not in drr.BACKGROUNDS:
+            raise UsageError(
+                f"--background {self.background!r}: give {' or '.join(drr.BACKGROUNDS)}"
+            )
+        if not 32 <= self.size <= 4096:
+            raise UsageError(f"--size {self.size}: give 32 to 4096 pixels")
+        if not 0 <= self.max_tilt <= 60:
+            raise UsageError(f"--max-tilt {self.max_tilt:g}: give 0 to 60 degrees")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise UsageError(f"--scale {self.scale:g}: give a positive factor (1000 for metres)")
+        if self.axis is not None:
+            parse_axis(self.axis)
 
     def physics(self) -> drr.Physics:
         return drr.Physics(self.material, self.background, self.blur_mm, self.photons)
@@ -115,7 +139,7 @@ def load_mesh(path: Path, *, scale: float = 1.0, axis: str | None = None) -> Pre
     suffix = path.suffix.lower()
     if suffix in CAD_SUFFIXES:
         raise UnusableModel(
-            f"{path.name}: {suffix[1:].upper()} (a CAD solid) is not read; export a mesh: "
+            f"{path.name}: {CAD_FORMATS[suffix]} (a CAD solid) is not read; export a mesh: "
             "in FreeCAD, select the body and File > Export > STL (or the manufacturer's "
             "STL download), then render the .stl"
         )

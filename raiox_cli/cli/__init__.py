@@ -38,6 +38,7 @@ from raiox_cli import __version__, errors
 from raiox_cli.cli import (
     adapt,
     backup,
+    cad,
     catalogue,
     clinics,
     db,
@@ -62,6 +63,7 @@ app = typer.Typer(
 
 _COMMANDS = (
     catalogue,  # init-db, ingest, reindex, embed
+    cad,  # render: implant models -> catalogue views
     search,
     server,  # serve-webhook-minimal
     evaluate,
