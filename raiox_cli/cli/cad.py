@@ -46,9 +46,7 @@ def render_models(
     ] = None,
     force: Annotated[bool, typer.Option(help="draw again even when nothing changed")] = False,
     progress: ShowProgress = False,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="machine-readable JSON on stdout")
-    ] = False,
+    json_out: JsonOut = False,
 ) -> None:
     """Render implant models into an ordinary catalogue folder for `raiox ingest`.
 
