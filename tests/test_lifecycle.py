@@ -20,14 +20,14 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import TINY_ENV
 from typer.testing import CliRunner
 
 from raiox_cli import db
 from raiox_cli.cli import app
 from raiox_cli.training import synth
+from tests.helpers.env import TINY_ENV
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 RAIOX = Path(sys.executable).parent / "raiox"
 BASE = [str(RAIOX)] if RAIOX.exists() else [sys.executable, "-m", "raiox_cli"]

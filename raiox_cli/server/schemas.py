@@ -1,6 +1,6 @@
 """The API's answers as pydantic models: what /openapi.json documents and what the
 contract test holds every response to. The handlers build plain dicts (results.py);
-these models describe them, so keep the two in step (tests/test_contract.py fails
+these models describe them, so keep the two in step (tests/server/test_contract.py fails
 when they drift)."""
 
 from __future__ import annotations

@@ -1,0 +1,457 @@
+"""raiox adapt and augment: the tiny model trained for a few steps, through the CLI,
+on a real PostgreSQL. One training run is shared by the session; tests that change
+the catalogue get their own database holding the same catalogue, so the finished
+run is found again (same data, same settings) instead of trained again."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+from PIL import Image
+from psycopg import sql
+from typer.testing import CliRunner
+
+from raiox_cli import config, db, embedding
+from raiox_cli.catalogue.ingest import ingest_catalogue
+from raiox_cli.cli import app
+from raiox_cli.training import adapt, augment, synth
+from tests.helpers.env import TINY_ENV, database_url_on
+
+runner = CliRunner()
+SIZE = (64, 80)
+STEPS = ["--steps", "24", "--batch-size", "16", "--eval-every", "6"]
+
+
+# --- augment -------------------------------------------------------------------------
+
+
+def _implant_picture() -> Image.Image:
+    design = synth.design_systems(1, seed=3)[0]
+    return synth.render_view(design, seed=3, query=False, size=(128, 160))
+
+
+def test_augment_is_seeded_and_keeps_size() -> None:
+    picture = _implant_picture()
+    first = augment.augment(picture, np.random.default_rng([7, 1]))
+    again = augment.augment(picture, np.random.default_rng([7, 1]))
+    other = augment.augment(picture, np.random.default_rng([7, 2]))
+    assert first.size == picture.size and first.mode == "L"
+    assert first.tobytes() == again.tobytes()
+    assert first.tobytes() != other.tobytes()
+    untouched = augment.augment(picture, np.random.default_rng(0), augment.NONE)
+    assert untouched.tobytes() == picture.tobytes()
+
+
+def test_neighbours_draw_beside_the_implant() -> None:
+    picture = _implant_picture()
+    before = np.asarray(picture, dtype=np.int16)
+    after = np.asarray(augment.neighbours(picture, np.random.default_rng(1), crown=True))
+    changed = np.abs(after.astype(np.int16) - before) > 20
+    assert changed.any()
+    # The implant is bright in the middle; the tooth lands to one side of it.
+    columns = np.nonzero(changed.any(axis=0))[0]
+    assert columns.min() < picture.width * 0.35 or columns.max() > picture.width * 0.65
+    flat = Image.new("L", (64, 64), 40)
+    assert augment.neighbours(flat, np.random.default_rng(1), crown=True) is flat
+
+
+@pytest.mark.training
+def test_loss_goes_down_on_a_fixed_batch() -> None:
+    import torch
+
+    tower = adapt.build_tower(
+        embedding.ModelSpec("raiox-tiny", "none", None, "cpu"), adapt.AdaptOptions(), seed=0
+    )
+    assert tower.mode == "all"  # random weights: the whole tower trains
+    designs = synth.design_systems(4, seed=1)
+    pictures = [
+        synth.render_view(d, seed=1, query=False, size=SIZE, view=v)
+        for d in designs
+        for v in range(2)
+    ]
+    pixels = torch.stack([tower.embedder.preprocess(p) for p in pictures])
+    labels = torch.tensor([i for i in range(4) for _ in range(2)])
+    optimizer = torch.optim.AdamW(tower.params, lr=1e-3)
+    torch.manual_seed(0)
+    losses = []
+    tower.train_mode()
+    for _ in range(15):
+        z = torch.nn.functional.normalize(tower.visual(pixels), dim=-1)
+        loss = adapt.multi_positive_infonce(z, labels, 0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.training
+@pytest.mark.parametrize("mode", ["last", "lora"])
+def test_partial_training_saves_a_plain_checkpoint(mode: str, tmp_path: Path) -> None:
+    """--train last freezes all but the last blocks; LoRA adapters are merged into
+    the weights, so the checkpoint loads through --weights like any other."""
+    import torch
+
+    spec = embedding.ModelSpec("raiox-tiny", "none", None, "cpu")
+    tower = adapt.build_tower(spec, adapt.AdaptOptions(train=mode, blocks=1), seed=0)
+    visual = tower.visual
+    trainable = {n for n, p in visual.named_parameters() if p.requires_grad}
+    if mode == "last":
+        assert trainable and all(
+            n.startswith(("transformer.resblocks.1.", "ln_post.", "proj")) for n in trainable
+        )
+    else:
+        assert trainable and all(".parametrizations." in n for n in trainable)
+    pictures = [_implant_picture().resize((64, 80)) for _ in range(4)]
+    pixels = torch.stack([tower.embedder.preprocess(p) for p in pictures])
+    optimizer = torch.optim.AdamW(tower.params, lr=1e-2)
+    tower.train_mode()
+    for _ in range(3):
+        z = torch.nn.functional.normalize(tower.visual(pixels + torch.randn_like(pixels)), dim=-1)
+        loss = adapt.multi_positive_infonce(z, torch.tensor([0, 0, 1, 1]), 0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    tower.eval_mode()
+    trained = tower.embedder.embed_images(pictures)
+    path = tmp_path / "model.safetensors"
+    adapt.save_weights(tower, tower.visual.state_dict(), path)
+    loaded = embedding.load_embedder(embedding.ModelSpec("raiox-tiny", "none", path, "cpu"))
+    np.testing.assert_allclose(loaded.embed_images(pictures), trained, atol=1e-5)
+    base = embedding.load_embedder(spec).embed_images(pictures)
+    assert not np.allclose(base, trained, atol=1e-4)
+
+
+def test_rank_metrics_rank_implants_by_their_best_image() -> None:
+    gallery = np.eye(3, dtype=np.float32)[[0, 1, 2, 2]]  # implant 2 has two images
+    labels = np.array([0, 1, 2, 2])
+    queries = np.array([[[1, 0, 0]], [[0, 0.6, 0.8]], [[0, 0, 1]]], dtype=np.float32)
+    m = adapt.rank_metrics(queries, [0, 1, 2], gallery, labels, 3)
+    assert m["n"] == 3 and m["top1"] == pytest.approx(2 / 3) and m["top3"] == 1.0
+    assert m["mrr"] == pytest.approx((1 + 0.5 + 1) / 3)
+
+
+def test_splits_hold_out_whole_implants_and_never_train_on_queries() -> None:
+    items = [
+        adapt.Item(f"m/s/i{k}", f"{k}-{v}", "catalogue", f"i{k}/{v}")
+        for k in range(10)
+        for v in range(4)
+    ]
+    xrays = [
+        adapt.Item(f"m/s/i{k}", f"x{k}-{v}", "xray", f"x{k}/{v}")
+        for k in range(10)
+        for v in range(2)
+    ]
+    data = adapt.split_data(items, xrays, [], adapt.AdaptOptions(), np.random.default_rng(0))
+    assert len(data.held_out) == 2
+    trained = {i.sha256 for v in data.train.values() for i in v}
+    queries = {i.sha256 for q in data.splits.values() for i in q}
+    assert not trained & queries
+    assert not set(data.held_out) & set(data.train)
+    assert {i.key for i in data.splits["unseen"]} == set(data.held_out)
+    assert all(i.kind == "xray" for i in data.splits["unseen"])
+    assert len(data.splits["catalogue"]) == 8 and len(data.splits["xrays"]) == 3
+    again = adapt.split_data(items, xrays, [], adapt.AdaptOptions(), np.random.default_rng(0))
+    assert again.snapshot() == data.snapshot()
+
+
+# --- the command ---------------------------------------------------------------------
+
+
+def _env(database_url: str, home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAIOX_")}
+    env.update(TINY_ENV, RAIOX_HOME=str(home), RAIOX_DATABASE_URL=database_url)
+    return env
+
+
+def _new_database(server_url: str) -> str:
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return database_url_on(server_url, name)
+
+
+def _ingested(env: dict[str, str], info: synth.SynthInfo) -> config.Settings:
+    settings = config.resolve(env)
+    db.migrate(settings)
+    report = ingest_catalogue(settings, info.catalogue)
+    assert report.ok, report.to_dict()
+    return settings
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> synth.SynthInfo:
+    root = tmp_path_factory.mktemp("adapt-synth")
+    return synth.make_catalogue(root, systems=6, views=4, queries=2, size=SIZE, seed=5)
+
+
+@pytest.fixture(scope="session")
+def trained(
+    pg_server_url: str, synthetic: synth.SynthInfo, tmp_path_factory: pytest.TempPathFactory
+) -> dict:
+    """One run of `raiox adapt` on the synthetic catalogue (its queries validate)."""
+    home = tmp_path_factory.mktemp("adapt-home")
+    env = _env(_new_database(pg_server_url), home)
+    _ingested(env, synthetic)
+    out = home / "run"
+    args = ["adapt", "--val-labels", str(synthetic.queries_dir), *STEPS, "--out", str(out)]
+    result = runner.invoke(app, [*args, "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    return {"env": env, "out": out, "args": args, "report": json.loads(result.stdout)}
+
+
+@pytest.mark.training
+def test_run_writes_weights_and_a_complete_card(trained: dict) -> None:
+    report = trained["report"]
+    card = json.loads((trained["out"] / "model-card.json").read_text())
+    assert card == report["card"]
+    assert card["base_model_id"] == "raiox-tiny:none"
+    assert card["model_id"].startswith("raiox-tiny:file:")
+    digest = hashlib.sha256((trained["out"] / "model.safetensors").read_bytes()).hexdigest()
+    assert card["weights_sha256"] == digest and card["model_id"].endswith(digest[:16])
+    assert card["training"]["steps"] == 24 and card["training"]["stopped"] == "completed"
+    assert card["data"]["implants"] == 6 and card["data"]["catalogue_images"] == 24
+    assert card["data"]["xrays"] == 12 and len(card["data"]["sha256"]) == 64
+    assert card["data"]["held_out_implants"] and card["data"]["validation_queries"]["unseen"] == 2
+    for when in ("before", "after"):
+        for split in ("catalogue", "xrays", "unseen", "all"):
+            assert 0 <= card["metrics"][when][split]["mrr"] <= 1
+    assert [h["step"] for h in card["history"]] == [6, 12, 18, 24]
+    assert card["hyperparameters"]["train"] == "all" and card["hyperparameters"]["lr"] == 1e-3
+    assert card["seed"] == 0 and card["device"].startswith("cpu")
+    assert {"torch", "open_clip", "numpy", "raiox"} <= set(card["versions"])
+    assert not (trained["out"] / "state.pt").exists()
+
+
+@pytest.mark.training
+def test_weights_load_through_weights_with_the_cards_model_id(
+    trained: dict, synthetic: synth.SynthInfo
+) -> None:
+    card = trained["report"]["card"]
+    weights = str(trained["out"] / "model.safetensors")
+    image = str(synthetic.query_files[0])
+    result = runner.invoke(
+        app, ["embed", image, "--model", "raiox-tiny", "--weights", weights], env=trained["env"]
+    )
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout.splitlines()[0])
+    assert line["model_id"] == card["model_id"]
+    base = runner.invoke(app, ["embed", image], env=trained["env"])
+    assert json.loads(base.stdout.splitlines()[0])["embedding"] != line["embedding"]
+
+
+@pytest.mark.training
+def test_same_command_again_finds_the_finished_run(trained: dict) -> None:
+    start = time.monotonic()
+    result = runner.invoke(app, [*trained["args"], "--json"], env=trained["env"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["card"] == trained["report"]["card"]
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.training
+def test_dry_run_summarises_and_trains_nothing(trained: dict, tmp_path: Path) -> None:
+    out = tmp_path / "dry"
+    args = [a if a != str(trained["out"]) else str(out) for a in trained["args"]]
+    result = runner.invoke(app, [*args, "--dry-run"], env=trained["env"])
+    assert result.exit_code == 0, result.output
+    assert "6 implants (5 trained, 1 held out)" in result.stdout
+    assert "24 steps planned, about" in result.stdout and "nothing trained" in result.stdout
+    assert not out.exists()
+
+
+@pytest.mark.training
+def test_kill_9_then_the_same_command_resumes(
+    trained: dict, synthetic: synth.SynthInfo, tmp_path: Path
+) -> None:
+    out = tmp_path / "killed"
+    args = [a if a != str(trained["out"]) else str(out) for a in trained["args"]]
+    command = [sys.executable, "-m", "raiox_cli", *args, "--checkpoint-every", "1", "--json"]
+    proc = subprocess.Popen(
+        command, env=trained["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    state = out / "state.pt"
+    deadline = time.monotonic() + 240
+    step = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.exists():
+            with contextlib.suppress(Exception):  # caught mid-rename: try again
+                step = adapt.load_state(state)["state"]["step"]
+            if step >= 8:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 8 <= adapt.load_state(state)["state"]["step"] < 24
+    done = subprocess.run(command, env=trained["env"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["resumed_from"] >= 8
+    assert report["card"]["training"]["steps"] == 24
+    assert report["card"]["training"]["resumed"] == 1
+    # Same batches, same optimiser state: the weights of the uninterrupted run (up to
+    # float summation order: a loaded machine can make the math library change its
+    # thread count; OMP_NUM_THREADS=1 gives the same bytes) and the same validations.
+    from safetensors.numpy import load_file
+
+    resumed, straight = load_file(report["weights"]), load_file(trained["report"]["weights"])
+    assert resumed.keys() == straight.keys()
+    for name, tensor in straight.items():
+        np.testing.assert_allclose(resumed[name], tensor, atol=1e-4, err_msg=name)
+    history = [(h["step"], h["metrics"]) for h in report["card"]["history"]]
+    assert history == [(h["step"], h["metrics"]) for h in trained["report"]["card"]["history"]]
+
+
+def _search_loop(env: dict[str, str], query: Path, seconds: float) -> subprocess.Popen:
+    code = f"""
+import json, sys, time
+from raiox_cli import config, db, embedding, images
+from raiox_cli.search import query as search
+from raiox_cli.errors import ModelMismatch
+settings = config.resolve()
+embedder = embedding.load_embedder(embedding.ModelSpec.from_settings(settings))
+image = images.load_image({str(query)!r})
+end = time.monotonic() + {seconds}
+print("ready", flush=True)
+while time.monotonic() < end:
+    try:
+        with db.connect(settings) as conn:
+            result = search.search_image(conn, embedder, image, k=2)
+        print(json.dumps(["ok", result.model_id, len(result.matches)]), flush=True)
+    except ModelMismatch:
+        print(json.dumps(["switched"]), flush=True)
+        break
+"""
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True
+    )
+
+
+@pytest.mark.training
+def test_apply_switches_while_another_process_searches(
+    trained: dict, synthetic: synth.SynthInfo, pg_server_url: str, tmp_path: Path
+) -> None:
+    env = {**trained["env"], "RAIOX_DATABASE_URL": _new_database(pg_server_url)}
+    _ingested(env, synthetic)
+    searcher = _search_loop(env, synthetic.query_files[0], seconds=120)
+    assert searcher.stdout.readline().strip() == "ready"
+    result = runner.invoke(app, [*trained["args"], "--apply", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["better"] is True and report["applied"] is True
+    assert report["reindex"]["switched"] and report["reindex"]["model_id"] == report["model_id"]
+    lines = [json.loads(line) for line in searcher.stdout]
+    searcher.wait(timeout=60)
+    answers = [line for line in lines if line[0] == "ok"]
+    assert answers and all(a == ["ok", "raiox-tiny:none", 2] for a in answers)
+    assert lines[-1] == ["switched"]  # answered until the flip, then told to switch
+    search = runner.invoke(
+        app,
+        [
+            "search",
+            str(synthetic.query_files[0]),
+            "--json",
+            "--model",
+            "raiox-tiny",
+            "--weights",
+            report["weights"],
+        ],
+        env=env,
+    )
+    assert search.exit_code == 0, search.output
+    assert json.loads(search.stdout)["model_id"] == report["model_id"]
+
+
+@pytest.mark.training
+def test_guard_refuses_a_model_that_is_not_better(
+    trained: dict, synthetic: synth.SynthInfo, pg_server_url: str, tmp_path: Path
+) -> None:
+    env = {**trained["env"], "RAIOX_DATABASE_URL": _new_database(pg_server_url)}
+    _ingested(env, synthetic)
+    args = [a if a != str(trained["out"]) else str(tmp_path / "flat") for a in trained["args"]]
+    args += ["--steps", "4", "--eval-every", "2"]  # the last of a repeated option counts
+    # A learning rate of ~0 leaves the model as it was: equal is not better.
+    result = runner.invoke(app, [*args, "--lr", "1e-12", "--apply"], env=env)
+    assert result.exit_code == 1, result.output
+    assert "does not beat the catalogue's raiox-tiny:none" in result.stderr
+    assert result.stderr.count("MRR") >= 2  # both sets of numbers
+    with db.connect(config.resolve(env)) as conn:
+        from raiox_cli.db import queries
+
+        assert queries.active_model(conn).model_id == "raiox-tiny:none"
+    forced = runner.invoke(app, [*args, "--lr", "1e-12", "--apply", "--force", "--json"], env=env)
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.stdout)["applied"] is True
+
+
+@pytest.fixture
+def adapt_env(raiox_env: config.Settings) -> Iterator[dict[str, str]]:
+    db.migrate(raiox_env)
+    yield {}
+
+
+@pytest.mark.training
+def test_bad_input_is_one_clear_line(
+    adapt_env, trained: dict, synthetic: synth.SynthInfo, tmp_path: Path
+) -> None:
+    result = runner.invoke(app, ["adapt", "--steps", "2"])
+    assert result.exit_code == 2
+    assert "no images to train on; run raiox ingest" in result.stderr
+    result = runner.invoke(app, ["adapt", "--labels", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+    result = runner.invoke(app, ["adapt", "--train", "everything"], env=trained["env"])
+    assert result.exit_code == 2 and "--train 'everything'" in result.stderr
+    result = runner.invoke(app, ["adapt", "--views", "1"], env=trained["env"])
+    assert result.exit_code == 2 and "--views" in result.stderr
+    # --out holding another run (other data or settings) is refused, not overwritten.
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "model-card.json").write_text(json.dumps({"fingerprint": "another run"}))
+    args = [a if a != str(trained["out"]) else str(taken) for a in trained["args"]]
+    result = runner.invoke(app, args, env=trained["env"])
+    assert result.exit_code == 2 and "holds another run" in result.stderr
+    labels = tmp_path / "labels" / "Nobody" / "Ghost 1"
+    labels.mkdir(parents=True)
+    (labels / "q.png").write_bytes(synthetic.query_files[0].read_bytes())
+    args = [a if a != str(trained["out"]) else str(tmp_path / "dry") for a in trained["args"]]
+    result = runner.invoke(
+        app, [*args, "--labels", str(tmp_path / "labels"), "--dry-run"], env=trained["env"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "label 'Nobody/Ghost 1' names no implant in the catalogue" in result.stderr
+
+
+@pytest.mark.training
+def test_confirmed_xrays_in_the_database_are_training_data(
+    trained: dict, synthetic: synth.SynthInfo, pg_server_url: str, tmp_path: Path
+) -> None:
+    env = {**trained["env"], "RAIOX_DATABASE_URL": _new_database(pg_server_url)}
+    _ingested(env, synthetic)
+    query, implant = synthetic.query_files[0], synthetic.implants[0]
+    saved = runner.invoke(app, ["search", str(query), "--save", "--json"], env=env)
+    assert saved.exit_code == 0, saved.output
+    analysis_id = json.loads(saved.stdout)["analysis_id"]
+    confirmed = runner.invoke(app, ["confirm", str(analysis_id), implant.key], env=env)
+    assert confirmed.exit_code == 0, confirmed.output
+    args = ["adapt", "--steps", "2", "--batch-size", "8", "--holdout-implants", "0", "--dry-run"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "c"), "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)["data"]
+    assert (data["xrays"], data["confirmed_xrays"]) == (1, 1)
+    assert data["train_images"] + data["validation_queries"]["xrays"] == 6 * 3 + 1
+    result = runner.invoke(app, [*args, "--no-confirmed", "--json"], env=env)
+    assert json.loads(result.stdout)["data"]["xrays"] == 0
