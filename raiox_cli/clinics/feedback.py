@@ -26,6 +26,7 @@ from raiox_cli import utc
 from raiox_cli.config import Settings
 from raiox_cli.db import queries
 from raiox_cli.errors import RaioxError, UsageError
+from raiox_cli.search import evaluate
 
 MAX_NOTE = 2000  # characters; the table's CHECKs hold the same bounds
 MAX_CLIENT_ID = 200
@@ -90,8 +91,6 @@ def _bounded(value: str | None, name: str, limit: int) -> str | None:
 def find_implant(conn: psycopg.Connection, text: str) -> dict[str, Any]:
     """The catalogue implant a key names: exact, or as `raiox eval` labels match
     (any case and spacing, manufacturer/system/name or manufacturer/name)."""
-    from raiox_cli.search import evaluate
-
     found = queries.implant_by_key(conn, text)
     if found is None:
         key = evaluate.resolve_label(conn, text)

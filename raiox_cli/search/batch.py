@@ -37,6 +37,7 @@ from raiox_cli.db import queries
 from raiox_cli.errors import UsageError
 from raiox_cli.images import Crop
 from raiox_cli.search import query as search
+from raiox_cli.store import objects as storage
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 Emit = Callable[[dict[str, Any]], None]
@@ -356,8 +357,6 @@ class _Run:
         self.views = search.ORIENTATIONS if settings.tta else search.ORIENTATIONS[:1]
         store = None
         if options.save:
-            from raiox_cli.store import objects as storage
-
             store = storage.open_store(settings)
         self.prepare = QueryPrep(
             settings.for_workers(),

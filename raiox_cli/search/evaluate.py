@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
+from raiox_cli import db, embedding
 from raiox_cli.catalogue.scan import IMAGE_SUFFIXES, implant_key
 from raiox_cli.config import Settings
 from raiox_cli.db import queries
@@ -239,8 +240,6 @@ def _report(
 def evaluate_source(settings: Settings, source: Path) -> EvalReport:
     """`raiox eval`: read the labelled queries, refuse a mismatched catalogue before
     loading the model, then evaluate."""
-    from raiox_cli import db, embedding
-
     labelled = labelled_queries(source)
     spec = embedding.ModelSpec.from_settings(settings)
     with db.connect(settings) as conn:
@@ -395,8 +394,6 @@ def evaluate_confirmed_source(
     settings: Settings, *, since: datetime | None = None, client: str | None = None
 ) -> ConfirmedReport:
     """`raiox eval --confirmed`: needs the database only, never the model."""
-    from raiox_cli import db
-
     with db.connect(settings) as conn:
         db.check_schema(conn)
         return evaluate_confirmed(conn, since=since, client=client, min_score=settings.min_score)

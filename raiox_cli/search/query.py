@@ -12,25 +12,32 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import psycopg
 from PIL import Image
 
-from raiox_cli import images
+from raiox_cli import db, embedding, images
 from raiox_cli.catalogue import pipeline
 from raiox_cli.catalogue.pipeline import ORIENTATIONS
+from raiox_cli.clinics import privacy
 from raiox_cli.config import Settings
 from raiox_cli.db import queries
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import EmptyCatalogue, ModelMismatch, UnreadableQuery
 from raiox_cli.images import Crop, LoadedImage
+from raiox_cli.search import sheet
+from raiox_cli.search.rank import rank
+from raiox_cli.search.result import CONFIDENCE, Match, SearchResult, confidence
+from raiox_cli.store import objects as storage
+from raiox_cli.store.objects import Store
 
-if TYPE_CHECKING:
-    from raiox_cli.store.objects import Store
+# Match, SearchResult and confidence are also named here for the modules that know
+# them as search.Match, search.confidence (the server, catalogue.demo)
+__all__ = ["CONFIDENCE", "Match", "SearchResult", "confidence", "rank"]
 
 log = logging.getLogger(__name__)
 
@@ -50,59 +57,6 @@ HNSW_MAX_EF_SEARCH = 1000  # pgvector's limit, the most a non-iterative scan ret
 # On by default (settings.tta): on synthetic data an upside-down copy of a catalogue
 # image ranked its implant first 62.5% of the time without, 100% with (README).
 DEFAULT_TTA = True
-
-
-@dataclass(frozen=True)
-class Match:
-    rank: int
-    implant_id: int
-    key: str
-    name: str
-    manufacturer: str
-    system: str | None
-    diameter_mm: float | None
-    length_mm: float | None
-    connection: str | None
-    image_id: int
-    storage_key: str | None
-    source_path: str | None
-    image_path: str | None  # the reference image on disk, when its catalogue root is known
-    score: float  # cosine similarity of the best image, 1 = identical embedding
-    margin: float | None  # score minus the next implant's score
-    orientation: str = "original"  # which query orientation gave the score
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    model_id: str
-    matches: list[Match]
-    min_score: float
-    orientations: tuple[str, ...] = ("original",)
-    analysis_id: int | None = None
-    exact: bool = False  # answered by the exact scan (the index ran out)
-    crop_box: tuple[int, int, int, int] | None = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def confident(self) -> bool:
-        return bool(self.matches) and self.matches[0].score >= self.min_score
-
-
-CONFIDENCE = ("strong", "possible", "none")
-
-
-def confidence(scores: Sequence[float], min_score: float, min_margin: float) -> str:
-    """Plain-language confidence of a ranked result: "strong" when the best score
-    reaches min_score and leads the next implant by min_margin, "possible" when it
-    reaches min_score only, "none" below it (or with no match at all)."""
-    if not scores or scores[0] < min_score:
-        return "none"
-    if len(scores) > 1 and scores[0] - scores[1] < min_margin:
-        return "possible"
-    return "strong"
 
 
 def catalogue_model(conn: psycopg.Connection, wanted_model_id: str) -> queries.ModelRow:
@@ -266,16 +220,6 @@ def nearest_implant_rows_many(
     return answers
 
 
-def _image_path(row: dict[str, Any]) -> str | None:
-    if not row["source_path"]:
-        return None
-    if row["root_path"]:
-        from raiox_cli.catalogue.scan import open_root
-
-        return open_root(row["root_path"]).location(row["source_path"])
-    return row["source_path"] if Path(row["source_path"]).is_absolute() else None
-
-
 def search_vectors(
     conn: psycopg.Connection,
     model: queries.ModelRow,
@@ -331,53 +275,6 @@ def search_many_vectors(
         results.append(rank(model, part, views, k=k, min_score=min_score))
         start += len(vectors)
     return results
-
-
-def rank(
-    model: queries.ModelRow,
-    found: Sequence[tuple[list[dict[str, Any]], bool]],
-    orientations: Sequence[str],
-    *,
-    k: int,
-    min_score: float,
-) -> SearchResult:
-    """One X-ray's answer from the nearest implants of each of its orientations:
-    each implant keeps its best score (and the orientation that gave it)."""
-    best: dict[int, tuple[dict[str, Any], str]] = {}
-    exact = False
-    for (rows, used_exact), orientation in zip(found, orientations, strict=True):
-        exact = exact or used_exact
-        for row in rows:
-            held = best.get(row["id"])
-            if held is None or row["score"] > held[0]["score"]:
-                best[row["id"]] = (row, orientation)
-    # An implant in the merged top k is in the top k of the orientation that gave
-    # its score, so merging per-orientation top lists is exact.
-    ranked = sorted(best.values(), key=lambda item: (-item[0]["score"], item[0]["id"]))
-    matches = []
-    for place, (row, orientation) in enumerate(ranked[:k], start=1):
-        following = ranked[place][0]["score"] if place < len(ranked) else None
-        matches.append(
-            Match(
-                rank=place,
-                implant_id=row["id"],
-                key=row["key"],
-                name=row["name"],
-                manufacturer=row["manufacturer"],
-                system=row["system"],
-                diameter_mm=row["diameter_mm"],
-                length_mm=row["length_mm"],
-                connection=row["connection"],
-                image_id=row["image_id"],
-                storage_key=row["storage_key"],
-                source_path=row["source_path"],
-                image_path=_image_path(row),
-                score=float(row["score"]),
-                margin=None if following is None else float(row["score"] - following),
-                orientation=orientation,
-            )
-        )
-    return SearchResult(model.model_id, matches, min_score, tuple(orientations), exact=exact)
 
 
 def oriented(image: Image.Image, tta: bool) -> tuple[list[Image.Image], tuple[str, ...]]:
@@ -509,9 +406,6 @@ def write_contact_sheet(
     settings: Settings, query_path: Path, data: bytes, result: SearchResult, out: Path
 ) -> Path:
     """The query (uncropped, crop box drawn) beside the matches' reference images."""
-    from raiox_cli.search import sheet
-    from raiox_cli.store import objects as storage
-
     original = load_query(query_path, settings, data=data).image
     try:
         store: Store | None = storage.open_store(settings)
@@ -540,8 +434,6 @@ def search_file(
 ) -> SearchResult:
     """`raiox search`: decode, refuse what cannot be answered before loading the
     model, search, then optionally record the analysis and draw a contact sheet."""
-    from raiox_cli import db, embedding
-
     spec = embedding.ModelSpec.from_settings(settings)
     embedding.preload(spec)  # overlaps the model's load with decoding and the database
     data = read_query(path, settings)  # read once: decoded, stored, drawn
@@ -576,7 +468,4 @@ def search_file(
 
 def _store_query(settings: Settings, fmt: str, data: bytes) -> str:
     """Keep the query with the analysis, de-identified, as the server does for uploads."""
-    from raiox_cli.clinics import privacy
-    from raiox_cli.store import objects as storage
-
     return privacy.store_image(storage.open_store(settings), data, fmt, settings)

@@ -8,9 +8,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from raiox_cli.search.result import Match, SearchResult
 
 TILE_W, TILE_H = 240, 300  # image area of one tile
 CAPTION_H = 64  # three caption lines under each tile
@@ -24,9 +25,6 @@ MUTED = (170, 174, 182)
 CONFIDENT = (96, 200, 120)
 WEAK = (240, 170, 60)
 CROP = (255, 80, 80)
-
-if TYPE_CHECKING:
-    from raiox_cli.search.query import Match, SearchResult
 
 
 @dataclass(frozen=True)
