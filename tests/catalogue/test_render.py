@@ -305,3 +305,46 @@ def test_cli_usage_errors_exit_2(tmp_path) -> None:
         result = runner.invoke(app, ["render", str(model), "--out", str(tmp_path / "o"), *bad])
         assert result.exit_code == 2, (bad, result.output)
         assert bad[0] in result.stderr
+
+
+# --- many views per implant stay one implant ----------------------------------------
+
+
+def test_adapt_samples_implants_evenly_whatever_their_number_of_views() -> None:
+    from raiox_cli.training import adapt
+
+    def items(key: str, n: int) -> list[adapt.Item]:
+        return [adapt.Item(key, f"{key}{i}", "catalogue", f"{key}/{i}") for i in range(n)]
+
+    train = {
+        "rendered": items("rendered", 72),
+        **{f"photo{i}": items(f"photo{i}", 2) for i in range(5)},
+    }
+    data = adapt.Data(train=train, gallery=[], splits={}, held_out=[])
+    options = adapt.AdaptOptions(batch_size=8, views=2)
+    slots: dict[str, int] = dict.fromkeys(train, 0)
+    for step in range(600):
+        for key, _item, _rng in adapt.sample_batch(data, options, step)[
+            ::2
+        ]:  # one per implant slot
+            slots[key] += 1
+    share = slots["rendered"] / sum(slots.values())
+    assert share == pytest.approx(1 / 6, abs=0.03)  # 72 views: still one implant in six
+
+
+def test_a_rendered_implant_does_not_crowd_out_implants_with_two_photos(migrated, tmp_path) -> None:
+    """A mixed catalogue: 2 photographs for each of 3 implants, plus 36 renders of the first."""
+    info = synth.make_catalogue(tmp_path / "mixed", systems=3, views=2, queries=0, size=(96, 120))
+    rendered = info.implants[0].design
+    synth3d.write_models(tmp_path / "models", [rendered], around=32, detail=0.3)
+    result = runner.invoke(
+        app,
+        ["render", str(tmp_path / "models"), "--out", str(info.catalogue), "--size", "96"],
+    )
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["ingest", str(info.catalogue)]).exit_code == 0
+    for implant in info.implants[1:]:
+        found = runner.invoke(app, ["search", str(implant.views[1]), "-k", "3", "--json"])
+        keys = [m["key"] for m in json.loads(found.stdout)["matches"]]
+        assert keys[0] == implant.key  # its own photo, not one of 74 images of another
+        assert len(keys) == len(set(keys)) == 3  # one row per implant, however many views
