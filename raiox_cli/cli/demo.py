@@ -29,6 +29,13 @@ def demo(
             "--tta/--no-tta", help="search in three orientations [default on]", show_default=False
         ),
     ] = None,
+    rendered: Annotated[
+        bool,
+        typer.Option(
+            "--render",
+            help="a catalogue rendered from 3D implant models (raiox render), tilted queries",
+        ),
+    ] = False,
     *,
     settings: config.Settings,
 ) -> None:
@@ -39,13 +46,15 @@ def demo(
     prints a few searches, writes a contact sheet and evaluates the queries. A
     second run reuses everything. Offline without model weights, run it with
     --pretrained none (random weights: a smoke run, scores meaningless) or set
-    RAIOX_WEIGHTS to a local checkpoint.
+    RAIOX_WEIGHTS to a local checkpoint. With --render (under RAIOX_HOME/demo-render)
+    the catalogue is rendered from the implants' 3D models, and views-sheet.png shows
+    one implant drawn three ways and some of its rendered views.
 
     Example: raiox demo --pretrained none
     """
     from raiox_cli.catalogue import demo as core
 
-    _print_demo(core.run_demo(settings, out_dir, systems=systems))
+    _print_demo(core.run_demo(settings, out_dir, systems=systems, rendered=rendered))
 
 
 def _print_demo(report: Any) -> None:
@@ -66,6 +75,8 @@ def _print_demo(report: Any) -> None:
         print_matches(f"{searched.query.name}: should be {searched.expected_key}", searched.result)
     if report.sheet is not None:
         say(f"contact sheet: {report.sheet}")
+    if report.views_sheet is not None:
+        say(f"rendered views: {report.views_sheet} (catalogue in {report.folder / 'catalogue'})")
     if report.evaluation is not None:
         print_eval(report.evaluation, details=False)  # failures: raiox eval QUERIES
     catalogue = report.folder / "catalogue"

@@ -348,3 +348,17 @@ def test_a_rendered_implant_does_not_crowd_out_implants_with_two_photos(migrated
         keys = [m["key"] for m in json.loads(found.stdout)["matches"]]
         assert keys[0] == implant.key  # its own photo, not one of 74 images of another
         assert len(keys) == len(set(keys)) == 3  # one row per implant, however many views
+
+
+def test_demo_render_shows_the_rendered_catalogue_and_a_sheet_of_views(raiox_env, tmp_path) -> None:
+    out = tmp_path / "demo"
+    first = runner.invoke(app, ["demo", "--render", "--out", str(out), "--systems", "2"])
+    assert first.exit_code == 0, first.output
+    assert "ingest: 64 new" in first.stderr  # 2 implants x 8 turns x 2 tilts x 2 (mirrors)
+    assert "rendered views:" in first.stdout and first.stdout.count("should be") == 2
+    with Image.open(out / "views-sheet.png") as img:
+        assert img.height > 2 * 300  # two rows: three drawings, then the views
+    assert len(list((out / "models").glob("*.stl"))) == 2
+    second = runner.invoke(app, ["demo", "--render", "--out", str(out), "--systems", "2"])
+    assert second.exit_code == 0 and "0 new, 0 updated, 64 unchanged" in second.stderr
+    assert "reused" in second.stderr
