@@ -74,6 +74,11 @@ class Settings:
     s3_endpoint: str | None = field(default=None, metadata={"env": "RAIOX_S3_ENDPOINT"})
     s3_region: str | None = field(default=None, metadata={"env": "RAIOX_S3_REGION"})
     debug: bool = field(default=False, metadata={"env": "RAIOX_DEBUG"})
+    # Off: raiox switches off its dependencies' usage reporting (ONNX Runtime, Ray,
+    # Hugging Face hub) at process start; 1 leaves their own settings alone (lifecycle.py).
+    third_party_telemetry: bool = field(
+        default=False, metadata={"env": "RAIOX_THIRD_PARTY_TELEMETRY"}
+    )
     # --- webhook server (serve-webhook-minimal). Secrets: no defaults, never in repr.
     webhook_token: str | None = field(
         default=None, repr=False, metadata={"env": "RAIOX_WEBHOOK_TOKEN"}
