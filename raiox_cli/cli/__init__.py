@@ -45,6 +45,7 @@ from raiox_cli.cli import (
     demo,
     evaluate,
     feedback,
+    implants,
     purge,
     search,
     server,
@@ -65,6 +66,7 @@ _COMMANDS = (
     catalogue,  # init-db, ingest, reindex, embed
     cad,  # render: implant models -> catalogue views
     search,
+    implants,  # raiox implants [show]
     server,  # serve-webhook-minimal
     evaluate,
     feedback,  # confirm, export-labels

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -23,19 +24,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 def group(name: str | None = None, **kwargs: Any) -> typer.Typer:
     """A command module's Typer. Without a name its commands join the top level
     (`raiox search`); with one they form a group (`raiox clinics add`)."""
-    return typer.Typer(
-        name=name, no_args_is_help=name is not None, rich_markup_mode=None, **kwargs
-    )  # rich_markup_mode=None: help texts hold literal [env ...] brackets
+    kwargs.setdefault("no_args_is_help", name is not None)
+    # rich_markup_mode=None: help texts hold literal [env ...] brackets
+    return typer.Typer(name=name, rich_markup_mode=None, **kwargs)
 
 
-def command(parent: typer.Typer, name: str, **kwargs: Any) -> Callable[[F], F]:
-    """Register `fn` as `raiox [group] name` on `parent`."""
-    title = f"raiox {parent.info.name} {name}" if parent.info.name else f"raiox {name}"
+def command(parent: typer.Typer, name: str | None, **kwargs: Any) -> Callable[[F], F]:
+    """Register `fn` as `raiox [group] name` on `parent`; with no name, as what the
+    group itself does before (or without) a subcommand (`raiox implants`)."""
+    title = " ".join(part for part in ("raiox", parent.info.name, name) if part)
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def run(*args: Any, **kw: Any) -> Any:
             _setup_logging()
+            loaded = sys.modules.get("raiox_cli.embedding.base")  # not imported for --help
+            if loaded is not None:  # several commands in one process (tests) warn each
+                loaded.forget_warnings()
             try:
                 return fn(*args, **kw)
             except RaioxError as exc:
@@ -50,7 +55,10 @@ def command(parent: typer.Typer, name: str, **kwargs: Any) -> Callable[[F], F]:
                 err.print("interrupted", style="red")
                 raise typer.Exit(ExitCode.SIGINT) from None
 
-        parent.command(name, **kwargs)(run)
+        if name is None:
+            parent.callback(invoke_without_command=True, **kwargs)(run)
+        else:
+            parent.command(name, **kwargs)(run)
         return fn
 
     return decorate

@@ -10,7 +10,7 @@ import typer
 from raiox_cli import config
 from raiox_cli.cli.command import command, group
 from raiox_cli.cli.options import MODEL, settings
-from raiox_cli.cli.render import err, note, print_eval, print_matches, say
+from raiox_cli.cli.render import note, print_eval, print_matches, say
 
 app = group()
 
@@ -65,14 +65,9 @@ def _print_demo(report: Any) -> None:
         f"ingest: {i.new} new, {i.updated} updated, {i.unchanged} unchanged images "
         f"({report.model_id})"
     )
-    if report.meaningless:
-        err.print(
-            "random model weights (--pretrained none): a smoke run of the plumbing; "
-            "its scores and accuracy are meaningless",
-            style="yellow",
-        )
-    for searched in report.searches:
-        print_matches(f"{searched.query.name}: should be {searched.expected_key}", searched.result)
+    for searched in report.searches:  # each query by its own path: they share file names
+        query = searched.query.relative_to(report.folder / "queries")
+        print_matches(f"{query}: should be {searched.expected_key}", searched.result)
     if report.sheet is not None:
         say(f"contact sheet: {report.sheet}")
     if report.views_sheet is not None:

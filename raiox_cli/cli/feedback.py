@@ -11,6 +11,7 @@ from raiox_cli import config
 from raiox_cli.cli.command import command, group
 from raiox_cli.cli.options import ClientFilter, JsonOut, Since, settings
 from raiox_cli.cli.render import print_failures, print_json, say
+from raiox_cli.errors import RaioxError
 
 app = group()
 
@@ -61,14 +62,19 @@ def confirm(
     """
     from raiox_cli.clinics import feedback
 
-    done = feedback.confirm_analysis(
-        settings,
-        analysis_id,
-        implant_key,
-        not_in_catalogue=not_in_catalogue,
-        note=note,
-        client_id=client_id,
-    )
+    try:
+        done = feedback.confirm_analysis(
+            settings,
+            analysis_id,
+            implant_key,
+            not_in_catalogue=not_in_catalogue,
+            note=note,
+            client_id=client_id,
+        )
+    except feedback.UnknownImplant as exc:
+        raise RaioxError(
+            f"{exc} (keys: raiox implants --search TEXT; --not-in-catalogue when it is not there)"
+        ) from None
     if json_out:
         print_json(done.to_dict())
         return
@@ -77,7 +83,7 @@ def confirm(
     else:
         implant = done.implant
         rank = f"raiox ranked it #{done.raiox_rank}" if done.raiox_rank else "raiox did not list it"
-        said = f"{implant['key']} ({implant['manufacturer']} {implant['name']}); {rank}"
+        said = f"{implant['key']} ({implant['name']}, {implant['manufacturer']}); {rank}"
     say(f"analysis {analysis_id} confirmed: {said}")
     if done.previous is not None:
         before = (done.previous["implant"] or {}).get("key") or "not in the catalogue"

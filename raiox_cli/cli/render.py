@@ -87,19 +87,10 @@ def progress_bar(force: bool) -> Iterator[Callable[[str, int, int], None] | None
 
 
 def print_matches(title: str, result: Any) -> None:
-    """One search's implants, best first (raiox search, raiox demo)."""
-    table = Table(title=title)
-    for column in ("#", "implant", "manufacturer", "system", "size mm", "score", "margin"):
-        table.add_column(column, justify="right" if column in {"score", "margin"} else "left")
-    tta = len(result.orientations) > 1
-    if tta:
-        table.add_column("seen")
-    for m in result.matches:
-        size = f"{m.diameter_mm:g}x{m.length_mm:g}" if m.diameter_mm and m.length_mm else ""
-        margin = "" if m.margin is None else f"{m.margin:.3f}"
-        row = [str(m.rank), m.name, m.manufacturer, m.system or "", size, f"{m.score:.3f}", margin]
-        table.add_row(*row, *([m.orientation] if tta else []))
-    out.print(table)
+    """One search's implants, best first (raiox search, raiox demo). A table one row per
+    implant when it fits the terminal; stacked (details under each name) when it does
+    not, as at 80 columns. --json carries every field either way."""
+    out.print(fitted(_matches_table(title, result), lambda: _stacked_matches_table(title, result)))
     if not result.matches:
         out.print("no implants found")
     elif not result.confident:
@@ -109,6 +100,59 @@ def print_matches(title: str, result: Any) -> None:
         )
     if result.analysis_id is not None:
         out.print(f"saved as analysis {result.analysis_id}")
+
+
+def fitted(wide: Table, narrow: Callable[[], Table]) -> Table:
+    """`wide` when it fits the terminal unwrapped, else the `narrow` layout (80 columns)."""
+    unbounded = out.options.update_width(100_000)  # its natural width, not clipped to ours
+    return wide if out.measure(wide, options=unbounded).maximum <= out.width else narrow()
+
+
+def size_mm(diameter: float | None, length: float | None) -> str:
+    return f"{diameter:g}x{length:g}" if diameter and length else ""
+
+
+def _size(m: Any) -> str:
+    return size_mm(m.diameter_mm, m.length_mm)
+
+
+def _margin(m: Any) -> str:
+    return "" if m.margin is None else f"{m.margin:.3f}"
+
+
+def _matches_table(title: str, result: Any) -> Table:
+    table = Table(title=title)
+    for column in ("#", "implant", "manufacturer", "system", "size mm", "score", "margin"):
+        table.add_column(column, justify="right" if column in {"score", "margin"} else "left")
+    tta = len(result.orientations) > 1
+    if tta:
+        table.add_column("seen")
+    for m in result.matches:
+        row = [str(m.rank), m.name, m.manufacturer, m.system or "", _size(m), f"{m.score:.3f}"]
+        table.add_row(*row, _margin(m), *([m.orientation] if tta else []))
+    return table
+
+
+def _stacked_matches_table(title: str, result: Any) -> Table:
+    """Four columns: the implant's name, and under it manufacturer, system, size and
+    the orientation that matched (when not the original)."""
+    from rich.text import Text
+
+    table = Table(title=title, show_lines=True)
+    table.add_column("#")
+    table.add_column("implant", ratio=1)
+    table.add_column("score", justify="right")
+    table.add_column("margin", justify="right")
+    tta = len(result.orientations) > 1
+    for m in result.matches:
+        size = _size(m)
+        details = [m.manufacturer, m.system or "", f"{size} mm" if size else ""]
+        if tta and m.orientation != "original":
+            details.append(f"seen {m.orientation}")
+        cell = Text(m.name)
+        cell.append("\n" + ", ".join(d for d in details if d), style="dim")
+        table.add_row(str(m.rank), cell, f"{m.score:.3f}", _margin(m))
+    return table
 
 
 def print_eval(report: Any, *, details: bool = True) -> None:

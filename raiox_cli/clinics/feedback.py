@@ -12,7 +12,6 @@ the latest answer wins everywhere (eval --confirmed, export-labels, adapt).
 from __future__ import annotations
 
 import csv
-import difflib
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,10 +22,11 @@ from typing import Any
 import psycopg
 
 from raiox_cli import utc
+from raiox_cli.catalogue import implants
+from raiox_cli.catalogue.implants import UnknownImplant as UnknownImplant  # callers catch it here
 from raiox_cli.config import Settings
 from raiox_cli.db import queries
 from raiox_cli.errors import RaioxError, UsageError
-from raiox_cli.search import evaluate
 
 MAX_NOTE = 2000  # characters; the table's CHECKs hold the same bounds
 MAX_CLIENT_ID = 200
@@ -39,10 +39,6 @@ NOT_IN_CATALOGUE_CSV = "not-in-catalogue.csv"
 class UnknownAnalysis(RaioxError):
     """No analysis has this id, or none the calling clinic may see (the same answer,
     so ids of other clinics cannot be probed)."""
-
-
-class UnknownImplant(RaioxError):
-    """The confirmed implant key names no implant of the catalogue."""
 
 
 class AnalysisNotDone(RaioxError):
@@ -89,20 +85,8 @@ def _bounded(value: str | None, name: str, limit: int) -> str | None:
 
 
 def find_implant(conn: psycopg.Connection, text: str) -> dict[str, Any]:
-    """The catalogue implant a key names: exact, or as `raiox eval` labels match
-    (any case and spacing, manufacturer/system/name or manufacturer/name)."""
-    found = queries.implant_by_key(conn, text)
-    if found is None:
-        key = evaluate.resolve_label(conn, text)
-        found = queries.implant_by_key(conn, key) if key else None
-    if found is None:
-        close = difflib.get_close_matches(text.casefold(), queries.implant_keys(conn), n=3)
-        hint = f"; did you mean {' or '.join(repr(k) for k in close)}?" if close else ""
-        raise UnknownImplant(
-            f"no implant {text!r} in the catalogue{hint} (keys: GET /implants; "
-            "--not-in-catalogue when it is not there)"
-        )
-    return found
+    """The catalogue implant a key names (UnknownImplant, with suggestions, if none)."""
+    return implants.find(conn, text)
 
 
 def _implant(row: dict[str, Any]) -> dict[str, Any] | None:

@@ -107,6 +107,7 @@ def _onnx_home(spec: ModelSpec) -> Path:
 def load_embedder(spec: ModelSpec) -> Embedding:
     """Load (once per process) the model described by spec, on its backend (callers
     never ask which: every runtime is an Embedding)."""
+    warn_if_random(spec)
     with _cache_lock:
         if spec not in _cache:
             if resolve_backend(spec) == "onnx":

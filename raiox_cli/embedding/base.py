@@ -73,14 +73,20 @@ _warned_random: set[str] = set()
 
 
 def warn_if_random(spec: ModelSpec) -> None:
-    """Say loudly, once per process and model (an ONNX export loads the torch
-    model too), that random weights make meaningless results."""
+    """Say loudly, once per command and model (load_embedder calls it, however often
+    a command asks for the model and whichever runtime loads it), that random weights
+    make meaningless results."""
     if spec.random and spec.name not in _warned_random:
         _warned_random.add(spec.name)
         log.warning(
             "MODEL HAS RANDOM WEIGHTS (--pretrained none): embeddings are only good for "
             "speed tests and smoke runs; search results are meaningless"
         )
+
+
+def forget_warnings() -> None:
+    """A new command in this process (a test's CliRunner) says it again."""
+    _warned_random.clear()
 
 
 def observed(images: int, seconds: float) -> None:

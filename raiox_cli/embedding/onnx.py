@@ -43,7 +43,7 @@ from PIL import Image
 
 from raiox_cli.embedding import preprocess as preprocessing
 from raiox_cli.embedding import torch as torch_runtime
-from raiox_cli.embedding.base import Embedding, ModelSpec, model_id, observed, warn_if_random
+from raiox_cli.embedding.base import Embedding, ModelSpec, model_id, observed
 from raiox_cli.embedding.preprocess import Preprocess, PreprocessConfig
 from raiox_cli.errors import BackendUnavailable, ModelUnavailable
 from raiox_cli.files import atomic_write_json, locked, sha256_of
@@ -431,7 +431,6 @@ def load(spec: ModelSpec, home: Path) -> OnnxEmbedder:
     """The ONNX embedder for spec: from the cache, or exported now. An export that
     ONNX Runtime refuses (a damaged file with intact metadata) is rebuilt once."""
     _import_onnxruntime()
-    warn_if_random(spec)
     export = ensure_export(spec, home)
     try:
         session = new_session(export.model_path)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from raiox_cli.embedding.base import Embedding, ModelSpec, model_id, observed, warn_if_random
+from raiox_cli.embedding.base import Embedding, ModelSpec, model_id, observed
 from raiox_cli.embedding.preprocess import (
     PREPROCESS_VERSION,
     Preprocess,
@@ -149,7 +149,6 @@ def load(spec: ModelSpec) -> TorchEmbedder:
         )
     device = resolve_device(spec.device)
     checkpoint = _checkpoint_path(spec)
-    warn_if_random(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)  # random weights are the same in every process
         try:

@@ -275,8 +275,6 @@ def search_many(
             writer.put(pipeline.embed(batcher.take(), embedder))
     finally:
         writer.close()
-    if embedder.meaningless:
-        report.notes.append("random model weights (--pretrained none): scores are meaningless")
     report.elapsed_s = time.perf_counter() - started
     return report
 

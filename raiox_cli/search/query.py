@@ -308,14 +308,13 @@ def search_image(
         min_score=min_score,
         orientations=orientations,
     )
-    notes = result_notes(result, meaningless=embedder.meaningless, manufacturer=manufacturer)
+    notes = result_notes(result, manufacturer=manufacturer)
     return replace(result, crop_box=image.crop_box, notes=notes)
 
 
-def result_notes(result: SearchResult, *, meaningless: bool, manufacturer: str | None) -> list[str]:
+def result_notes(result: SearchResult, *, manufacturer: str | None) -> list[str]:
+    """What the CLI warns about under the table (random weights: embedding says it)."""
     notes = []
-    if meaningless:
-        notes.append("random model weights (--pretrained none): scores are meaningless")
     if not result.matches and manufacturer:
         notes.append(f"no implant of manufacturer {manufacturer!r} in the catalogue")
     return notes

@@ -43,3 +43,16 @@ def test_demo_offline_without_weights_stops_fast(raiox_env, tmp_path, monkeypatc
     assert time.monotonic() - started < 15
     assert "--pretrained none" in result.stderr and "RAIOX_WEIGHTS" in result.stderr
     assert not (tmp_path / "demo").exists()  # stopped before drawing anything
+
+
+def test_demo_names_each_search_by_its_own_query_and_warns_once(raiox_env, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--systems", "3"])
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.stdout.split())  # a long title wraps at spaces
+    queries = sorted((tmp_path / "demo" / "queries").rglob("*.png"))
+    assert len({q.name for q in queries}) < len(queries)  # file names repeat per implant
+    titled = [
+        q for q in queries if f"{q.relative_to(tmp_path / 'demo' / 'queries')}: should be" in flat
+    ]
+    assert len(titled) == 3  # each search by its own path, not three times "q_00.png"
+    assert result.stderr.count("meaningless") == 1  # random weights, said once

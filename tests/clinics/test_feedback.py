@@ -109,6 +109,23 @@ def test_confirm_twice_keeps_history_and_the_latest_wins(
     assert count_confirmations(migrated) == 3
 
 
+def test_confirm_names_the_implant_readably_and_suggests_for_far_off_keys(
+    analysed: Analysed,
+) -> None:
+    analysis = str(analysed.ids[0])
+    implant = next(i for i in analysed.info.implants if i.key == analysed.truth[0])
+    code, out, err = confirm(analysis, implant.key)
+    assert code == 0, err
+    assert f"({implant.design.name}, {implant.design.manufacturer});" in out
+    # Far off by spelling, but it still names the maker: suggest that maker's implants.
+    code, _, err = confirm(analysis, f"{implant.design.manufacturer} no-such-model 9x99")
+    assert code == 1
+    assert f"did you mean {implant.key!r}" in err
+    assert "raiox implants --search TEXT" in err and "GET /implants" not in err
+    code, _, err = confirm(analysis, "zzzz")
+    assert code == 1 and "did you mean" not in err and "raiox implants --search" in err
+
+
 def test_confirm_refuses_bad_input_and_records_nothing(
     analysed: Analysed, migrated: config.Settings
 ) -> None:

@@ -289,3 +289,41 @@ def test_search_settings_do_not_outlive_the_transaction(conn, tiny_embedder, cat
     assert conn.execute("SHOW enable_seqscan").fetchone()[0] == "off"
     conn.commit()
     assert conn.execute("SHOW enable_seqscan").fetchone()[0] == "on"
+
+
+def test_cli_table_reads_at_80_columns(conn, catalogue, monkeypatch) -> None:
+    """At 80 columns (an ssh session) each implant's name stays whole on one line and
+    no header is cut; the details go under the name. A wide terminal keeps one row
+    per implant, and --json carries every field either way."""
+    view = catalogue.implants[0].views[0]
+    monkeypatch.chdir(view.parent)  # the title holds the path as typed: a short one
+    query = view.name
+    answer = runner.invoke(app, ["search", query, "--json"])
+    matches = json.loads(answer.stdout)["matches"]
+    narrow = runner.invoke(app, ["search", query], env={"COLUMNS": "80"})
+    assert narrow.exit_code == 0, narrow.output
+    lines = narrow.stdout.splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in narrow.stdout
+    assert {"implant", "score", "margin"} <= set(lines[2].replace("┃", " ").split())
+    for m in matches:
+        assert any(m["name"] in line for line in lines), m["name"]
+        assert any(m["manufacturer"] in line and m["system"] in line for line in lines)
+        assert f"{m['score']:.3f}" in narrow.stdout
+    wide = runner.invoke(app, ["search", query], env={"COLUMNS": "250"})
+    assert wide.exit_code == 0, wide.output
+    header = next(line for line in wide.stdout.splitlines() if "implant" in line)
+    for column in ("manufacturer", "system", "size mm", "seen"):
+        assert column in header
+    for m in matches:
+        assert any(
+            m["name"] in line and m["manufacturer"] in line for line in wide.stdout.splitlines()
+        )
+
+
+def test_cli_random_weights_warning_is_said_once(conn, catalogue) -> None:
+    result = runner.invoke(app, ["search", str(catalogue.implants[0].views[0])])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("meaningless") == 1, result.stderr
+    batch = runner.invoke(app, ["search", *map(str, catalogue.implants[0].views[:2])])
+    assert batch.exit_code == 0, batch.output
+    assert batch.stderr.count("meaningless") == 1, batch.stderr

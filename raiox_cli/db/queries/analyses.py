@@ -255,17 +255,51 @@ def ping(conn: psycopg.Connection) -> None:
     conn.execute("SELECT 1")
 
 
-def list_implants(conn: psycopg.Connection, *, skip: int, limit: int) -> list[dict[str, Any]]:
+# One filter for a page of the catalogue and its total: of one manufacturer (any case),
+# holding every word in its key or name. Constant SQL: the values are parameters.
+_IMPLANT_FILTER = """(%(manufacturer)s::text IS NULL OR lower(i.manufacturer) = %(manufacturer)s)
+    AND (SELECT coalesce(bool_and(strpos(lower(i.key || ' ' || i.name), w) > 0), true)
+         FROM unnest(%(words)s::text[]) AS w)"""
+_LIST_IMPLANTS = (
+    """SELECT i.id, i.key, i.name, i.manufacturer, i.system, i.diameter_mm,
+              i.length_mm, i.connection,
+              (SELECT count(*) FROM implant_images im WHERE im.implant_id = i.id) AS images
+       FROM implants i WHERE """
+    + _IMPLANT_FILTER
+    + " ORDER BY i.id OFFSET %(skip)s LIMIT %(limit)s"
+)
+_COUNT_IMPLANTS = "SELECT count(*) FROM implants i WHERE " + _IMPLANT_FILTER
+
+
+def _implant_filter(manufacturer: str | None, words: Sequence[str]) -> dict[str, Any]:
+    return {
+        "manufacturer": manufacturer.strip().lower() if manufacturer else None,
+        "words": [w.lower() for w in words],
+    }
+
+
+def list_implants(
+    conn: psycopg.Connection,
+    *,
+    skip: int,
+    limit: int,
+    manufacturer: str | None = None,
+    words: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """A page of the catalogue (GET /implants, raiox implants), filtered when asked."""
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
-            """SELECT i.id, i.key, i.name, i.manufacturer, i.system, i.diameter_mm,
-                      i.length_mm, i.connection,
-                      (SELECT count(*) FROM implant_images im WHERE im.implant_id = i.id)
-                          AS images
-               FROM implants i ORDER BY i.id OFFSET %(skip)s LIMIT %(limit)s""",
-            {"skip": skip, "limit": limit},
+            _LIST_IMPLANTS,
+            {"skip": skip, "limit": limit, **_implant_filter(manufacturer, words)},
         )
         return list(cur.fetchall())
+
+
+def count_implants_matching(
+    conn: psycopg.Connection, *, manufacturer: str | None = None, words: Sequence[str] = ()
+) -> int:
+    row = conn.execute(_COUNT_IMPLANTS, _implant_filter(manufacturer, words)).fetchone()
+    return int(row[0]) if row else 0
 
 
 def get_implant(conn: psycopg.Connection, implant_id: int) -> dict[str, Any] | None:
