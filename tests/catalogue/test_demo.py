@@ -3,6 +3,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -45,6 +46,7 @@ def test_demo_offline_without_weights_stops_fast(raiox_env, tmp_path, monkeypatc
     assert not (tmp_path / "demo").exists()  # stopped before drawing anything
 
 
+@pytest.mark.slow
 def test_demo_names_each_search_by_its_own_query_and_warns_once(raiox_env, tmp_path: Path) -> None:
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--systems", "3"])
     assert result.exit_code == 0, result.output
