@@ -22,7 +22,15 @@ stores one (ingest, search --save, the server's webhook and upload).
   IPTC go; the compressed image data is copied byte for byte (no re-encoding).
   An EXIF orientation other than 1 is kept as a minimal EXIF holding only it.
 - PNG: text chunks (tEXt, zTXt, iTXt), eXIf and tIME are dropped; pixels copied.
-- TIFF, WebP, BMP: stored as received (BMP has no metadata; see README).
+- TIFF: rewritten with the first page's image file directory only (the page raiox
+  decodes and searches; further pages, thumbnails and SubIFDs are not stored), and
+  in it only the tags a decoder needs (size, samples, compression, strips or tiles,
+  colour, resolution, orientation, ICC profile): ImageDescription, Artist,
+  DocumentName, Make/Model, DateTime, EXIF/GPS/XMP/IPTC and every private tag go.
+  The strips or tiles are copied byte for byte.
+- WebP: EXIF, XMP and unknown chunks dropped; the image chunks copied byte for byte;
+  an orientation other than 1 kept as a minimal EXIF, as for JPEG.
+- BMP: stored as received (it has no metadata).
 """
 
 from __future__ import annotations
@@ -255,6 +263,154 @@ def strip_png(data: bytes) -> bytes:
     return b"".join(out)
 
 
+# Baseline and extension tags a decoder needs; anything else (ImageDescription 270,
+# DocumentName 269, Make 271, Model 272, PageName 285, Software 305, DateTime 306,
+# Artist 315, HostComputer 316, Copyright 33432, XMP 700, IPTC 33723, Photoshop 34377,
+# EXIF 34665, GPS 34853, SubIFDs 330, private tags >= 32768) is dropped.
+TIFF_KEEP = frozenset(
+    {254, 256, 257, 258, 259, 262, 266, 273, 274, 277, 278, 279, 280, 281, 282, 283, 284}
+    | {296, 301, 317, 318, 319, 320, 322, 323, 324, 325, 338, 339, 340, 341, 347}
+    | {529, 530, 531, 532, 34675}
+)
+TIFF_TYPE_SIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8}
+TIFF_MAX_ENTRIES = 1024
+# Where the pixel data sits, and how long each piece is: (offsets tag, byte counts tag).
+TIFF_STRIPS, TIFF_TILES = (273, 279), (324, 325)
+
+
+class _Tiff:
+    """Reads one classic TIFF's first IFD, bounds-checked (the input is hostile)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.order = {b"II": "<", b"MM": ">"}.get(data[:2])
+        if self.order is None or self.unpack("H", 2) != 42:
+            raise ImageError("not a classic TIFF; not stored")
+
+    def unpack(self, kind: str, at: int, count: int = 1) -> Any:
+        size = struct.calcsize(kind) * count
+        if at < 0 or at + size > len(self.data):
+            raise ImageError("TIFF structure runs past the end of the file; not stored")
+        values = struct.unpack(f"{self.order}{count}{kind}", self.data[at : at + size])
+        return values if count != 1 else values[0]
+
+    def entries(self) -> dict[int, tuple[int, int, bytes]]:
+        """IFD0's tags: tag -> (type, count, raw value bytes in the file's byte order)."""
+        ifd = self.unpack("I", 4)
+        count = self.unpack("H", ifd)
+        if count > TIFF_MAX_ENTRIES:
+            raise ImageError(f"TIFF directory lists {count} tags; not stored")
+        found = {}
+        for n in range(count):
+            at = ifd + 2 + 12 * n
+            tag, kind = self.unpack("H", at), self.unpack("H", at + 2)
+            length = self.unpack("I", at + 4)
+            size = TIFF_TYPE_SIZE.get(kind, 0) * length
+            if tag not in TIFF_KEEP or size == 0:
+                continue
+            where = at + 8 if size <= 4 else self.unpack("I", at + 8)
+            if where + size > len(self.data):
+                raise ImageError(f"TIFF tag {tag} runs past the end of the file; not stored")
+            found[tag] = (kind, length, self.data[where : where + size])
+        return found
+
+    def numbers(self, entry: tuple[int, int, bytes]) -> list[int]:
+        kind, count, raw = entry
+        code = {3: "H", 4: "I"}.get(kind)
+        if code is None:
+            raise ImageError("TIFF strip offsets are not SHORT or LONG; not stored")
+        return list(struct.unpack(f"{self.order}{count}{code}", raw))
+
+
+def strip_tiff(data: bytes) -> bytes:
+    """The first page, with only the tags a decoder needs; strips or tiles copied as
+    they are. The result is a new classic TIFF in the original's byte order."""
+    tiff = _Tiff(data)
+    tags = tiff.entries()
+    compression = tiff.numbers(tags[259])[0] if 259 in tags and tags[259][0] == 3 else 1
+    if compression == 6:
+        raise ImageError("old-style JPEG compression in TIFF (6) is not stored; send PNG or JPEG")
+    offsets_tag, counts_tag = TIFF_TILES if TIFF_TILES[0] in tags else TIFF_STRIPS
+    if offsets_tag not in tags or counts_tag not in tags:
+        raise ImageError("TIFF has no strip or tile offsets; not stored")
+    offsets, counts = tiff.numbers(tags[offsets_tag]), tiff.numbers(tags[counts_tag])
+    if len(offsets) != len(counts):
+        raise ImageError("TIFF strip offsets and byte counts differ in number; not stored")
+    pieces = []
+    for offset, count in zip(offsets, counts, strict=True):
+        if offset + count > len(data):
+            raise ImageError("TIFF image data runs past the end of the file; not stored")
+        pieces.append(data[offset : offset + count])
+    order = tiff.order
+    assert order is not None
+    ordered = sorted({**tags, offsets_tag: (4, len(pieces), b"")}.items())
+    ifd_size = 2 + 12 * len(ordered) + 4
+    cursor = 8 + ifd_size
+    values: list[bytes] = []
+    value_at: dict[int, int] = {}
+    for tag, (_kind, _count, raw) in ordered:
+        size = 4 * len(pieces) if tag == offsets_tag else len(raw)
+        if size > 4:
+            value_at[tag] = cursor
+            cursor += size + (size & 1)
+    data_at = []
+    for piece in pieces:
+        data_at.append(cursor)
+        cursor += len(piece) + (len(piece) & 1)
+    if cursor > 0xFFFFFFFF:
+        raise ImageError("TIFF too large to rewrite as a classic TIFF; not stored")
+    out = [
+        (b"II*\x00" if order == "<" else b"MM\x00*") + struct.pack(f"{order}I", 8),
+        struct.pack(f"{order}H", len(ordered)),
+    ]
+    for tag, (kind, count, raw) in ordered:
+        if tag == offsets_tag:
+            raw = struct.pack(f"{order}{len(data_at)}I", *data_at)
+        if tag in value_at:
+            field = struct.pack(f"{order}I", value_at[tag])
+            values.append(raw + b"\x00" * (len(raw) & 1))
+        else:
+            field = raw.ljust(4, b"\x00")
+        out.append(struct.pack(f"{order}HHI", tag, kind, count) + field)
+    out.append(struct.pack(f"{order}I", 0))  # no next page
+    out += values
+    out += [piece + b"\x00" * (len(piece) & 1) for piece in pieces]
+    return b"".join(out)
+
+
+WEBP_KEEP = {b"VP8 ", b"VP8L", b"VP8X", b"ALPH", b"ANIM", b"ANMF", b"ICCP"}
+WEBP_EXIF_FLAG, WEBP_XMP_FLAG = 0x08, 0x04
+
+
+def strip_webp(data: bytes) -> bytes:
+    """Only the image chunks (and the ICC profile); EXIF, XMP and unknown chunks go.
+    An orientation other than 1 stays as a minimal EXIF chunk, flagged in VP8X."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        raise ImageError("not a WebP (bad RIFF header)")
+    orientation = orientation_exif(data) if b"EXIF" in data else 1
+    chunks, i = [], 12
+    while i + 8 <= len(data):
+        kind = data[i : i + 4]
+        (size,) = struct.unpack("<I", data[i + 4 : i + 8])
+        end = i + 8 + size + (size & 1)
+        if i + 8 + size > len(data):
+            raise ImageError("WebP chunk runs past the end of the file; not stored")
+        if kind in WEBP_KEEP:
+            chunk = data[i:end]
+            if kind == b"VP8X":  # the flags byte says which optional chunks follow
+                flags = chunk[8] & ~(WEBP_EXIF_FLAG | WEBP_XMP_FLAG)
+                if orientation != 1:
+                    flags |= WEBP_EXIF_FLAG
+                chunk = chunk[:8] + bytes([flags]) + chunk[9:]
+            chunks.append(chunk)
+        i = end
+    if orientation != 1 and any(c[:4] == b"VP8X" for c in chunks):
+        exif = _minimal_exif(orientation)[6:]  # WebP's EXIF chunk holds the bare TIFF block
+        chunks.append(b"EXIF" + struct.pack("<I", len(exif)) + exif + b"\x00" * (len(exif) & 1))
+    body = b"WEBP" + b"".join(chunks)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
 def deidentified(data: bytes, fmt: str, settings: Settings) -> bytes:
     """The bytes that may be stored for an image of this format (as images.py
     named it): de-identified, the pixels unchanged."""
@@ -264,6 +420,10 @@ def deidentified(data: bytes, fmt: str, settings: Settings) -> bytes:
         return strip_jpeg(data)
     if fmt == "PNG":
         return strip_png(data)
+    if fmt == "TIFF":
+        return strip_tiff(data)
+    if fmt == "WEBP":
+        return strip_webp(data)
     return data
 
 

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from PIL import Image, PngImagePlugin
 
-from raiox_cli import config, db
+from raiox_cli import config, db, images
 from raiox_cli.clinics import privacy
 from raiox_cli.store import objects as storage
 from tests.helpers.privacy import PATIENT, dicom_with_patient, exif_with_camera, pixels
@@ -96,6 +96,104 @@ def test_png_text_chunks_and_exif_removed_pixels_kept() -> None:
     assert np.array_equal(pixels(clean), pixels(original))
 
 
+def _tagged_tiff(image: Image.Image, *, pages: int = 1, **options: object) -> bytes:
+    """A TIFF as a dental sensor's export might carry it: the patient in the
+    description, the operator as artist, the chart as document name, ids in private
+    tags, EXIF orientation 6; further pages carry their own text."""
+    from PIL import TiffImagePlugin
+
+    def tags(page: int) -> TiffImagePlugin.ImageFileDirectory_v2:
+        ifd = TiffImagePlugin.ImageFileDirectory_v2()
+        ifd[270] = f"Paciente Ana Souza PAC-12345 page {page}"  # ImageDescription
+        ifd[315] = "Dr. Artist"  # Artist
+        ifd[269] = "prontuario-19800101"  # DocumentName
+        ifd[305] = "SensorSoft 9"  # Software
+        ifd[274] = 6  # Orientation
+        ifd[65000] = "private PAC-12345"  # a vendor's private tag
+        ifd.tagtype[65000] = 2
+        return ifd
+
+    out = io.BytesIO()
+    extra = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for _ in range(pages - 1)]
+    for page, frame in enumerate(extra, start=2):
+        frame.encoderinfo = {"tiffinfo": tags(page)}
+    image.save(out, "TIFF", tiffinfo=tags(1), save_all=pages > 1, append_images=extra, **options)
+    return out.getvalue()
+
+
+def _image_data(data: bytes) -> bytes:
+    """A TIFF's strips (or tiles), in order, as stored in the file."""
+    with Image.open(io.BytesIO(data)) as img:
+        tags = img.tag_v2
+        offsets, counts = (324, 325) if 324 in tags else (273, 279)
+        return b"".join(data[o : o + n] for o, n in zip(tags[offsets], tags[counts], strict=True))
+
+
+IDENTIFYING = (b"Ana Souza", b"PAC-12345", b"Dr. Artist", b"prontuario", b"SensorSoft")
+
+
+@pytest.mark.parametrize(
+    ("mode", "compression"),
+    [("L", None), ("L", "tiff_lzw"), ("I;16", "tiff_adobe_deflate"), ("RGB", "jpeg")],
+)
+def test_tiff_keeps_only_the_tags_a_decoder_needs(mode: str, compression: str | None) -> None:
+    image = (
+        _grey().convert(mode)
+        if mode != "I;16"
+        else Image.fromarray((np.random.default_rng(3).random((64, 80)) * 65535).astype("uint16"))
+    )
+    options = {"compression": compression} if compression else {}
+    original = _tagged_tiff(image, **options)
+    clean = privacy.strip_tiff(original)
+    for text in IDENTIFYING:
+        assert text in original and text not in clean
+    with Image.open(io.BytesIO(clean)) as img:
+        assert 65000 not in img.tag_v2 and 270 not in img.tag_v2 and 315 not in img.tag_v2
+        assert img.tag_v2[274] == 6  # orientation kept: it decodes the same way up
+    assert _image_data(clean) == _image_data(original)  # strips byte for byte
+    assert np.array_equal(pixels(clean), pixels(original))
+    assert images.load_image(clean).image.size == (64, 80)  # orientation 6 applied
+
+
+def test_a_multi_page_tiff_is_stored_as_its_first_page_the_one_searched() -> None:
+    original = _tagged_tiff(_grey(), pages=3)
+    with Image.open(io.BytesIO(original)) as img:
+        assert img.n_frames == 3
+    clean = privacy.strip_tiff(original)
+    with Image.open(io.BytesIO(clean)) as img:
+        assert img.n_frames == 1
+    assert b"page 2" in original and b"page 2" not in clean and b"page 3" not in clean
+    assert np.array_equal(pixels(clean), pixels(original))  # raiox searches page 1
+
+
+def test_broken_tiffs_are_refused_not_stored() -> None:
+    original = _tagged_tiff(_grey())
+    with pytest.raises(images.ImageError, match="past the end"):
+        privacy.strip_tiff(original[: len(original) // 3])
+    with pytest.raises(images.ImageError):
+        privacy.strip_tiff(b"II*\x00" + b"\xff\xff\xff\x7f")
+
+
+@pytest.mark.parametrize("lossless", [True, False])
+def test_webp_exif_and_xmp_removed_pixels_and_orientation_kept(lossless: bool) -> None:
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/">Paciente Ana Souza</x:xmpmeta>'
+    out = io.BytesIO()
+    _grey().convert("RGB").save(out, "WEBP", lossless=lossless, exif=exif_with_camera(6), xmp=xmp)
+    original = out.getvalue()
+    clean = privacy.strip_webp(original)
+    for text in (b"CameraCo", b"Dr. Artist", b"Ana Souza", b"XMP "):
+        assert text in original and text not in clean
+    assert privacy.orientation_exif(clean) == 6
+    assert np.array_equal(pixels(clean), pixels(original))
+    image_chunk = b"VP8L" if lossless else b"VP8 "
+    at, was = clean.index(image_chunk), original.index(image_chunk)
+    size = int.from_bytes(original[was + 4 : was + 8], "little")
+    assert clean[at : at + 8 + size] == original[was : was + 8 + size]
+    plain = io.BytesIO()
+    _grey().save(plain, "WEBP", lossless=True)
+    assert privacy.strip_webp(plain.getvalue()) == plain.getvalue()  # nothing to remove
+
+
 def test_store_image_keys_the_clean_bytes(tmp_path: Path) -> None:
     settings = config.resolve(env={"RAIOX_HOME": str(tmp_path)})
     store = storage.LocalStore(tmp_path / "objects")
@@ -123,6 +221,10 @@ def test_ingest_and_search_save_store_only_clean_copies(
     photo = io.BytesIO()
     _grey(2).save(photo, "JPEG", exif=exif_with_camera(1), comment=b"patient Ana Souza")
     (folder / "photo.jpg").write_bytes(photo.getvalue())
+    (folder / "sensor.tif").write_bytes(_tagged_tiff(_grey(4), pages=2))
+    webp = io.BytesIO()
+    _grey(5).save(webp, "WEBP", exif=exif_with_camera(1), xmp=b"<x>Ana Souza</x>")
+    (folder / "photo.webp").write_bytes(webp.getvalue())
     runner = CliRunner()
     ingested = runner.invoke(app, ["ingest", str(tmp_path / "catalogue"), "--json"])
     assert ingested.exit_code == 0, ingested.output
@@ -132,9 +234,9 @@ def test_ingest_and_search_save_store_only_clean_copies(
     assert searched.exit_code == 0, searched.output
 
     stored = [p.read_bytes() for p in (migrated.home / "objects").rglob("*") if p.is_file()]
-    assert len(stored) == 2  # the query is the catalogue photo's bytes: one clean object
+    assert len(stored) == 4  # the query is the catalogue photo's bytes: one clean object
     for data in stored:
-        for text in (b"Souza", b"PAC-12345", b"19800101", b"CameraCo", b"Dr. Artist"):
+        for text in (b"Souza", b"PAC-12345", b"19800101", b"CameraCo", *IDENTIFYING):
             assert text not in data
     with db.connect(migrated) as conn:
         keys = {r[0] for r in conn.execute("SELECT storage_key FROM implant_images")}
