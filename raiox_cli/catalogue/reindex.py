@@ -162,6 +162,11 @@ def _switch(
             )
             return
         queries.activate_model(conn, model.model_id)
+        # No calibration holds for other embeddings: search stops applying them.
+        previous = active.model_id if active else "none"
+        queries.mark_calibrations_stale(
+            conn, f"the catalogue switched from {previous} to {model.model_id}"
+        )
         report.switched = True
     for old in queries.other_models(conn, model.model_id):
         with conn.transaction():

@@ -39,6 +39,7 @@ from raiox_cli.cli import (
     adapt,
     backup,
     cad,
+    calibrate,
     catalogue,
     clinics,
     db,
@@ -69,6 +70,7 @@ _COMMANDS = (
     implants,  # raiox implants [show]
     server,  # serve-webhook-minimal
     evaluate,
+    calibrate,
     feedback,  # confirm, export-labels
     demo,
     adapt,

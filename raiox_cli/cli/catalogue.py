@@ -138,15 +138,19 @@ def reindex(
     Example (crontab): 17 3 * * * raiox reindex --json >> /var/log/raiox-reindex.log
     """
     from raiox_cli.catalogue import reindex as core
+    from raiox_cli.search import calibration_data
 
     switch = any(option is not None for option in (model, pretrained, weights))
     with progress_bar(progress) as bar:
         report = core.reindex(settings, switch=switch, wait=wait, store=not no_store, progress=bar)
+    refit = calibration_data.refit_stale(settings)  # after a model switch: trust again
     for root in report.roots:
         print_failures(root.failed)
     print_failures(report.failed)
+    if refit is not None:
+        note(_refit_line(refit))
     if json_out:
-        print_json(report.to_dict())
+        print_json({**report.to_dict(), "calibration": refit})
     elif out.is_terminal:
         switched = f", switched from {report.previous_model_id}" if report.switched else ""
         say(
@@ -156,6 +160,16 @@ def reindex(
         )
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _refit_line(refit: dict[str, Any]) -> str:
+    if not refit["refitted"]:
+        return f"calibration {refit['reason']}, not refitted: {refit['error']}"
+    coverage = refit["coverage"]
+    measured = f", coverage {coverage:.1%} for {refit['target']:.0%}" if coverage else ""
+    return (
+        f"calibration {refit['reason']}: refitted from {refit['source']} ({refit['why']}){measured}"
+    )
 
 
 @command(app, "embed")

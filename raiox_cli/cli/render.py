@@ -93,7 +93,9 @@ def print_matches(title: str, result: Any) -> None:
     out.print(fitted(_matches_table(title, result), lambda: _stacked_matches_table(title, result)))
     if not result.matches:
         out.print("no implants found")
-    elif not result.confident:
+    for line in trust_lines(result):
+        out.print(line, highlight=False, markup=False)
+    if result.matches and not result.confident:
         out.print(
             f"no confident match: best score {result.matches[0].score:.3f} is below "
             f"{result.min_score:g} (--min-score); treat the list as suggestions"
@@ -153,6 +155,38 @@ def _stacked_matches_table(title: str, result: Any) -> Table:
         cell.append("\n" + ", ".join(d for d in details if d), style="dim")
         table.add_row(str(m.rank), cell, f"{m.score:.3f}", _margin(m))
     return table
+
+
+VERDICTS = {
+    "strong": "strong match",
+    "possible": "possible match",
+    "none": "no confident match",
+    "not_in_catalogue": "probably not in our catalogue",
+}
+
+
+def trust_lines(result: Any) -> list[str]:
+    """The answer's trust fields in words (calibrate.Trust, shown as they are)."""
+    trust = result.trust
+    if trust is None or not result.matches:
+        return []
+    if not trust.calibrated:
+        return [f"uncalibrated: {trust.reason}; the wording below is from fixed score thresholds"]
+    top = result.matches[0]
+    lines = [f"{VERDICTS[trust.verdict]}: {top.name}, {trust.probability:.0%} likely right"]
+    n = len(trust.prediction_set)
+    if n:
+        names = ", ".join(trust.prediction_set)
+        lines.append(f"with {trust.set_coverage:.0%} confidence it is one of these {n}: {names}")
+    else:
+        lines.append(f"no implant of the catalogue fits with {trust.set_coverage:.0%} confidence")
+    if trust.out_of_catalogue:
+        lines.append(
+            f"out-of-catalogue score {trust.out_of_catalogue_score:.2f}: check the patient's "
+            "records for the implant's brand; if it is not in the catalogue, confirm the "
+            'analysis as "not in the catalogue" so raiox learns it'
+        )
+    return lines
 
 
 def print_eval(report: Any, *, details: bool = True) -> None:

@@ -382,6 +382,7 @@ class _Run:
             manufacturer=options.manufacturer,
             ef_search=self.settings.ef_search,
             min_score=self.settings.min_score,
+            min_margin=self.settings.min_margin,
         )
         answered = []
         for row, result in zip(rows, results, strict=True):

@@ -29,7 +29,7 @@ from raiox_cli.db import queries
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import EmptyCatalogue, ModelMismatch, UnreadableQuery
 from raiox_cli.images import Crop, LoadedImage
-from raiox_cli.search import sheet
+from raiox_cli.search import calibrate, sheet
 from raiox_cli.search.rank import rank
 from raiox_cli.search.result import CONFIDENCE, Match, SearchResult, confidence
 from raiox_cli.store import objects as storage
@@ -230,19 +230,53 @@ def search_vectors(
     ef_search: int = 100,
     min_score: float = 0.8,
     orientations: Sequence[str] = ("original",),
+    min_margin: float = 0.02,
 ) -> SearchResult:
     """Top k distinct implants for one query given as one vector per orientation;
     each implant scores its best over the orientations. One more implant than asked
-    is fetched so the last match has a margin too."""
+    is fetched so the last match has a margin too, and at least calibrate.DEPTH so
+    the answer's trust fields see the implants a prediction set may hold."""
     vectors = np.atleast_2d(vectors)
+    calibration = calibrate.load(conn, model.model_id)
+    depth = ranked_depth(model, k)
     found = []
     for vector in vectors:
         found.append(
             nearest_implant_rows(
-                conn, model, vector, k=k + 1, manufacturer=manufacturer, ef_search=ef_search
+                conn, model, vector, k=depth + 1, manufacturer=manufacturer, ef_search=ef_search
             )
         )
-    return rank(model, found, orientations, k=k, min_score=min_score)
+    result = rank(model, found, orientations, k=depth, min_score=min_score)
+    return with_trust(
+        result, calibration, k=k, filtered=manufacturer is not None, min_margin=min_margin
+    )
+
+
+def ranked_depth(model: queries.ModelRow, k: int) -> int:
+    """Implants ranked per query: k, or calibrate.DEPTH for the trust fields (not
+    for random weights, which are never calibrated)."""
+    return k if model.model_id.endswith(":none") else max(k, calibrate.DEPTH)
+
+
+def with_trust(
+    result: SearchResult,
+    calibration: calibrate.Calibration | None,
+    *,
+    k: int,
+    filtered: bool,
+    min_margin: float,
+) -> SearchResult:
+    """The answer's trust fields from its whole ranked list, then its top k."""
+    trust = calibrate.trust_for(
+        calibration,
+        [(m.key, m.score) for m in result.matches],
+        model_id=result.model_id,
+        tta=len(result.orientations) > 1,
+        filtered=filtered,
+        min_score=result.min_score,
+        min_margin=min_margin,
+    )
+    return replace(result, matches=result.matches[:k], trust=trust)
 
 
 def search_many_vectors(
@@ -255,24 +289,31 @@ def search_many_vectors(
     manufacturer: str | None = None,
     ef_search: int = 100,
     min_score: float = 0.8,
+    min_margin: float = 0.02,
 ) -> list[SearchResult]:
     """`search_vectors` for many X-rays (each one vector per orientation): every
     orientation of every X-ray goes to the database together."""
     stacked = [np.atleast_2d(v) for v in queries_vectors]
     if not stacked:
         return []
+    calibration = calibrate.load(conn, model.model_id)
+    depth = ranked_depth(model, k)
     found = nearest_implant_rows_many(
         conn,
         model,
         np.concatenate(stacked),
-        k=k + 1,
+        k=depth + 1,
         manufacturer=manufacturer,
         ef_search=ef_search,
     )
     results, start = [], 0
     for vectors, views in zip(stacked, orientations, strict=True):
         part = found[start : start + len(vectors)]
-        results.append(rank(model, part, views, k=k, min_score=min_score))
+        ranked = rank(model, part, views, k=depth, min_score=min_score)
+        filtered = manufacturer is not None
+        results.append(
+            with_trust(ranked, calibration, k=k, filtered=filtered, min_margin=min_margin)
+        )
         start += len(vectors)
     return results
 
@@ -293,6 +334,7 @@ def search_image(
     ef_search: int = 100,
     min_score: float = 0.8,
     tta: bool = DEFAULT_TTA,
+    min_margin: float = 0.02,
 ) -> SearchResult:
     """The top k distinct implants for one radiograph (crop already applied)."""
     model = catalogue_model(conn, embedder.model_id)
@@ -307,6 +349,7 @@ def search_image(
         ef_search=ef_search,
         min_score=min_score,
         orientations=orientations,
+        min_margin=min_margin,
     )
     notes = result_notes(result, manufacturer=manufacturer)
     return replace(result, crop_box=image.crop_box, notes=notes)
@@ -345,8 +388,19 @@ def save_analysis(
         status="running",
         crop=result.crop_box,
     )
-    queries.finish_analysis(conn, analysis_id, model_id=result.model_id, matches=result.matches)
+    queries.finish_analysis(
+        conn,
+        analysis_id,
+        model_id=result.model_id,
+        matches=result.matches,
+        trust=stored_trust(result),
+    )
     return analysis_id
+
+
+def stored_trust(result: SearchResult) -> dict[str, Any] | None:
+    """What an analysis keeps of the answer's trust fields (with the ranked scores)."""
+    return result.trust.to_dict(stored=True) if result.trust is not None else None
 
 
 def result_json(query: str, k: int, result: SearchResult) -> dict[str, Any]:
@@ -363,6 +417,7 @@ def result_json(query: str, k: int, result: SearchResult) -> dict[str, Any]:
         "exact": result.exact,
         "analysis_id": result.analysis_id,
         "matches": [m.to_dict() for m in result.matches],
+        "trust": result.trust.to_dict() if result.trust is not None else None,
     }
 
 
@@ -449,6 +504,7 @@ def search_file(
             ef_search=settings.ef_search,
             min_score=settings.min_score,
             tta=settings.tta,
+            min_margin=settings.min_margin,
         )
         if save:
             analysis_id = save_analysis(

@@ -35,6 +35,37 @@ class Match:
 
 
 @dataclass(frozen=True)
+class Trust:
+    """What an answer says about itself; every surface shows these fields as they are."""
+
+    calibrated: bool
+    verdict: str  # one of VERDICTS
+    probability: float | None = None  # that the top answer is right
+    prediction_set: list[str] = field(default_factory=list)  # implant keys, best first
+    set_coverage: float | None = None  # the target the set was built for
+    out_of_catalogue: bool | None = None
+    out_of_catalogue_score: float | None = None  # 1 - p-value: higher, more likely outside
+    reason: str | None = None  # why not calibrated
+    calibration_id: int | None = None
+    calibrated_at: str | None = None
+    ranked: list[list[Any]] = field(default_factory=list)  # [key, score] the numbers came from
+
+    def to_dict(self, *, stored: bool = False) -> dict[str, Any]:
+        """The answer's fields; `stored` adds the ranked scores (kept with an analysis
+        so a confirmation of it can recalibrate later)."""
+        data = asdict(self)
+        if not stored:
+            del data["ranked"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Trust | None:
+        if not data:
+            return None
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(frozen=True)
 class SearchResult:
     model_id: str
     matches: list[Match]
@@ -44,6 +75,7 @@ class SearchResult:
     exact: bool = False  # answered by the exact scan (the index ran out)
     crop_box: tuple[int, int, int, int] | None = None
     notes: list[str] = field(default_factory=list)
+    trust: Trust | None = None  # probability, prediction set, out of catalogue (calibrate.py)
 
     @property
     def confident(self) -> bool:

@@ -853,9 +853,16 @@ def _analyse_now(request: Request, caller: auth.Caller, data: bytes, k: int) -> 
             k=k,
             ef_search=settings.ef_search,
             min_score=settings.min_score,
+            min_margin=settings.min_margin,
             tta=settings.tta,
         )
-        queries.finish_analysis(conn, analysis_id, model_id=result.model_id, matches=result.matches)
+        queries.finish_analysis(
+            conn,
+            analysis_id,
+            model_id=result.model_id,
+            matches=result.matches,
+            trust=search.stored_trust(result),
+        )
         conn.commit()
         view = results.analysis(conn, config.store, analysis_id, settings.link_expires_s)
         assert view is not None

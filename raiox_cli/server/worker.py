@@ -302,6 +302,7 @@ class Worker:
             k=TOP_K,
             ef_search=self.settings.ef_search,
             min_score=self.settings.min_score,
+            min_margin=self.settings.min_margin,
         )
         return [
             replace(result, crop_box=loaded.crop_box)
@@ -317,6 +318,7 @@ class Worker:
             k=TOP_K,
             ef_search=self.settings.ef_search,
             min_score=self.settings.min_score,
+            min_margin=self.settings.min_margin,
             tta=self.settings.tta,
         )
         self._finish(conn, claim, result)
@@ -353,7 +355,11 @@ class Worker:
             conn.rollback()
             raise JobFailed("lease lost to another worker", transient=True)
         queries.finish_analysis(
-            conn, claim.analysis_id, model_id=result.model_id, matches=result.matches
+            conn,
+            claim.analysis_id,
+            model_id=result.model_id,
+            matches=result.matches,
+            trust=search.stored_trust(result),
         )
         self._request_notifications(conn, claim.analysis_id)
         conn.commit()

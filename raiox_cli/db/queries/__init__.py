@@ -12,6 +12,7 @@ own module and a line below; SQL never lives outside this package.
 from raiox_cli.db.queries.analyses import *  # noqa: F403
 from raiox_cli.db.queries.backup import *  # noqa: F403
 from raiox_cli.db.queries.batch import *  # noqa: F403
+from raiox_cli.db.queries.calibration import *  # noqa: F403
 from raiox_cli.db.queries.catalogue import *  # noqa: F403
 from raiox_cli.db.queries.clients import *  # noqa: F403
 from raiox_cli.db.queries.feedback import *  # noqa: F403

@@ -7,6 +7,7 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 # --- analyses (submitted X-rays; also the server's job queue) ------------------
 
@@ -72,9 +73,11 @@ def finish_analysis(
     *,
     model_id: str,
     matches: Sequence[Any],
+    trust: dict[str, Any] | None = None,
 ) -> None:
     """Store the ranked matches (objects with rank, implant_id, image_id, key, score)
-    and mark the analysis done, replacing matches of an earlier attempt."""
+    and the answer's trust fields (calibrate.Trust), and mark the analysis done,
+    replacing matches of an earlier attempt."""
     conn.execute("DELETE FROM analysis_matches WHERE analysis_id = %(a)s", {"a": analysis_id})
     with conn.cursor() as cur:
         cur.executemany(
@@ -97,9 +100,9 @@ def finish_analysis(
         # clock_timestamp(): now() is the transaction's start, before the embedding ran.
         """UPDATE analyses SET status = 'done', model_id = %(m)s, error = NULL,
                   updated_at = clock_timestamp(), finished_at = clock_timestamp(),
-                  locked_until = NULL
+                  locked_until = NULL, trust = %(trust)s
            WHERE id = %(a)s""",
-        {"a": analysis_id, "m": model_id},
+        {"a": analysis_id, "m": model_id, "trust": Jsonb(trust) if trust is not None else None},
     )
 
 

@@ -1,0 +1,520 @@
+"""Trust in an answer: fit and apply a calibration of the search's scores.
+
+Three things, fitted per model on queries whose answer is known (calibration_data.py
+gathers them) and kept as one row of `calibrations`:
+
+- **probability** that the top answer is right: logistic regression (Platt scaling
+  on several features) over the top score and the margins to the 2nd and 3rd
+  implant, fitted with scikit-learn and applied here with numpy (search does not
+  import scikit-learn);
+- **prediction set** at a target coverage: split conformal on the "least ambiguous
+  set" score 1 - p_j, with p_j a temperature softmax over the ranked implants. The
+  quantile is the finite-sample one, in numpy: mapie and crepes need a classifier
+  over a fixed list of classes, and a catalogue's implants are not one (they change
+  with every ingest, and a search ranks only the nearest);
+- **out of catalogue**: the conformal p-value of the top score among in-catalogue
+  calibration queries; flagged below the false-alarm rate, so at most that share of
+  X-rays of catalogued implants is ever flagged.
+
+A calibration applies to the model it was fitted on, with the same orientations
+(TTA) and the whole catalogue (no --manufacturer); otherwise the answer says it is
+uncalibrated and why, and keeps today's wording.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from raiox_cli.db import queries
+from raiox_cli.errors import RaioxError, UsageError
+from raiox_cli.search.result import Trust, confidence
+
+DEPTH = 10  # implants ranked for the prediction set; one more is fetched for margins
+DEFAULT_TARGET = 0.9
+DEFAULT_FALSE_ALARM = 0.05
+FEATURES = ("top score", "margin to the 2nd", "margin to the 3rd")
+STRONG = 0.8  # calibrated probability from which an answer is a "strong match"
+POSSIBLE = 0.3  # below it: "no confident match"
+MIN_QUERIES = 20  # in-catalogue queries a fit needs at least
+OOC_SCORES_KEPT = 2000  # calibration top scores kept for out-of-catalogue p-values
+ECE_BINS = 15
+VERDICTS = ("strong", "possible", "none", "not_in_catalogue")
+
+
+class BadTarget(UsageError):
+    """--target or --false-alarm outside (0, 1)."""
+
+
+class NoCalibrationData(RaioxError):
+    """Too few queries with a known answer to fit a calibration."""
+
+
+class NotCalibrated(RaioxError):
+    """--show: the model has no calibration yet."""
+
+
+def check_rate(name: str, value: float) -> float:
+    if not (0.0 < value < 1.0) or math.isnan(value):
+        raise BadTarget(f"{name} must be between 0 and 1 (exclusive), got {value:g}")
+    return float(value)
+
+
+# --- samples and features ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One calibration query: the ranked implant scores search gave (best first,
+    up to DEPTH + 1) and where the right implant was among them."""
+
+    scores: tuple[float, ...]
+    true_rank: int | None  # 1-based; None when not ranked (or not in the catalogue)
+    in_catalogue: bool = True
+    identity: str = ""  # what it was (hashed into the calibration's data snapshot)
+
+
+def features(scores: Sequence[float]) -> np.ndarray:
+    """FEATURES of one ranked list (a missing implant scores like the last one)."""
+    s = list(scores) or [0.0]
+    s += [s[-1]] * (3 - len(s))
+    return np.array([s[0], s[0] - s[1], s[0] - s[2]], dtype=np.float64)
+
+
+def softmax(scores: Sequence[float], temperature: float) -> np.ndarray:
+    z = np.asarray(scores[:DEPTH], dtype=np.float64) / temperature
+    z = np.exp(z - z.max()) if len(z) else z
+    return z / z.sum() if len(z) else z
+
+
+def _nonconformity(sample: Sample, temperature: float) -> float:
+    if sample.true_rank is None or sample.true_rank > DEPTH:
+        return math.inf  # no set of the ranked implants holds it
+    return float(1.0 - softmax(sample.scores, temperature)[sample.true_rank - 1])
+
+
+def conformal_quantile(scores: Sequence[float], coverage: float) -> float:
+    """Split-conformal threshold: the ceil((n+1) * coverage)-th smallest score, so a
+    new exchangeable query's score is at most it with probability >= coverage
+    (inf when n is too small for that coverage)."""
+    ordered = np.sort(np.asarray(scores, dtype=np.float64))
+    rank = math.ceil((len(ordered) + 1) * coverage)
+    return math.inf if rank > len(ordered) else float(ordered[rank - 1])
+
+
+def ooc_p_value(top_score: float, in_catalogue_tops: Sequence[float]) -> float:
+    """Conformal p-value: how plausible a top score this low is for an X-ray of a
+    catalogued implant ((1 + calibration queries scoring as low or lower) / (n + 1))."""
+    tops = np.asarray(in_catalogue_tops, dtype=np.float64)
+    lower = int(np.searchsorted(tops, top_score, side="right"))
+    return (1 + lower) / (len(tops) + 1)
+
+
+# --- the fit -------------------------------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    """A fitted calibration (one `calibrations` row)."""
+
+    model_id: str
+    target: float
+    false_alarm: float
+    tta: bool
+    source: str
+    counts: dict[str, Any]
+    data_sha256: str
+    params: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    id: int | None = None
+    created_at: datetime | None = None
+    stale_at: datetime | None = None
+    stale_reason: str | None = None
+
+    @property
+    def stale(self) -> bool:
+        return self.stale_at is not None
+
+    def probability(self, scores: Sequence[float]) -> float:
+        p = self.params
+        x = (features(scores) - np.array(p["mean"])) / np.array(p["scale"])
+        logit = float(x @ np.array(p["coef"]) + p["intercept"])
+        return 1.0 / (1.0 + math.exp(-logit)) if logit > -700 else 0.0
+
+    def prediction_set(self, scores: Sequence[float]) -> list[int]:
+        """0-based ranks of the implants in the set, best first (maybe none)."""
+        threshold = self.params["set_threshold"]
+        probs = softmax(scores, self.params["temperature"])
+        if threshold is None:  # too few queries for the target: every ranked implant
+            return list(range(len(probs)))
+        return [j for j, pj in enumerate(probs) if 1.0 - pj <= threshold]
+
+    def ooc_p(self, top_score: float) -> float:
+        return ooc_p_value(top_score, self.params["ooc_tops"])
+
+    def to_dict(self, *, full: bool = False) -> dict[str, Any]:
+        data = asdict(self)
+        if not full:
+            data["params"] = {k: v for k, v in self.params.items() if k != "ooc_tops"}
+        return data
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Calibration:
+        return cls(**{k: row[k] for k in cls.__dataclass_fields__})
+
+
+def _fit_probability(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    from sklearn.linear_model import LogisticRegression
+
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0)
+    scale[scale < 1e-9] = 1.0
+    if len(set(y.tolist())) < 2:  # always right (or never): no slope to learn
+        rate = (y.sum() + 0.5) / (len(y) + 1.0)
+        return {
+            "mean": mean.tolist(),
+            "scale": scale.tolist(),
+            "coef": [0.0] * x.shape[1],
+            "intercept": math.log(rate / (1 - rate)),
+        }
+    model = LogisticRegression(C=10.0, max_iter=1000).fit((x - mean) / scale, y)
+    return {
+        "mean": mean.tolist(),
+        "scale": scale.tolist(),
+        "coef": model.coef_[0].tolist(),
+        "intercept": float(model.intercept_[0]),
+    }
+
+
+def _fit_temperature(samples: Sequence[Sample]) -> float:
+    """Temperature of the set's softmax: the one that best predicts the right implant
+    among the ranked ones (negative log-likelihood, searched on a log grid)."""
+    usable = [s for s in samples if s.true_rank is not None and s.true_rank <= DEPTH]
+    if not usable:
+        return 0.05
+    grid = np.exp(np.linspace(math.log(1e-3), math.log(1.0), 61))
+
+    def nll(t: float) -> float:
+        return -sum(math.log(max(softmax(s.scores, t)[s.true_rank - 1], 1e-12)) for s in usable)  # type: ignore[operator]
+
+    return float(min(grid, key=nll))
+
+
+def fit_params(samples: Sequence[Sample], target: float) -> dict[str, Any]:
+    """The three fits from calibration samples (see the module's docstring)."""
+    inside = [s for s in samples if s.in_catalogue]
+    if len(inside) < MIN_QUERIES:
+        raise NoCalibrationData(
+            f"{len(inside)} queries of catalogued implants; a calibration needs at least "
+            f"{MIN_QUERIES}"
+        )
+    # The probability learns from every query with a known answer: not-in-catalogue
+    # ones too when a real source has them (their top answer is wrong by definition).
+    x = np.stack([features(s.scores) for s in samples])
+    y = np.array([1 if s.in_catalogue and s.true_rank == 1 else 0 for s in samples])
+    params = _fit_probability(x, y)
+    temperature = _fit_temperature(inside)
+    threshold = conformal_quantile([_nonconformity(s, temperature) for s in inside], target)
+    tops = np.sort([s.scores[0] for s in inside if s.scores])
+    if len(tops) > OOC_SCORES_KEPT:  # evenly spaced order statistics keep the p-values
+        tops = tops[np.linspace(0, len(tops) - 1, OOC_SCORES_KEPT).round().astype(int)]
+    params.update(
+        temperature=temperature,
+        set_threshold=None if math.isinf(threshold) else threshold,
+        ooc_tops=[float(t) for t in tops],
+        ooc_queries=len(inside),
+        features=list(FEATURES),
+        depth=DEPTH,
+    )
+    return params
+
+
+def _split(samples: Sequence[Sample], rng: np.random.Generator) -> tuple[list, list]:
+    order = rng.permutation(len(samples))
+    half = len(samples) // 2
+    return [samples[i] for i in order[:half]], [samples[i] for i in order[half:]]
+
+
+def fit(
+    samples: Sequence[Sample],
+    *,
+    model_id: str,
+    target: float = DEFAULT_TARGET,
+    false_alarm: float = DEFAULT_FALSE_ALARM,
+    tta: bool,
+    source: str,
+    counts: dict[str, Any],
+    seed: int = 0,
+) -> Calibration:
+    """Fit on every sample; the fit's own metrics come from fitting on one half and
+    measuring on the other (so they are not measured on what was fitted)."""
+    check_rate("--target", target)
+    check_rate("--false-alarm", false_alarm)
+    params = fit_params(samples, target)
+    calibration = Calibration(
+        model_id, target, false_alarm, tta, source, counts, snapshot_hash(samples), params
+    )
+    first, second = _split(samples, np.random.default_rng(seed))
+    try:
+        half = Calibration(
+            model_id, target, false_alarm, tta, source, {}, "", fit_params(first, target)
+        )
+        calibration.metrics = {"held_out_half": measure(half, second)}
+    except NoCalibrationData:
+        calibration.metrics = {"held_out_half": None, "note": "too few queries to split"}
+    calibration.metrics["in_sample"] = measure(calibration, samples)
+    return calibration
+
+
+def snapshot_hash(samples: Sequence[Sample]) -> str:
+    lines = sorted(f"{s.identity}\t{int(s.in_catalogue)}\t{s.true_rank}" for s in samples)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+# --- measuring -----------------------------------------------------------------------
+
+
+def ece(probabilities: Sequence[float], correct: Sequence[int], bins: int = ECE_BINS) -> float:
+    """Expected calibration error: the sample-weighted gap between mean probability
+    and accuracy in equal-width probability bins."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(correct, dtype=np.float64)
+    if not len(p):
+        return float("nan")
+    index = np.minimum((p * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = index == b
+        if mask.any():
+            total += mask.sum() * abs(p[mask].mean() - y[mask].mean())
+    return float(total / len(p))
+
+
+def reliability(
+    probabilities: Sequence[float], correct: Sequence[int], bins: int = ECE_BINS
+) -> list[dict[str, Any]]:
+    """Per bin: its range, how many, mean probability, accuracy (the diagram's bars)."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(correct, dtype=np.float64)
+    index = np.minimum((p * bins).astype(int), bins - 1)
+    found = []
+    for b in range(bins):
+        mask = index == b
+        n = int(mask.sum())
+        found.append(
+            {
+                "low": b / bins,
+                "high": (b + 1) / bins,
+                "n": n,
+                "probability": float(p[mask].mean()) if n else None,
+                "accuracy": float(y[mask].mean()) if n else None,
+            }
+        )
+    return found
+
+
+def brier(probabilities: Sequence[float], correct: Sequence[int]) -> float:
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(correct, dtype=np.float64)
+    return float(np.mean((p - y) ** 2)) if len(p) else float("nan")
+
+
+def auroc(positive: Sequence[float], negative: Sequence[float]) -> float | None:
+    """Area under the ROC curve: the chance a positive scores above a negative
+    (ties count half), by ranks."""
+    if not len(positive) or not len(negative):
+        return None
+    pos = np.asarray(positive, dtype=np.float64)
+    neg = np.asarray(negative, dtype=np.float64)
+    both = np.concatenate([pos, neg])
+    order = both.argsort(kind="mergesort")
+    ranks = np.empty(len(both))
+    ranks[order] = np.arange(1, len(both) + 1)
+    for value in np.unique(both):  # average ranks of ties
+        tied = both == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))
+
+
+def fpr_at_tpr(
+    positive: Sequence[float], negative: Sequence[float], tpr: float = 0.95
+) -> float | None:
+    """False-positive rate at the threshold that catches `tpr` of the positives."""
+    if not len(positive) or not len(negative):
+        return None
+    threshold = np.quantile(np.asarray(positive, dtype=np.float64), 1 - tpr, method="lower")
+    return float(np.mean(np.asarray(negative, dtype=np.float64) >= threshold))
+
+
+def measure(calibration: Calibration, samples: Sequence[Sample]) -> dict[str, Any]:
+    """What a calibration does on queries with a known answer: ECE and Brier of the
+    probability (raw top score as a probability beside it), set coverage and size,
+    the out-of-catalogue false alarms and, given such queries, AUROC and FPR@95%TPR."""
+    inside = [s for s in samples if s.in_catalogue]
+    outside = [s for s in samples if not s.in_catalogue]
+    probs = [calibration.probability(s.scores) for s in samples]
+    right = [1 if s.in_catalogue and s.true_rank == 1 else 0 for s in samples]
+    raw = [min(max(s.scores[0], 0.0), 1.0) if s.scores else 0.0 for s in samples]
+    sets = [calibration.prediction_set(s.scores) for s in inside]
+    covered = [
+        s.true_rank is not None and (s.true_rank - 1) in members
+        for s, members in zip(inside, sets, strict=True)
+    ]
+    in_p = [calibration.ooc_p(s.scores[0]) for s in inside if s.scores]
+    out_p = [calibration.ooc_p(s.scores[0]) for s in outside if s.scores]
+    sizes = [len(m) for m in sets]
+    return {
+        "queries": len(samples),
+        "in_catalogue": len(inside),
+        "out_of_catalogue": len(outside),
+        "top1": float(np.mean([s.true_rank == 1 for s in inside])) if inside else None,
+        "ece": ece(probs, right),
+        "ece_raw_score": ece(raw, right),
+        "brier": brier(probs, right),
+        "coverage": float(np.mean(covered)) if covered else None,
+        "target": calibration.target,
+        "mean_set_size": float(np.mean(sizes)) if sizes else None,
+        "empty_sets": float(np.mean([n == 0 for n in sizes])) if sizes else None,
+        "set_sizes": np.bincount(sizes, minlength=DEPTH + 1).tolist() if sizes else [],
+        "false_alarm": float(np.mean([p <= calibration.false_alarm for p in in_p]))
+        if in_p
+        else None,
+        "false_alarm_target": calibration.false_alarm,
+        "detected": float(np.mean([p <= calibration.false_alarm for p in out_p]))
+        if out_p
+        else None,
+        # Out of catalogue is the positive class; a lower p-value says "outside" more.
+        "ooc_auroc": auroc([-p for p in out_p], [-p for p in in_p]),
+        "ooc_fpr_at_95tpr": fpr_at_tpr([-p for p in out_p], [-p for p in in_p]),
+        "reliability": reliability(probs, right),
+    }
+
+
+# --- applying ------------------------------------------------------------------------
+
+
+def uncalibrated_verdict(scores: Sequence[float], min_score: float, min_margin: float) -> str:
+    """Today's wording from fixed cosine thresholds (shown marked uncalibrated)."""
+    return confidence(scores, min_score, min_margin)
+
+
+def _ranked(ranked: Sequence[tuple[str, float]]) -> list[list[Any]]:
+    return [[key, round(float(score), 6)] for key, score in ranked[: DEPTH + 1]]
+
+
+def uncalibrated(
+    reason: str, ranked: Sequence[tuple[str, float]], min_score: float, min_margin: float
+) -> Trust:
+    scores = [score for _, score in ranked]
+    verdict = uncalibrated_verdict(scores, min_score, min_margin)
+    return Trust(False, verdict, reason=reason, ranked=_ranked(ranked))
+
+
+def apply(calibration: Calibration, ranked: Sequence[tuple[str, float]]) -> Trust:
+    """The trust fields of one answer from its ranked (implant key, score) list."""
+    scores = [score for _, score in ranked]
+    if not scores:
+        return Trust(True, "not_in_catalogue", 0.0, [], calibration.target, True, 1.0)
+    probability = calibration.probability(scores)
+    members = calibration.prediction_set(scores)
+    p_value = calibration.ooc_p(scores[0])
+    outside = p_value <= calibration.false_alarm
+    if outside:
+        verdict = "not_in_catalogue"
+    elif probability >= STRONG:
+        verdict = "strong"
+    elif probability >= POSSIBLE:
+        verdict = "possible"
+    else:
+        verdict = "none"
+    return Trust(
+        calibrated=True,
+        verdict=verdict,
+        probability=round(probability, 4),
+        prediction_set=[ranked[j][0] for j in members if j < len(ranked)],
+        set_coverage=calibration.target,
+        out_of_catalogue=outside,
+        out_of_catalogue_score=round(1.0 - p_value, 4),
+        calibration_id=calibration.id,
+        calibrated_at=calibration.created_at.isoformat() if calibration.created_at else None,
+        ranked=_ranked(ranked),
+    )
+
+
+def load(conn: psycopg.Connection, model_id: str) -> Calibration | None:
+    row = queries.latest_calibration(conn, model_id)
+    return Calibration.from_row(row) if row else None
+
+
+def trust_for(
+    calibration: Calibration | None,
+    ranked: Sequence[tuple[str, float]],
+    *,
+    model_id: str,
+    tta: bool,
+    filtered: bool,
+    min_score: float,
+    min_margin: float,
+) -> Trust:
+    """The answer's trust fields, or why it is uncalibrated (with today's wording)."""
+    reason = why_not(calibration, model_id=model_id, tta=tta, filtered=filtered)
+    if reason is not None:
+        return uncalibrated(reason, ranked, min_score, min_margin)
+    assert calibration is not None
+    return apply(calibration, ranked)
+
+
+def why_not(
+    calibration: Calibration | None, *, model_id: str, tta: bool, filtered: bool
+) -> str | None:
+    if model_id.endswith(":none"):
+        return "random model weights (--pretrained none): nothing to calibrate"
+    if calibration is None:
+        return f'model {model_id} has no calibration; run "raiox calibrate"'
+    if calibration.stale:
+        return (
+            f'the calibration is stale ({calibration.stale_reason}); run "raiox calibrate" '
+            "(the nightly reindex refits it)"
+        )
+    if calibration.tta != tta:
+        fitted = "with" if calibration.tta else "without"
+        return f"calibrated {fitted} TTA (--tta/--no-tta): search the same way, or recalibrate"
+    if filtered:
+        return "--manufacturer narrows the catalogue the calibration measured"
+    return None
+
+
+def store(conn: psycopg.Connection, calibration: Calibration) -> Calibration:
+    row = queries.save_calibration(
+        conn,
+        model_id=calibration.model_id,
+        target=calibration.target,
+        false_alarm=calibration.false_alarm,
+        tta=calibration.tta,
+        source=calibration.source,
+        counts=calibration.counts,
+        data_sha256=calibration.data_sha256,
+        params=calibration.params,
+        metrics=_finite(calibration.metrics),
+    )
+    return Calibration.from_row(row)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/inf: they become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

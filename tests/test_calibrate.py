@@ -1,0 +1,259 @@
+"""Calibration: coverage recovered on known score distributions, the command, its
+errors, every CLI answer carrying the numbers, and staleness after a model switch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from raiox_cli import config, db
+from raiox_cli.cli import app
+from raiox_cli.db import queries
+from raiox_cli.search import calibrate
+from raiox_cli.search.calibrate import DEPTH, Sample
+from raiox_cli.training import synth
+
+runner = CliRunner()
+
+
+# --- the statistics, on score distributions whose answer is known -------------------
+
+
+def _samples(n: int, rng: np.random.Generator, *, outside: bool = False) -> list[Sample]:
+    """Ranked lists of DEPTH + 1 implant scores: the right implant's score drawn
+    higher than the others' (or absent, for X-rays of implants not in the catalogue)."""
+    found = []
+    for i in range(n):
+        others = rng.normal(0.60, 0.08, DEPTH + 1)
+        if outside:
+            scores = np.sort(others)[::-1]
+            found.append(Sample(tuple(scores.tolist()), None, False, f"out{i}"))
+            continue
+        others[0] = rng.normal(0.78, 0.07)  # index 0: the right implant
+        order = np.argsort(-others)
+        rank = int(np.flatnonzero(order == 0)[0]) + 1
+        found.append(Sample(tuple(others[order].tolist()), rank, True, f"in{i}"))
+    return found
+
+
+@pytest.mark.parametrize("target", [0.8, 0.9, 0.95])
+def test_coverage_is_recovered_on_a_known_distribution(target: float) -> None:
+    rng = np.random.default_rng(int(target * 100))
+    fitted = calibrate.fit(
+        _samples(1500, rng) + _samples(375, rng, outside=True),
+        model_id="m",
+        target=target,
+        tta=False,
+        source="labels",
+        counts={},
+    )
+    test = _samples(4000, rng) + _samples(1000, rng, outside=True)
+    measured = calibrate.measure(fitted, test)
+    assert measured["coverage"] == pytest.approx(target, abs=0.02)
+    assert measured["ece"] <= 0.05 < measured["ece_raw_score"]
+    assert measured["false_alarm"] == pytest.approx(0.05, abs=0.015)
+    assert measured["ooc_auroc"] > 0.8
+    assert 1 <= measured["mean_set_size"] < DEPTH
+    held = fitted.metrics["held_out_half"]
+    assert held["coverage"] == pytest.approx(target, abs=0.05)
+
+
+def test_conformal_quantile_is_the_finite_sample_one() -> None:
+    scores = list(range(1, 10))  # n = 9: ceil(10 * 0.9) = 9th smallest
+    assert calibrate.conformal_quantile(scores, 0.9) == 9
+    assert calibrate.conformal_quantile(scores, 0.95) == float("inf")  # 10th of 9
+    assert calibrate.conformal_quantile(scores, 0.5) == 5
+
+
+def test_metric_helpers() -> None:
+    assert calibrate.ece([0.9] * 10, [1] * 9 + [0]) == pytest.approx(0.0)
+    assert calibrate.ece([1.0, 0.0], [0, 1]) == pytest.approx(1.0)
+    assert calibrate.brier([1.0, 0.0], [1, 0]) == 0.0
+    assert calibrate.auroc([3, 4], [1, 2]) == 1.0 and calibrate.auroc([1], [1]) == 0.5
+    assert calibrate.fpr_at_tpr([3, 4], [1, 2]) == 0.0
+
+
+def test_too_few_queries_is_refused() -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(calibrate.NoCalibrationData, match="at least 20"):
+        calibrate.fit(_samples(5, rng), model_id="m", tta=False, source="labels", counts={})
+
+
+# --- the command, on a catalogue embedded with a (tiny) model from a file -----------
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's weights in a file: a model raiox cannot tell from a trained one
+    (random weights are never calibrated)."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from raiox_cli import embedding
+
+    embedding.register_bundled_configs()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        model = open_clip.create_model("raiox-tiny")
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture
+def weighted(raiox_env, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch) -> config.Settings:
+    monkeypatch.setenv("RAIOX_WEIGHTS", str(tiny_weights))
+    monkeypatch.setenv("RAIOX_TTA", "0")  # one orientation: a third of the embedding time
+    assert runner.invoke(app, ["init-db"]).exit_code == 0
+    return config.resolve()
+
+
+def _ingest(root: Path, systems: int = 5) -> synth.SynthInfo:
+    info = synth.make_catalogue(root, systems=systems, views=3, queries=1, size=(64, 80))
+    result = runner.invoke(app, ["ingest", str(info.catalogue)])
+    assert result.exit_code == 0, result.output
+    return info
+
+
+def test_calibrate_from_the_catalogue_then_every_answer_carries_it(weighted, tmp_path: Path):
+    info = _ingest(tmp_path / "s")
+    result = runner.invoke(app, ["calibrate", "--queries", "60", "--json"])
+    assert result.exit_code == 0, result.output
+    fit = json.loads(result.stdout)
+    assert fit["source"] == "catalogue" and "no --labels" in fit["why"]
+    assert fit["counts"]["catalogue_in"] == 60 and fit["counts"]["catalogue_out"] == 60
+    assert fit["counts"]["kept_apart"].startswith("unknown: no model card")
+    assert len(fit["data_sha256"]) == 64 and fit["target"] == 0.9
+    assert 0 <= fit["metrics"]["held_out_half"]["coverage"] <= 1
+
+    shown = runner.invoke(app, ["calibrate", "--show"])
+    assert shown.exit_code == 0, shown.output
+    assert "in use" in shown.stdout and "coverage" in shown.stdout and "catalogue" in shown.stdout
+
+    query = info.query_files[0]
+    answer = runner.invoke(app, ["search", str(query), "--json"])
+    assert answer.exit_code == 0, answer.output
+    trust = json.loads(answer.stdout)["trust"]
+    assert trust["calibrated"] is True and trust["reason"] is None
+    assert 0 <= trust["probability"] <= 1 and trust["set_coverage"] == 0.9
+    assert set(trust["prediction_set"]) <= {i.key for i in info.implants}
+    assert isinstance(trust["out_of_catalogue"], bool)
+    assert 0 < trust["out_of_catalogue_score"] < 1
+    assert trust["verdict"] in calibrate.VERDICTS
+
+    table = runner.invoke(app, ["search", str(query)])
+    assert table.exit_code == 0, table.output
+    assert "likely right" in table.stdout and "confidence" in table.stdout
+
+    batch = runner.invoke(app, ["search", str(query), str(info.query_files[1])])
+    assert batch.exit_code == 0, batch.output
+    lines = [json.loads(line) for line in batch.stdout.splitlines()]
+    assert len(lines) == 2 and all(line["trust"]["calibrated"] for line in lines)
+
+    saved = runner.invoke(app, ["search", str(query), "--save", "--json"])
+    analysis_id = json.loads(saved.stdout)["analysis_id"]
+    with db.connect(weighted) as conn:
+        stored = queries.get_analysis(conn, analysis_id)["trust"]
+    assert stored["probability"] == trust["probability"] and len(stored["ranked"]) == 5
+
+
+def test_random_weights_are_never_calibrated(raiox_env, tmp_path: Path) -> None:
+    assert runner.invoke(app, ["init-db"]).exit_code == 0
+    info = _ingest(tmp_path / "s", systems=3)
+    answer = runner.invoke(app, ["search", str(info.query_files[0]), "--json"])
+    trust = json.loads(answer.stdout)["trust"]
+    assert trust["calibrated"] is False and "random model weights" in trust["reason"]
+    assert trust["probability"] is None and trust["verdict"] in ("strong", "possible", "none")
+    table = runner.invoke(app, ["search", str(info.query_files[0])])
+    assert "uncalibrated" in table.stdout
+
+
+def test_bad_inputs_are_clear_errors(weighted, tmp_path: Path) -> None:
+    for target in ("1.5", "0", "-0.1"):
+        result = runner.invoke(app, ["calibrate", "--target", target])
+        assert result.exit_code == 2, result.output
+        assert "--target must be between 0 and 1" in result.stderr
+
+    result = runner.invoke(app, ["calibrate"])
+    assert result.exit_code == 6 and "catalogue is empty" in result.stderr
+
+    one = synth.make_catalogue(tmp_path / "one", systems=1, views=3, queries=0, size=(64, 80))
+    assert runner.invoke(app, ["ingest", str(one.catalogue)]).exit_code == 0
+    result = runner.invoke(app, ["calibrate"])
+    assert result.exit_code == 1 and "1 implant" in result.stderr
+
+    _ingest(tmp_path / "s", systems=3)
+    result = runner.invoke(app, ["calibrate", "--source", "confirmed"])
+    assert result.exit_code == 1 and "no confirmed analysis" in result.stderr
+
+    labels = tmp_path / "labels" / "Nobody Dental" / "Ghost Implant"
+    labels.mkdir(parents=True)
+    shutil.copy(one.catalogue_files[0], labels / "x.png")
+    result = runner.invoke(app, ["calibrate", "--labels", str(tmp_path / "labels")])
+    assert result.exit_code == 2, result.output
+    assert "name no implant of the catalogue" in result.stderr and "Ghost Implant" in result.stderr
+
+    result = runner.invoke(app, ["calibrate", "--source", "labels"])
+    assert result.exit_code == 2 and "--labels DIR" in result.stderr
+    result = runner.invoke(app, ["calibrate", "--source", "sometimes"])
+    assert result.exit_code == 2 and "--source must be one of" in result.stderr
+
+
+def test_a_model_switch_makes_it_stale_and_reindex_refits(
+    weighted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info = _ingest(tmp_path / "s", systems=4)
+    assert runner.invoke(app, ["calibrate", "--queries", "40"]).exit_code == 0
+    with db.connect(weighted) as conn:
+        first = calibrate.load(conn, queries.active_model(conn).model_id)
+    assert first is not None and not first.stale
+
+    # Another model file: the switch marks the calibration stale, reindex refits for it.
+    import safetensors.torch
+
+    state = safetensors.torch.load_file(str(weighted.weights))
+    name = next(iter(state))
+    state[name] = state[name] + 0.01
+    other = tmp_path / "other.safetensors"
+    safetensors.torch.save_file(state, str(other))
+    monkeypatch.setenv("RAIOX_WEIGHTS", str(other))
+    result = runner.invoke(app, ["reindex", "--weights", str(other), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["switched"] is True, result.stdout
+    assert report["calibration"]["refitted"] is True
+    assert report["calibration"]["reason"] == "missing after a model switch"
+    assert report["calibration"]["source"] == "catalogue"
+    assert "refitted from catalogue" in result.stderr
+    with db.connect(weighted) as conn:
+        old = queries.latest_calibration(conn, first.model_id)
+        new = calibrate.load(conn, queries.active_model(conn).model_id)
+    assert old["stale_at"] is not None and "switched" in old["stale_reason"]
+    assert new is not None and not new.stale and new.model_id != first.model_id
+
+    answer = runner.invoke(app, ["search", str(info.query_files[0]), "--json"])
+    assert json.loads(answer.stdout)["trust"]["calibrated"] is True
+
+
+def test_a_stale_calibration_is_not_applied(weighted, tmp_path: Path) -> None:
+    info = _ingest(tmp_path / "s", systems=3)
+    assert runner.invoke(app, ["calibrate", "--queries", "30"]).exit_code == 0
+    with db.connect(weighted) as conn:
+        queries.mark_calibrations_stale(conn, "the catalogue switched from a to b")
+        conn.commit()
+    answer = runner.invoke(app, ["search", str(info.query_files[0]), "--json"])
+    trust = json.loads(answer.stdout)["trust"]
+    assert trust["calibrated"] is False and "stale" in trust["reason"]
+    shown = runner.invoke(app, ["calibrate", "--show"])
+    assert "STALE" in shown.stdout
+    # the nightly reindex (no switch) refits a stale calibration in place
+    result = runner.invoke(app, ["reindex", "--json"])
+    assert json.loads(result.stdout)["calibration"]["reason"] == "stale"
+    answer = runner.invoke(app, ["search", str(info.query_files[0]), "--json"])
+    assert json.loads(answer.stdout)["trust"]["calibrated"] is True
