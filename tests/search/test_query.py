@@ -167,7 +167,9 @@ def test_cli_search_json_schema(conn, catalogue) -> None:
         "exact",
         "analysis_id",
         "matches",
+        "trust",
     }
+    assert data["trust"]["calibrated"] is False  # random weights: never calibrated
     assert data["model_id"] == "raiox-tiny:none" and data["k"] == 3
     assert len(data["matches"]) == 3
     first = data["matches"][0]
