@@ -121,6 +121,7 @@ def _ingest(root: Path, systems: int = 5) -> synth.SynthInfo:
     return info
 
 
+@pytest.mark.slow
 def test_calibrate_from_the_catalogue_then_every_answer_carries_it(weighted, tmp_path: Path):
     info = _ingest(tmp_path / "s")
     result = runner.invoke(app, ["calibrate", "--queries", "60", "--json"])
@@ -163,6 +164,7 @@ def test_calibrate_from_the_catalogue_then_every_answer_carries_it(weighted, tmp
     assert stored["probability"] == trust["probability"] and len(stored["ranked"]) == 5
 
 
+@pytest.mark.slow
 def test_random_weights_are_never_calibrated(raiox_env, tmp_path: Path) -> None:
     assert runner.invoke(app, ["init-db"]).exit_code == 0
     info = _ingest(tmp_path / "s", systems=3)
@@ -174,6 +176,7 @@ def test_random_weights_are_never_calibrated(raiox_env, tmp_path: Path) -> None:
     assert "uncalibrated" in table.stdout
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_clear_errors(weighted, tmp_path: Path) -> None:
     for target in ("1.5", "0", "-0.1"):
         result = runner.invoke(app, ["calibrate", "--target", target])
@@ -205,6 +208,7 @@ def test_bad_inputs_are_clear_errors(weighted, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--source must be one of" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_model_switch_makes_it_stale_and_reindex_refits(
     weighted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -241,6 +245,7 @@ def test_a_model_switch_makes_it_stale_and_reindex_refits(
     assert json.loads(answer.stdout)["trust"]["calibrated"] is True
 
 
+@pytest.mark.slow
 def test_a_stale_calibration_is_not_applied(weighted, tmp_path: Path) -> None:
     info = _ingest(tmp_path / "s", systems=3)
     assert runner.invoke(app, ["calibrate", "--queries", "30"]).exit_code == 0
