@@ -17,7 +17,7 @@ app = group()
 @settings(*MODEL)
 def serve_webhook_minimal(
     host: Annotated[str, typer.Option(help="address to bind (put nginx in front)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port to listen on")] = 8000,
     workers_threads: Annotated[
         int, typer.Option("--workers-threads", min=1, max=64, help="job worker threads")
     ] = 2,
