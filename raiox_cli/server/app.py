@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import logging
 import signal
 import threading
@@ -308,7 +309,13 @@ ERROR_STATUS: list[tuple[type[Exception], int]] = [
 def _with_db(
     request: Request, fn: Callable[[psycopg.Connection], Any], timeout_s: float = 10.0
 ) -> Any:
-    pool: psycopg_pool.ConnectionPool = request.app.state.pool
+    return _with_pool(request.app, fn, timeout_s)
+
+
+def _with_pool(
+    app: FastAPI, fn: Callable[[psycopg.Connection], Any], timeout_s: float = 10.0
+) -> Any:
+    pool: psycopg_pool.ConnectionPool = app.state.pool
     try:
         with pool.connection(timeout=timeout_s) as conn:
             return fn(conn)
@@ -371,7 +378,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     )
     app.state.config = config
     app.state.limiter = auth.FailureLimiter(
-        settings.auth_max_failures, settings.auth_failure_window_s
+        settings.auth_max_failures,
+        settings.auth_failure_window_s,
+        run=functools.partial(_with_pool, app),
     )
     metrics = app.state.metrics = Metrics()
 

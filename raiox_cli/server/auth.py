@@ -15,13 +15,18 @@ import base64
 import binascii
 import hashlib
 import hmac
-import threading
+import math
 import time
-from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import psycopg
+
+from raiox_cli.db import queries
 from raiox_cli.errors import RaioxError
+
+DatabaseRun = Callable[[Callable[[psycopg.Connection], Any]], Any]
 
 TOLERANCE_S = 300  # a delivery older (or newer) than this is a replay, not a retry
 
@@ -58,47 +63,27 @@ OPERATOR = Caller(None, "operator")
 class FailureLimiter:
     """Failed authentications per source address in a sliding window; an address
     over the limit is refused (even with a right key) until old failures age out.
-    Per process: N servers behind nginx each allow the limit (nginx limit_req can
-    cap the total)."""
+    Kept in PostgreSQL (queries.record_auth_failure), so N servers behind nginx share
+    one limit. `run` calls a function with a database connection and commits (the
+    server's pool)."""
 
-    MAX_ADDRESSES = 100_000  # memory bound under a spray from many addresses
-
-    def __init__(self, max_failures: int, window_s: float) -> None:
+    def __init__(self, max_failures: int, window_s: float, run: DatabaseRun) -> None:
         self.max_failures = max_failures
         self.window_s = window_s
-        self._failures: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
+        self._run = run
 
-    def _recent(self, address: str, now: float) -> deque[float] | None:
-        times = self._failures.get(address)
-        if times is None:
-            return None
-        while times and times[0] <= now - self.window_s:
-            times.popleft()
-        if not times:
-            del self._failures[address]
-            return None
-        return times
-
-    def check(self, address: str, *, now: float | None = None) -> None:
+    def check(self, address: str) -> None:
         """Raise TooManyFailures while the address is over its limit."""
-        current = time.monotonic() if now is None else now
-        with self._lock:
-            times = self._recent(address, current)
-            if times is not None and len(times) >= self.max_failures:
-                raise TooManyFailures(max(1, int(times[0] + self.window_s - current + 0.999)))
+        count, wait_s = self._run(
+            lambda conn: queries.recent_auth_failures(
+                conn, address, window_s=self.window_s, limit=self.max_failures
+            )
+        )
+        if count >= self.max_failures:
+            raise TooManyFailures(max(1, math.ceil(wait_s)))
 
-    def failed(self, address: str, *, now: float | None = None) -> None:
-        current = time.monotonic() if now is None else now
-        with self._lock:
-            times = self._recent(address, current)
-            if times is None:
-                if len(self._failures) >= self.MAX_ADDRESSES:
-                    self._failures.pop(next(iter(self._failures)))  # the oldest entry
-                times = self._failures[address] = deque()
-            times.append(current)
-            while len(times) > self.max_failures:
-                times.popleft()
+    def failed(self, address: str) -> None:
+        self._run(lambda conn: queries.record_auth_failure(conn, address, window_s=self.window_s))
 
 
 def token_matches(expected: str, provided: str | None) -> bool:

@@ -261,14 +261,14 @@ async def signin(request: Request) -> Response:
     check_csrf(request, form)
     # Wrong keys count against the address like the API's (429 past the limit).
     limiter, address = request.app.state.limiter, request.client.host if request.client else "-"
-    limiter.check(address)
+    await run_in_threadpool(limiter.check, address)  # the shared counters: a database read
     key = form.get("key")
     key = key.strip() if isinstance(key, str) else ""
     clinic = await run_in_threadpool(
         _db, request, lambda conn: clients.authenticate(conn, key) if key else None
     )
     if clinic is None:
-        limiter.failed(address)
+        await run_in_threadpool(limiter.failed, address)
         logs.event("page sign-in refused")  # never the key
         t = i18n.Translator(page_lang(request))
         return render(

@@ -164,6 +164,32 @@ def test_guessing_keys_is_rate_limited_per_address(
         assert attempt(key, "203.0.113.6").status_code == 200  # other addresses unaffected
 
 
+def test_the_limit_is_shared_by_every_server_on_the_database(
+    catalogue: Catalogue, tiny_embedder: Any
+) -> None:
+    """Two servers behind one proxy, one database: failures on either count toward
+    one limit (kept in PostgreSQL), not one limit per process."""
+    key = add_clinic(catalogue, "shared-limit")
+    options = {"webhook_token": TOKEN, "auth_max_failures": 4}
+    with (
+        running(catalogue, tiny_embedder, **options) as first,
+        running(catalogue, tiny_embedder, **options) as second,
+    ):
+
+        def attempt(base: str, k: str) -> int:
+            headers = {**bearer(k), "x-forwarded-for": "198.51.100.7"}
+            return httpx.get(f"{base}/analyses", headers=headers).status_code
+
+        assert [attempt(first, "wrong") for _ in range(2)] == [401, 401]
+        assert [attempt(second, "wrong") for _ in range(2)] == [401, 401]
+        assert attempt(first, key) == 429 and attempt(second, key) == 429
+        with db.connect(catalogue.settings) as conn:
+            rows = conn.execute(
+                "SELECT count(*) FROM auth_failures WHERE address = '198.51.100.7'"
+            ).fetchone()
+        assert rows is not None and rows[0] == 4
+
+
 def test_jotform_per_clinic_url_and_shared_form_mapping(
     catalogue: Catalogue, tiny_embedder: Any, site: Site
 ) -> None:

@@ -10,6 +10,7 @@ own module and a line below; SQL never lives outside this package.
 """
 
 from raiox_cli.db.queries.analyses import *  # noqa: F403
+from raiox_cli.db.queries.auth import *  # noqa: F403
 from raiox_cli.db.queries.backup import *  # noqa: F403
 from raiox_cli.db.queries.batch import *  # noqa: F403
 from raiox_cli.db.queries.calibration import *  # noqa: F403
