@@ -80,6 +80,7 @@ def _edges(image: np.ndarray, row: int) -> tuple[int, int]:
     return int(columns[0]), int(columns[-1])
 
 
+@pytest.mark.slow
 def test_view_angles_and_mirrors_are_what_the_file_names_say(tmp_path) -> None:
     settings = render.RenderSettings(turns=4, tilts=2, max_tilt=30, size=256, photons=0)
     report = render.render_catalogue([_bumped(tmp_path / "bump.stl")], tmp_path / "out", settings)
@@ -172,6 +173,7 @@ def test_huge_mesh_is_decimated_and_still_projects_right(tmp_path, monkeypatch) 
     assert lengths.sum() / scale**2 == pytest.approx(math.pi * 4 * 10, rel=0.05)
 
 
+@pytest.mark.slow
 def test_rendered_folder_is_an_ordinary_catalogue_and_rerendering_is_a_no_op(tmp_path) -> None:
     designs = synth.design_systems(2)
     models = synth3d.write_models(tmp_path / "models", designs, around=48, detail=0.3)
@@ -256,6 +258,7 @@ def test_drr_physics_is_beer_lambert() -> None:
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_cli_renders_then_ingests_and_searches(migrated, tmp_path) -> None:
     designs = synth.design_systems(3)
     synth3d.write_models(tmp_path / "models", designs, around=48, detail=0.3)
@@ -280,6 +283,7 @@ def test_cli_renders_then_ingests_and_searches(migrated, tmp_path) -> None:
     assert len(keys) == 3 and set(keys) == {d.key for d in designs}  # distinct implants
 
 
+@pytest.mark.slow
 def test_cli_refuses_unusable_models_with_exit_8_and_renders_the_rest(tmp_path) -> None:
     models = tmp_path / "models"
     models.mkdir()
@@ -332,6 +336,7 @@ def test_adapt_samples_implants_evenly_whatever_their_number_of_views() -> None:
     assert share == pytest.approx(1 / 6, abs=0.03)  # 72 views: still one implant in six
 
 
+@pytest.mark.slow
 def test_a_rendered_implant_does_not_crowd_out_implants_with_two_photos(migrated, tmp_path) -> None:
     """A mixed catalogue: 2 photographs for each of 3 implants, plus 36 renders of the first."""
     info = synth.make_catalogue(tmp_path / "mixed", systems=3, views=2, queries=0, size=(96, 120))
@@ -350,6 +355,7 @@ def test_a_rendered_implant_does_not_crowd_out_implants_with_two_photos(migrated
         assert len(keys) == len(set(keys)) == 3  # one row per implant, however many views
 
 
+@pytest.mark.slow
 def test_demo_render_shows_the_rendered_catalogue_and_a_sheet_of_views(raiox_env, tmp_path) -> None:
     out = tmp_path / "demo"
     first = runner.invoke(app, ["demo", "--render", "--out", str(out), "--systems", "2"])
