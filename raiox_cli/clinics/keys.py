@@ -28,11 +28,11 @@ MAX_NAME = 100
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
-class ClientExists(RaioxError):
-    """`clients add` with a name already taken."""
+class ClinicExists(RaioxError):
+    """`clinics add` with a name already taken."""
 
 
-class ClientNotFound(RaioxError):
+class ClinicNotFound(RaioxError):
     """No clinic by that name."""
 
 
@@ -83,12 +83,12 @@ def add(
     name = check_name(name)
     _check_contact(notify_url, email)
     key = new_key()
-    row = queries.create_client(
+    row = queries.create_clinic(
         conn, name=name, key_hash=key_hash(key), notify_url=notify_url, email=email
     )
     if row is None:
-        raise ClientExists(
-            f'a client named {name!r} exists; "raiox clients rotate" gives it a new key'
+        raise ClinicExists(
+            f'a client named {name!r} exists; "raiox clinics rotate" gives it a new key'
         )
     conn.commit()
     return row, key
@@ -101,7 +101,7 @@ def rotate(
     if grace_s < 0:
         raise UsageError("the grace period cannot be negative")
     key = new_key()
-    row = queries.rotate_client_key(conn, name, key_hash=key_hash(key), grace_s=grace_s)
+    row = queries.rotate_clinic_key(conn, name, key_hash=key_hash(key), grace_s=grace_s)
     if row is None:
         raise _missing(conn, name)
     conn.commit()
@@ -110,7 +110,7 @@ def rotate(
 
 def revoke(conn: psycopg.Connection, name: str) -> dict[str, Any]:
     """Every key of the clinic stops working now. Its analyses stay (see purge)."""
-    row = queries.revoke_client(conn, name)
+    row = queries.revoke_clinic(conn, name)
     if row is None:
         raise _missing(conn, name)
     conn.commit()
@@ -118,17 +118,17 @@ def revoke(conn: psycopg.Connection, name: str) -> dict[str, Any]:
 
 
 def find(conn: psycopg.Connection, name: str) -> dict[str, Any]:
-    row = queries.get_client(conn, name)
+    row = queries.get_clinic(conn, name)
     if row is None:
         raise _missing(conn, name)
     return row
 
 
 def _missing(conn: psycopg.Connection, name: str) -> RaioxError:
-    row = queries.get_client(conn, name)
+    row = queries.get_clinic(conn, name)
     if row is not None and row["revoked_at"] is not None:
-        return ClientNotFound(f"client {name!r} is revoked; add a new client instead")
-    return ClientNotFound(f'no client named {name!r}; see "raiox clients list"')
+        return ClinicNotFound(f"client {name!r} is revoked; add a new client instead")
+    return ClinicNotFound(f'no client named {name!r}; see "raiox clinics list"')
 
 
 def authenticate(conn: psycopg.Connection, key: str) -> Clinic | None:
@@ -136,7 +136,7 @@ def authenticate(conn: psycopg.Connection, key: str) -> Clinic | None:
     if not looks_like_key(key):
         return None
     digest = key_hash(key)
-    row = queries.client_for_key_hash(conn, digest)
+    row = queries.clinic_for_key_hash(conn, digest)
     conn.commit()
     if row is None:
         return None
@@ -155,4 +155,4 @@ def state(row: dict[str, Any]) -> str:
 
 def list_rows(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """Every clinic, without anything secret: hashes never leave the data layer."""
-    return queries.list_clients(conn)
+    return queries.list_clinics(conn)

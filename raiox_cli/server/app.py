@@ -34,8 +34,7 @@ from starlette.formparsers import FormParser, MultiPartException, MultiPartParse
 from starlette.staticfiles import StaticFiles
 
 from raiox_cli import __version__, db, images, utc
-from raiox_cli.clinics import feedback, privacy, retention
-from raiox_cli.clinics import keys as clients
+from raiox_cli.clinics import feedback, keys, privacy, retention
 from raiox_cli.config import Settings
 from raiox_cli.db import queries
 from raiox_cli.embedding import Embedder
@@ -184,8 +183,8 @@ def _identify(
 ) -> tuple[auth.Caller, str | None]:
     settings: Settings = request.app.state.config.settings
     provided = _credential(request)
-    if provided and clients.looks_like_key(provided):
-        clinic = _with_db(request, lambda conn: clients.authenticate(conn, provided))
+    if provided and keys.looks_like_key(provided):
+        clinic = _with_db(request, lambda conn: keys.authenticate(conn, provided))
         if clinic is None:
             raise auth.Unauthorized("unknown, revoked or expired key")
         return auth.Caller(clinic.id, clinic.name), None
@@ -291,7 +290,7 @@ def _refused_value(request: Request, exc: Exception) -> JSONResponse:
 
 ERROR_STATUS: list[tuple[type[Exception], int]] = [
     (auth.Unauthorized, 401),
-    (clients.ClientNotFound, 404),
+    (keys.ClinicNotFound, 404),
     (jotform.FormNotAllowed, 403),
     (TooLarge, 413),
     (inputs.BadInput, 400),

@@ -29,8 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from raiox_cli import images
-from raiox_cli.clinics import feedback, links
-from raiox_cli.clinics import keys as clients
+from raiox_cli.clinics import feedback, keys, links
 from raiox_cli.config import Settings
 from raiox_cli.db import queries
 from raiox_cli.errors import EmptyCatalogue, ModelMismatch, RaioxError
@@ -158,9 +157,9 @@ def check_csrf(request: Request, form: Any) -> None:
         raise CsrfFailed("missing or wrong CSRF token")
 
 
-def _clinic(request: Request, conn: psycopg.Connection) -> clients.Clinic | None:
+def _clinic(request: Request, conn: psycopg.Connection) -> keys.Clinic | None:
     key = request.cookies.get(KEY_COOKIE)
-    return clients.authenticate(conn, key) if key else None
+    return keys.authenticate(conn, key) if key else None
 
 
 def link_key(settings: Settings) -> bytes:
@@ -213,7 +212,7 @@ def _seconds(row: dict[str, Any]) -> float | None:
 async def home(request: Request) -> Response:
     settings: Settings = _config(request).settings
 
-    def load(conn: psycopg.Connection) -> tuple[clients.Clinic | None, list[dict[str, Any]]]:
+    def load(conn: psycopg.Connection) -> tuple[keys.Clinic | None, list[dict[str, Any]]]:
         clinic = _clinic(request, conn)
         if clinic is None:
             return None, []
@@ -228,7 +227,7 @@ async def home(request: Request) -> Response:
 def _upload_page(
     request: Request,
     settings: Settings,
-    clinic: clients.Clinic,
+    clinic: keys.Clinic,
     rows: list[dict[str, Any]],
     *,
     error: str | None = None,
@@ -265,7 +264,7 @@ async def signin(request: Request) -> Response:
     key = form.get("key")
     key = key.strip() if isinstance(key, str) else ""
     clinic = await run_in_threadpool(
-        _db, request, lambda conn: clients.authenticate(conn, key) if key else None
+        _db, request, lambda conn: keys.authenticate(conn, key) if key else None
     )
     if clinic is None:
         await run_in_threadpool(limiter.failed, address)

@@ -34,8 +34,8 @@ def test_add_prints_the_key_once_and_stores_only_its_hash(migrated: config.Setti
     assert "shown only now" in stderr
     assert who(migrated, key) == "sorriso-sp"
     with db.connect(migrated) as conn:
-        stored = conn.execute("SELECT key_hash, previous_key_hash FROM clients").fetchone()
-        dump = str(conn.execute("SELECT * FROM clients").fetchall())
+        stored = conn.execute("SELECT key_hash, previous_key_hash FROM clinics").fetchone()
+        dump = str(conn.execute("SELECT * FROM clinics").fetchall())
     assert stored == (clients.key_hash(key), None)
     assert key not in dump and key[4:] not in dump
 

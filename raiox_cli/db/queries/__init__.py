@@ -15,7 +15,7 @@ from raiox_cli.db.queries.backup import *  # noqa: F403
 from raiox_cli.db.queries.batch import *  # noqa: F403
 from raiox_cli.db.queries.calibration import *  # noqa: F403
 from raiox_cli.db.queries.catalogue import *  # noqa: F403
-from raiox_cli.db.queries.clients import *  # noqa: F403
+from raiox_cli.db.queries.clinics import *  # noqa: F403
 from raiox_cli.db.queries.feedback import *  # noqa: F403
 from raiox_cli.db.queries.models import *  # noqa: F403
 from raiox_cli.db.queries.nearest import *  # noqa: F403

@@ -112,7 +112,7 @@ def get_analysis(conn: psycopg.Connection, analysis_id: int) -> dict[str, Any] |
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             """SELECT a.*, c.name AS clinic FROM analyses a
-               LEFT JOIN clients c ON c.id = a.clinic_id WHERE a.id = %(a)s""",
+               LEFT JOIN clinics c ON c.id = a.clinic_id WHERE a.id = %(a)s""",
             {"a": analysis_id},
         )
         return cur.fetchone()

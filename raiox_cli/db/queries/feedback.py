@@ -24,7 +24,7 @@ _LATEST = """
            a.public_id, a.client_id, cl.name AS clinic, a.created_at AS analysed_at,
            a.status, a.model_id, a.image_sha256, a.storage_key
     FROM confirmations c JOIN analyses a ON a.id = c.analysis_id
-    LEFT JOIN clients cl ON cl.id = a.clinic_id
+    LEFT JOIN clinics cl ON cl.id = a.clinic_id
     WHERE (%(since)s::timestamptz IS NULL OR a.created_at >= %(since)s::timestamptz)
       AND (%(client)s::text IS NULL OR %(client)s::text IN (a.client_id, cl.name))
     ORDER BY c.analysis_id, c.id DESC

@@ -95,10 +95,10 @@ def notifications_of(conn: psycopg.Connection, analysis_id: int) -> list[dict[st
 
 def email_recipient(conn: psycopg.Connection, analysis_id: int) -> str | None:
     """Who is told by e-mail: the submitter's own address (a Jotform e-mail answer),
-    else the clinic's (`raiox clients add --email`)."""
+    else the clinic's (`raiox clinics add --email`)."""
     row = conn.execute(
         """SELECT coalesce(a.reply_email, c.email) FROM analyses a
-           LEFT JOIN clients c ON c.id = a.clinic_id AND c.revoked_at IS NULL
+           LEFT JOIN clinics c ON c.id = a.clinic_id AND c.revoked_at IS NULL
            WHERE a.id = %(a)s""",
         {"a": analysis_id},
     ).fetchone()

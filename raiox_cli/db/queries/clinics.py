@@ -1,4 +1,4 @@
-"""Clinics (API clients) and what is scoped to them: keys, analyses by public id,
+"""Clinics (the tenants) and what is scoped to them: keys, analyses by public id,
 listing, deletion and retention. Scoping is a WHERE clause here, never a filter
 applied in Python afterwards.
 
@@ -14,13 +14,13 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-# --- clients ---------------------------------------------------------------------
+# --- clinics ---------------------------------------------------------------------
 
-_CLIENT_COLUMNS = """c.id, c.name, c.notify_url, c.email, c.created_at, c.rotated_at,
+_CLINIC_COLUMNS = """c.id, c.name, c.notify_url, c.email, c.created_at, c.rotated_at,
                      c.last_used_at, c.revoked_at, c.previous_expires_at"""
 
 
-def create_client(
+def create_clinic(
     conn: psycopg.Connection,
     *,
     name: str,
@@ -31,41 +31,41 @@ def create_client(
     """Insert a clinic; None when the name is taken."""
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
-            f"""INSERT INTO clients AS c (name, key_hash, notify_url, email)
+            f"""INSERT INTO clinics AS c (name, key_hash, notify_url, email)
                 VALUES (%(name)s, %(hash)s, %(url)s, %(email)s)
                 ON CONFLICT (name) DO NOTHING
-                RETURNING {_CLIENT_COLUMNS}""",
+                RETURNING {_CLINIC_COLUMNS}""",
             {"name": name, "hash": key_hash, "url": notify_url, "email": email},
         )
         return cur.fetchone()
 
 
-def list_clients(conn: psycopg.Connection) -> list[dict[str, Any]]:
+def list_clinics(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """Every clinic with its analyses count (rows kept now, and those purged)."""
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
-            f"""SELECT {_CLIENT_COLUMNS},
+            f"""SELECT {_CLINIC_COLUMNS},
                        (SELECT count(*) FROM analyses a WHERE a.clinic_id = c.id) AS analyses,
                        (SELECT coalesce(sum(n.analyses), 0)::bigint FROM analysis_counts n
                         WHERE n.clinic_id = c.id) AS purged
-                FROM clients c ORDER BY c.name"""
+                FROM clinics c ORDER BY c.name"""
         )
         return list(cur.fetchall())
 
 
-def get_client(conn: psycopg.Connection, name: str) -> dict[str, Any] | None:
+def get_clinic(conn: psycopg.Connection, name: str) -> dict[str, Any] | None:
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(f"SELECT {_CLIENT_COLUMNS} FROM clients c WHERE c.name = %(n)s", {"n": name})
+        cur.execute(f"SELECT {_CLINIC_COLUMNS} FROM clinics c WHERE c.name = %(n)s", {"n": name})
         return cur.fetchone()
 
 
-def get_client_by_id(conn: psycopg.Connection, clinic_id: int) -> dict[str, Any] | None:
+def get_clinic_by_id(conn: psycopg.Connection, clinic_id: int) -> dict[str, Any] | None:
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(f"SELECT {_CLIENT_COLUMNS} FROM clients c WHERE c.id = %(i)s", {"i": clinic_id})
+        cur.execute(f"SELECT {_CLINIC_COLUMNS} FROM clinics c WHERE c.id = %(i)s", {"i": clinic_id})
         return cur.fetchone()
 
 
-def rotate_client_key(
+def rotate_clinic_key(
     conn: psycopg.Connection, name: str, *, key_hash: bytes, grace_s: float
 ) -> dict[str, Any] | None:
     """Make key_hash the clinic's key; the current one keeps working for grace_s
@@ -73,42 +73,42 @@ def rotate_client_key(
     active clinic."""
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
-            f"""UPDATE clients AS c SET
+            f"""UPDATE clinics AS c SET
                        previous_key_hash = CASE WHEN %(grace)s > 0 THEN c.key_hash END,
                        previous_expires_at = CASE WHEN %(grace)s > 0
                            THEN now() + make_interval(secs => %(grace)s) END,
                        key_hash = %(hash)s, rotated_at = now()
                 WHERE c.name = %(name)s AND c.revoked_at IS NULL
-                RETURNING {_CLIENT_COLUMNS}""",
+                RETURNING {_CLINIC_COLUMNS}""",
             {"name": name, "hash": key_hash, "grace": grace_s},
         )
         return cur.fetchone()
 
 
-def revoke_client(conn: psycopg.Connection, name: str) -> dict[str, Any] | None:
+def revoke_clinic(conn: psycopg.Connection, name: str) -> dict[str, Any] | None:
     """Revoke every key of the clinic at once; None: no such clinic."""
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
-            f"""UPDATE clients AS c SET revoked_at = coalesce(c.revoked_at, now()),
+            f"""UPDATE clinics AS c SET revoked_at = coalesce(c.revoked_at, now()),
                        previous_key_hash = NULL, previous_expires_at = NULL
-                WHERE c.name = %(name)s RETURNING {_CLIENT_COLUMNS}""",
+                WHERE c.name = %(name)s RETURNING {_CLINIC_COLUMNS}""",
             {"name": name},
         )
         return cur.fetchone()
 
 
-def client_for_key_hash(conn: psycopg.Connection, key_hash: bytes) -> dict[str, Any] | None:
+def clinic_for_key_hash(conn: psycopg.Connection, key_hash: bytes) -> dict[str, Any] | None:
     """The active clinic whose current key, or previous key within its grace period,
     hashes to key_hash; marks it used (at most once a minute: no write per request)."""
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             """WITH hit AS (
-                   SELECT id, name, key_hash FROM clients
+                   SELECT id, name, key_hash FROM clinics
                    WHERE revoked_at IS NULL
                      AND (key_hash = %(h)s
                           OR (previous_key_hash = %(h)s AND previous_expires_at > now()))),
                touched AS (
-                   UPDATE clients c SET last_used_at = now() FROM hit
+                   UPDATE clinics c SET last_used_at = now() FROM hit
                    WHERE c.id = hit.id
                      AND (c.last_used_at IS NULL
                           OR c.last_used_at < now() - interval '1 minute'))
@@ -121,7 +121,7 @@ def client_for_key_hash(conn: psycopg.Connection, key_hash: bytes) -> dict[str, 
 def notify_url_of_analysis(conn: psycopg.Connection, analysis_id: int) -> str | None:
     """The notification URL of the analysis' clinic, if it has one."""
     row = conn.execute(
-        """SELECT c.notify_url FROM analyses a JOIN clients c ON c.id = a.clinic_id
+        """SELECT c.notify_url FROM analyses a JOIN clinics c ON c.id = a.clinic_id
            WHERE a.id = %(a)s""",
         {"a": analysis_id},
     ).fetchone()
@@ -131,7 +131,7 @@ def notify_url_of_analysis(conn: psycopg.Connection, analysis_id: int) -> str | 
 def clinic_by_name(conn: psycopg.Connection, name: str) -> int | None:
     """An active clinic's id by its exact name (Jotform shared-form mapping)."""
     row = conn.execute(
-        "SELECT id FROM clients WHERE name = %(n)s AND revoked_at IS NULL", {"n": name}
+        "SELECT id FROM clinics WHERE name = %(n)s AND revoked_at IS NULL", {"n": name}
     ).fetchone()
     return int(row[0]) if row else None
 
@@ -139,7 +139,7 @@ def clinic_by_name(conn: psycopg.Connection, name: str) -> int | None:
 # --- analyses, scoped to a clinic ---------------------------------------------------
 
 ANALYSIS_SELECT = """SELECT a.*, c.name AS clinic FROM analyses a
-                     LEFT JOIN clients c ON c.id = a.clinic_id"""
+                     LEFT JOIN clinics c ON c.id = a.clinic_id"""
 
 
 def find_analysis(
@@ -163,7 +163,7 @@ _LIST_ANALYSES = """
            a.created_at, a.finished_at,
            m.implant_key AS top_implant, m.score AS top_score
     FROM analyses a
-    LEFT JOIN clients c ON c.id = a.clinic_id
+    LEFT JOIN clinics c ON c.id = a.clinic_id
     LEFT JOIN analysis_matches m ON m.analysis_id = a.id AND m.rank = 1
     WHERE {scope}
       AND (%(status)s::text IS NULL OR a.status = %(status)s)
