@@ -117,7 +117,7 @@ class Settings:
         metadata=setting("RAIOX_DEVICE", MODEL, "`auto` (CUDA when present), `cpu` or `cuda`"),
     )
     # Who runs the model: ONNX Runtime (CPU, no torch import) or torch; auto picks
-    # ONNX Runtime on a CPU and torch on a CUDA GPU (README, "Inference backends").
+    # ONNX Runtime on a CPU and torch on a CUDA GPU (docs/guides/backends.md).
     backend: str = field(
         default="auto",
         metadata=setting(
@@ -167,7 +167,7 @@ class Settings:
             'below this best score, search says "no confident match"',
         ),
     )
-    # Search the query mirrored and upside down too (see README, "Searching").
+    # Search the query mirrored and upside down too (docs/guides/searching.md).
     tta: bool = field(
         default=True,
         metadata=setting(
@@ -177,7 +177,7 @@ class Settings:
         ),
     )
     # Who schedules the read -> decode -> embed -> write stages: threads here, or Ray
-    # Data (README, "A Ray cluster"). RAY_ADDRESS is Ray's own variable.
+    # Data (docs/guides/backends.md). RAY_ADDRESS is Ray's own variable.
     engine: str = field(
         default="local",
         metadata=setting(
@@ -369,7 +369,7 @@ class Settings:
             "lifetime of presigned links to stored images, seconds",
         ),
     )
-    # --- clinics and privacy (README "Clinics, keys and patient data")
+    # --- clinics and privacy (docs/guides/clinics.md)
     # Signs result links (/r/<token>); unset: a random key kept in RAIOX_HOME/secret.key.
     secret_key: str | None = field(
         default=None,
@@ -408,7 +408,7 @@ class Settings:
         ),
     )
     # A shared Jotform form: its client field's answer names the clinic (needs the
-    # RAIOX_JOTFORM_FORM_IDS allow-list; README says what this trusts).
+    # RAIOX_JOTFORM_FORM_IDS allow-list; docs/guides/clinics.md says what this trusts).
     jotform_clinic_from_answer: bool = field(
         default=False,
         metadata=setting(

@@ -22,8 +22,8 @@ import threading
 from collections.abc import MutableMapping
 from types import FrameType
 
-# The one setting that hands these choices back to the operator (README, "What
-# leaves the machine"): set, raiox leaves every variable below as the operator set it.
+# The one setting that hands these choices back to the operator (docs/guides/operations.md,
+# "What leaves the machine"): set, raiox leaves every variable below as the operator set it.
 TELEMETRY_OPT_IN = "RAIOX_THIRD_PARTY_TELEMETRY"
 
 # Each library's own documented switch, read when the library loads (or, for Ray,

@@ -40,7 +40,7 @@ TOKEN = "egress-token"
 # only: Ray 2.60's dashboard process (started even with include_dashboard=False, to
 # load UsageStatsHead) asks the cloud metadata servers which cloud it runs on
 # (usage_lib.get_cluster_config_to_report) whether or not usage statistics are
-# enabled, and no setting skips it. README "What leaves the machine" says so.
+# enabled, and no setting skips it. docs/guides/operations.md says so.
 RAY_UPSTREAM = {("metadata.google.internal", "ingest --engine ray --json")}
 
 

@@ -189,7 +189,7 @@ def ingest_catalogue(
     progress: Progress | None = None,
 ) -> IngestReport:
     """Bring the database in line with one catalogue folder or s3://bucket/prefix
-    (see README, "Catalogue format"). Returns what happened; per-file failures are
+    (see docs/guides/catalogue.md). Returns what happened; per-file failures are
     in `report.failed`, never raised."""
     spec = embedding.ModelSpec.from_settings(settings)
     model = ModelHandle(spec, activate=True)

@@ -19,7 +19,7 @@ from raiox_cli.cli.render import err, out, print_json, say
 
 app = group(
     "clinics",
-    help="Clinics that use the server with their own API key (README: Clinics).\n\n"
+    help="Clinics that use the server with their own API key (docs/guides/clinics.md).\n\n"
     "Example: raiox clinics add sorriso-sp --email dr@sorriso.example",
 )
 

@@ -84,5 +84,5 @@ def _print_demo(report: Any) -> None:
         f"  every failure of this eval: raiox eval {report.folder / 'queries'}\n"
         "  measure yours: raiox eval /path/to/labelled-xrays\n"
         "  real weights offline: RAIOX_WEIGHTS=/path/open_clip_model.safetensors"
-        " (README: model weights)"
+        " (docs/guides/backends.md)"
     )

@@ -105,13 +105,13 @@ def search(
     Each match: implant, manufacturer, system, size, similarity score (cosine, 1 =
     identical) and margin to the next implant. Below --min-score the answer is "no
     confident match" (the matches are still listed). --json prints one object
-    (schema in the README). Exit codes: 3 no database, 5 catalogue built with another
+    (schema in docs/guides/searching.md). Exit codes: 3 no database, 5 catalogue built with another
     model, 6 empty catalogue, 7 unreadable image.
 
     Several images, a folder or --from list.csv search in batch: one JSON line per
     X-ray on stdout (or --out FILE / --csv FILE), --save records analyses; a rerun
     with --out, --csv or --save skips what is answered; unreadable files are listed
-    on stderr, exit 1. --engine ray runs the batch on Ray Data (README, "A Ray cluster").
+    on stderr, exit 1. --engine ray runs the batch on Ray Data (docs/guides/backends.md).
 
     Example: raiox search pano.jpg --crop 820,400,300,420 -k 5 --sheet out.png
     Example: raiox search ./archive --from more.csv --out answers.jsonl

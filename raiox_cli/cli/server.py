@@ -44,7 +44,7 @@ def serve_webhook_minimal(
 
     Jobs are kept in PostgreSQL and survive restarts. Authentication comes from
     RAIOX_WEBHOOK_TOKEN (header or ?token=) and/or RAIOX_WEBHOOK_SECRET (Standard
-    Webhooks signatures); see README "Webhook server". Logs: JSON lines on stderr.
+    Webhooks signatures); see docs/guides/server.md. Logs: JSON lines on stderr.
 
     Example: RAIOX_WEBHOOK_TOKEN=... raiox serve-webhook-minimal --port 8000 --workers-threads 2
     """

@@ -153,7 +153,7 @@ def confirm(
     `client_id`. With `clinic_id`, only that clinic's analyses can be confirmed
     (another clinic's is UnknownAnalysis, like a missing one). Raises
     UnknownAnalysis, AnalysisNotDone, UnknownImplant or BadConfirmation; commits
-    nothing. Its answer: Confirmation.to_dict() (README: Confirmations)."""
+    nothing. Its answer: Confirmation.to_dict() (docs/guides/clinics.md: Confirmations)."""
     note = _bounded(note, "note", MAX_NOTE)
     client_id = _bounded(client_id, "client id", MAX_CLIENT_ID)
     key = _bounded(implant_key, "implant key", MAX_KEY)

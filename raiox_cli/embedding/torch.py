@@ -38,7 +38,8 @@ HUB_HOST = "huggingface.co"
 
 OFFLINE_FIXES = (
     "connect to the network once to cache them, or set RAIOX_WEIGHTS=/path/to/checkpoint "
-    "(see README: offline weights), or use --pretrained none for a speed-only smoke run"
+    "(see docs/guides/backends.md: model weights offline), or use --pretrained none for a "
+    "speed-only smoke run"
 )
 
 

@@ -55,7 +55,7 @@ FILTER_SCAN_FACTOR = 10
 HNSW_MAX_EF_SEARCH = 1000  # pgvector's limit, the most a non-iterative scan returns
 
 # On by default (settings.tta): on synthetic data an upside-down copy of a catalogue
-# image ranked its implant first 62.5% of the time without, 100% with (README).
+# image ranked its implant first 62.5% of the time without, 100% with (docs/guides/searching.md).
 DEFAULT_TTA = True
 
 
@@ -404,7 +404,7 @@ def stored_trust(result: SearchResult) -> dict[str, Any] | None:
 
 
 def result_json(query: str, k: int, result: SearchResult) -> dict[str, Any]:
-    """`raiox search --json`: one X-ray's answer (schema in the README)."""
+    """`raiox search --json`: one X-ray's answer (schema in docs/guides/searching.md)."""
     return {
         "query": query,
         "model_id": result.model_id,

@@ -131,7 +131,7 @@ def check_auth_configured(settings: Settings, insecure_no_auth: bool) -> None:
     if settings.jotform_clinic_from_answer and not settings.jotform_form_ids:
         raise UsageError(
             "RAIOX_JOTFORM_CLINIC_FROM_ANSWER needs RAIOX_JOTFORM_FORM_IDS: a form answer "
-            "names the clinic only on forms you list (README: shared Jotform form)"
+            "names the clinic only on forms you list (docs/guides/clinics.md: one shared form)"
         )
 
 

@@ -13,6 +13,7 @@ from raiox_cli.search import sheet
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_then_reuses_everything(raiox_env, tmp_path: Path) -> None:
     out = tmp_path / "demo"
     first = runner.invoke(app, ["demo", "--out", str(out), "--systems", "3"])

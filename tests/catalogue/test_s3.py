@@ -30,6 +30,7 @@ def _upload(folder: Path, endpoint: str, bucket: str, prefix: str) -> list[str]:
     return keys
 
 
+@pytest.mark.slow
 def test_s3_root_gives_the_rows_of_the_same_folder(
     migrated: config.Settings, pg_server_url: str, s3_server: str, s3_bucket: str, tmp_path: Path
 ):

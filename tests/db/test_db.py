@@ -62,6 +62,7 @@ def test_missing_schema_says_run_init_db(raiox_env: config.Settings) -> None:
         db.check_schema(conn)
 
 
+@pytest.mark.slow
 def test_external_url_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A second embedded server stands in for an external PostgreSQL."""
     other = db.embedded_url(tmp_path / "other-pg")

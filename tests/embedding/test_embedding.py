@@ -40,6 +40,7 @@ def test_batching_does_not_change_results(tiny_embedder) -> None:
     np.testing.assert_allclose(together, one_by_one, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_random_weights_are_the_same_in_another_process(tiny_embedder, tmp_path: Path) -> None:
     image = tmp_path / "g.png"
     _images()[0].save(image)
@@ -91,6 +92,7 @@ def test_offline_without_cache_fails_fast_naming_fixes(
     assert "--pretrained none" in message
 
 
+@pytest.mark.slow
 def test_offline_error_through_the_cli_is_one_line(tmp_path: Path) -> None:
     image = tmp_path / "x.png"
     _images()[0].save(image)

@@ -192,6 +192,7 @@ def test_an_intact_export_is_not_rehashed(
     assert calls == [weights]
 
 
+@pytest.mark.slow
 def test_concurrent_first_uses_export_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -231,6 +232,7 @@ def _run_cli(
     )
 
 
+@pytest.mark.slow
 def test_onnx_ingest_and_search_import_no_torch(shared_exports: Path, tmp_path: Path) -> None:
     info = synth.make_catalogue(tmp_path / "s", systems=2, views=2, queries=0, size=SMALL)
     assert runner.invoke(app, ["init-db"]).exit_code == 0

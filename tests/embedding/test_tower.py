@@ -183,6 +183,7 @@ def test_files_that_are_not_checkpoints_are_refused(
     assert "no visual.* weights" in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_overwriting_the_checkpoint_in_place_does_not_crash_a_loaded_model(
     tmp_path: Path, suffix: str

@@ -1,6 +1,6 @@
 """The Ray Data engine: the pipeline's stages on a Ray cluster, or a local Ray.
 
-Operators, in order (README, "A Ray cluster"):
+Operators, in order (docs/guides/backends.md, "A Ray cluster"):
 
 1. read + decode: `map_batches` tasks (one CPU each) run the caller's per-item
    function, the same one the local engine runs in its decode threads
