@@ -448,7 +448,7 @@ class Settings:
             "`/healthcheck` answers 503 when a due job has waited longer, seconds",
         ),
     )
-    # --- pages and e-mail (server/pages.py, server/notify.py)
+    # --- pages and e-mail (server/routes/pages.py, server/notify.py)
     # The address people reach the server at (https://raiox.example.com): links in
     # e-mails and in webhook notifications start with it.
     public_url: str | None = field(

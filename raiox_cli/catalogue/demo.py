@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from raiox_cli import db, embedding
+from raiox_cli import analyses, db, embedding
 from raiox_cli.catalogue import ingest, render
 from raiox_cli.config import Settings
 from raiox_cli.errors import ModelUnavailable
@@ -182,7 +182,7 @@ def run_demo(
     report = DemoReport(folder, embedder.model_id, embedder.meaningless, generated, ingested)
     sheet_path = folder / "contact-sheet.png"
     for n, implant in enumerate([i for i in info.implants if i.queries][:SEARCHED]):
-        result = search.search_file(
+        result = analyses.search_file(
             settings, implant.queries[0], k=3, sheet_path=sheet_path if n == 0 else None
         )
         report.searches.append(DemoSearch(implant.queries[0], implant.key, result))

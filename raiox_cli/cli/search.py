@@ -116,7 +116,7 @@ def search(
     Example: raiox search pano.jpg --crop 820,400,300,420 -k 5 --sheet out.png
     Example: raiox search ./archive --from more.csv --out answers.jsonl
     """
-    from raiox_cli import images
+    from raiox_cli import analyses, images
     from raiox_cli.search import batch as batch_search
     from raiox_cli.search import query as core
 
@@ -130,7 +130,7 @@ def search(
         _search_batch(settings, given, from_list, options, sheet=sheet, progress=progress)
         return
     image = given[0]
-    result = core.search_file(
+    result = analyses.search_file(
         settings, image, k=k, crop=region, manufacturer=manufacturer,
         save=save, client_id=client_id, sheet_path=sheet,
     )  # fmt: skip

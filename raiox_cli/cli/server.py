@@ -48,7 +48,7 @@ def serve_webhook_minimal(
 
     Example: RAIOX_WEBHOOK_TOKEN=... raiox serve-webhook-minimal --port 8000 --workers-threads 2
     """
-    from raiox_cli.server import app as server  # start-up time: FastAPI, the model
+    from raiox_cli.server import serve as server  # start-up time: FastAPI, the model
 
     server.serve(
         settings,

@@ -9,7 +9,8 @@ altered, truncated or signed with another key is `LinkInvalid` (answer 404); a
 genuine one past its expiry is `LinkExpired` (answer 410). Neither says whether
 the analysis exists: the route checks that afterwards, and answers 404 alike.
 
-Pages (server/pages.py) serve `/r/<token>`; this module is only the token:
+Pages (server/routes/pages.py) serve `/r/<token>`; this module makes and checks
+the token, and the links that carry it:
 
     key = links.link_key(settings)                   # once per process
     token = links.make(key, row["public_id"], settings.result_link_expires_s)
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import hashlib
 import hmac
 import os
@@ -83,6 +85,22 @@ def server_secret(settings: Settings) -> bytes:
 
 def link_key(settings: Settings) -> bytes:
     return derive_key(server_secret(settings), "result-link")
+
+
+def result_path(settings: Settings, public_id: uuid.UUID) -> str:
+    """The path of an analysis's result page, `/r/<token>`, valid from now."""
+    return f"/r/{make(link_key(settings), public_id, settings.result_link_expires_s)}"
+
+
+def result_link(settings: Settings, public_id: uuid.UUID) -> tuple[str, dt.datetime] | None:
+    """The signed link a notification carries and when it stops working; None
+    without RAIOX_PUBLIC_URL (the server cannot know the address people use)."""
+    if not settings.public_url:
+        return None
+    expires_at = int(time.time() + settings.result_link_expires_s)
+    token = sign(link_key(settings), public_id, expires_at)
+    when = dt.datetime.fromtimestamp(expires_at, dt.timezone.utc)
+    return f"{settings.public_url.rstrip('/')}/r/{token}", when
 
 
 def _mac(key: bytes, body: bytes) -> bytes:

@@ -28,7 +28,7 @@ from typing import Any
 
 import psycopg
 
-from raiox_cli import db, embedding
+from raiox_cli import analyses, db, embedding
 from raiox_cli.catalogue import engines, pipeline
 from raiox_cli.catalogue.scan import IMAGE_SUFFIXES
 from raiox_cli.clinics import privacy
@@ -393,7 +393,7 @@ class _Run:
                 if note not in self.report.notes:
                     self.report.notes.append(note)
             if row["save"]:
-                analysis_id = search.save_analysis(
+                analysis_id = analyses.save_search(
                     conn,
                     result,
                     row["sha256"],

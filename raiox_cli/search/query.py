@@ -20,10 +20,9 @@ import numpy as np
 import psycopg
 from PIL import Image
 
-from raiox_cli import db, embedding, images
+from raiox_cli import images
 from raiox_cli.catalogue import pipeline
 from raiox_cli.catalogue.pipeline import ORIENTATIONS
-from raiox_cli.clinics import privacy
 from raiox_cli.config import Settings
 from raiox_cli.db import queries
 from raiox_cli.embedding import Embedder
@@ -363,41 +362,6 @@ def result_notes(result: SearchResult, *, manufacturer: str | None) -> list[str]
     return notes
 
 
-def save_analysis(
-    conn: psycopg.Connection,
-    result: SearchResult,
-    image_sha256: str,
-    *,
-    query_path: str,
-    client_id: str | None = None,
-    storage_key: str | None = None,
-) -> int:
-    """Record a CLI search as a finished analysis with its ranked matches."""
-    analysis_id, _ = queries.create_analysis(
-        conn,
-        source="cli",
-        client_id=client_id,
-        image_sha256=image_sha256,
-        storage_key=storage_key,
-        metadata={
-            "path": query_path,
-            "crop": list(result.crop_box) if result.crop_box else None,
-            "orientations": list(result.orientations),
-            "confident": result.confident,
-        },
-        status="running",
-        crop=result.crop_box,
-    )
-    queries.finish_analysis(
-        conn,
-        analysis_id,
-        model_id=result.model_id,
-        matches=result.matches,
-        trust=stored_trust(result),
-    )
-    return analysis_id
-
-
 def stored_trust(result: SearchResult) -> dict[str, Any] | None:
     """What an analysis keeps of the answer's trust fields (with the ranked scores)."""
     return result.trust.to_dict(stored=True) if result.trust is not None else None
@@ -473,54 +437,3 @@ def write_contact_sheet(
         lambda match: reference_image(match, store),
         query_name=query_path.name,
     )
-
-
-def search_file(
-    settings: Settings,
-    path: Path,
-    *,
-    k: int = 3,
-    crop: Crop | None = None,
-    manufacturer: str | None = None,
-    save: bool = False,
-    client_id: str | None = None,
-    sheet_path: Path | None = None,
-) -> SearchResult:
-    """`raiox search`: decode, refuse what cannot be answered before loading the
-    model, search, then optionally record the analysis and draw a contact sheet."""
-    spec = embedding.ModelSpec.from_settings(settings)
-    embedding.preload(spec)  # overlaps the model's load with decoding and the database
-    data = read_query(path, settings)  # read once: decoded, stored, drawn
-    loaded = load_query(path, settings, crop, data=data)
-    with db.connect(settings) as conn:
-        db.check_schema(conn)
-        catalogue_model(conn, embedding.model_id(spec))
-        result = search_image(
-            conn,
-            embedding.load_embedder(spec),
-            loaded,
-            k=k,
-            manufacturer=manufacturer,
-            ef_search=settings.ef_search,
-            min_score=settings.min_score,
-            tta=settings.tta,
-            min_margin=settings.min_margin,
-        )
-        if save:
-            analysis_id = save_analysis(
-                conn,
-                result,
-                loaded.sha256,
-                query_path=str(path),
-                client_id=client_id,
-                storage_key=_store_query(settings, loaded.format, data),
-            )
-            result = replace(result, analysis_id=analysis_id)
-    if sheet_path is not None:
-        write_contact_sheet(settings, path, data, result, sheet_path)
-    return result
-
-
-def _store_query(settings: Settings, fmt: str, data: bytes) -> str:
-    """Keep the query with the analysis, de-identified, as the server does for uploads."""
-    return privacy.store_image(storage.open_store(settings), data, fmt, settings)

@@ -20,15 +20,15 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from raiox_cli import db, images
+from raiox_cli import analyses, db, images
 from raiox_cli.catalogue import pipeline
-from raiox_cli.clinics import privacy
+from raiox_cli.clinics import links, privacy
 from raiox_cli.config import Settings
 from raiox_cli.db import queries
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import EmptyCatalogue, ModelMismatch, RaioxError
 from raiox_cli.search import query as search
-from raiox_cli.server import download, i18n, logs, notify, pages, results
+from raiox_cli.server import download, i18n, logs, notify, results
 from raiox_cli.server.metrics import Metrics
 from raiox_cli.store.objects import Store
 
@@ -101,6 +101,7 @@ class Worker:
         self.policy = download.DownloadPolicy.from_settings(settings)
         self._connect = connect or (lambda: db.connect(settings))
         self.notifiers = notify.notifiers(settings)
+        self.channels = analyses.Channels.of(settings)  # what `finished` queues
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._finished = threading.Condition()
@@ -159,7 +160,7 @@ class Worker:
             try:
                 if conn is None or conn.closed:
                     conn = self._connect()
-                worked = self.run_jobs(conn) if self.batch > 1 else self.run_one_job(conn)
+                worked = self.run_jobs(conn)
                 if not worked and self.notifiers:
                     worked = self.send_one_notification(conn)
             except Exception as exc:  # the thread must outlive any one failure
@@ -177,52 +178,20 @@ class Worker:
 
     def run_one_job(self, conn: psycopg.Connection) -> bool:
         """Claim and run one due job; False when none was due."""
-        job = queries.claim_next_job(conn, lease_s=self.settings.job_lease_s)
-        conn.commit()
-        if job is None:
-            return False
-        claim = _Claim(job["id"], job["attempts"])
-        with self._lock:
-            self._running[claim.analysis_id] = claim
-        started = time.monotonic()
-        logs.event("job started", analysis_id=claim.analysis_id, attempt=claim.attempt)
-        try:
-            if claim.attempt > self.settings.job_max_attempts:
-                raise JobFailed(
-                    f"gave up after {claim.attempt - 1} attempts (the last one never finished)",
-                    transient=False,
-                )
-            self._process(conn, job, claim)
-            status = "done"
-        except Exception as exc:
-            conn.rollback()
-            status = self._record_failure(conn, claim, _classify(exc))
-        finally:
-            with self._lock:
-                self._running.pop(claim.analysis_id, None)
-        with self._finished:
-            self._finished.notify_all()
-        self.metrics.job_ended(status, claim.attempt, started)
-        logs.event(
-            "job " + status,
-            analysis_id=claim.analysis_id,
-            attempt=claim.attempt,
-            ms=round((time.monotonic() - started) * 1000),
-        )
-        return True
+        return self.run_jobs(conn, limit=1)
 
-    def run_jobs(self, conn: psycopg.Connection) -> bool:
-        """Claim up to `batch` due jobs (waiting BATCH_WAIT_S for more when fewer
-        are due), embed every orientation of all of them in one forward pass, ask the
-        database about all their vectors at once, then finish each job in its own
-        transaction. Results, notifications, leases and retries stay per job."""
-        lease = self.settings.job_lease_s
-        jobs = queries.claim_due_jobs(conn, lease_s=lease, limit=self.batch)
+    def run_jobs(self, conn: psycopg.Connection, limit: int | None = None) -> bool:
+        """Claim up to `limit` (default: `batch`) due jobs, waiting BATCH_WAIT_S for
+        more when fewer are due, embed every orientation of all of them in one forward
+        pass, ask the database about all their vectors at once, then finish each job in
+        its own transaction. Results, notifications, leases and retries stay per job."""
+        lease, limit = self.settings.job_lease_s, limit or self.batch
+        jobs = queries.claim_due_jobs(conn, lease_s=lease, limit=limit)
         conn.commit()
         if not jobs:
             return False
-        if len(jobs) < self.batch and not self._stopping.wait(BATCH_WAIT_S):
-            jobs += queries.claim_due_jobs(conn, lease_s=lease, limit=self.batch - len(jobs))
+        if len(jobs) < limit and not self._stopping.wait(BATCH_WAIT_S):
+            jobs += queries.claim_due_jobs(conn, lease_s=lease, limit=limit - len(jobs))
             conn.commit()
         claims = [_Claim(job["id"], job["attempts"]) for job in jobs]
         with self._lock:
@@ -309,20 +278,6 @@ class Worker:
             for result, loaded in zip(results, pictures, strict=True)
         ]
 
-    def _process(self, conn: psycopg.Connection, job: dict[str, Any], claim: _Claim) -> None:
-        loaded = self._load(conn, job, claim)
-        result = search.search_image(
-            conn,
-            self.embedder,
-            loaded,
-            k=TOP_K,
-            ef_search=self.settings.ef_search,
-            min_score=self.settings.min_score,
-            min_margin=self.settings.min_margin,
-            tta=self.settings.tta,
-        )
-        self._finish(conn, claim, result)
-
     def _load(
         self, conn: psycopg.Connection, job: dict[str, Any], claim: _Claim
     ) -> images.LoadedImage:
@@ -354,14 +309,7 @@ class Worker:
         if not queries.lock_claimed_job(conn, claim.analysis_id, claim.attempt):
             conn.rollback()
             raise JobFailed("lease lost to another worker", transient=True)
-        queries.finish_analysis(
-            conn,
-            claim.analysis_id,
-            model_id=result.model_id,
-            matches=result.matches,
-            trust=search.stored_trust(result),
-        )
-        self._request_notifications(conn, claim.analysis_id)
+        analyses.record_result(conn, claim.analysis_id, result, self.channels)
         conn.commit()
 
     def _record_failure(self, conn: psycopg.Connection, claim: _Claim, error: JobFailed) -> str:
@@ -379,30 +327,17 @@ class Worker:
                 error=message,
             )
             return "retrying"
-        failed = queries.fail_job(
-            conn, claim.analysis_id, claim.attempt, error=message, error_kind=error.kind
+        analyses.record_failure(
+            conn,
+            claim.analysis_id,
+            claim.attempt,
+            error=message,
+            kind=error.kind,
+            channels=self.channels,
         )
-        if failed:
-            self._request_notifications(conn, claim.analysis_id)
         conn.commit()
         logs.event("job error", logging.WARNING, analysis_id=claim.analysis_id, error=message)
         return "failed"
-
-    def _request_notifications(self, conn: psycopg.Connection, analysis_id: int) -> None:
-        """Queue a delivery on every configured channel that has someone to tell."""
-        recipients: dict[str, str | None] = {}
-        if "webhook" in self.notifiers:
-            # The clinic's own URL (clients add --notify-url) before RAIOX_NOTIFY_URL:
-            # a clinic's results go to the clinic, not to the operator.
-            url = queries.notify_url_of_analysis(conn, analysis_id)
-            if url or getattr(self.notifiers["webhook"], "url", None):
-                recipients["webhook"] = url
-        if "email" in self.notifiers:
-            address = queries.email_recipient(conn, analysis_id)
-            if address:
-                recipients["email"] = address
-        if recipients:
-            queries.request_notifications(conn, analysis_id, recipients)
 
     def send_one_notification(self, conn: psycopg.Connection) -> bool:
         due = queries.claim_next_notification(
@@ -453,6 +388,6 @@ class Worker:
                 self.settings.min_margin,
             )
         lang = i18n.preferred(view.get("lang"), self.settings.default_lang)
-        link = pages.result_link(self.settings, uuid.UUID(view["id"]))
+        link = links.result_link(self.settings, uuid.UUID(view["id"]))
         view["result_url"] = link[0] if link else None
         return notify.Finished(view, lang, link[1] if link else None)

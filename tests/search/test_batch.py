@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from raiox_cli import config
+from raiox_cli import analyses, config
 from raiox_cli.cli import app
 from raiox_cli.db import queries
 from raiox_cli.search import query as search
@@ -62,7 +62,7 @@ def test_batch_equals_single_searches_and_bad_files_are_reported(
     assert [a["path"] for a in answers] == queries_found  # input order, every good one
     assert f"{len(answers)} answered" in result.stderr and "2 failed" in result.stderr
     for answer in answers:
-        single = search.search_file(migrated, Path(answer["path"]), k=3)
+        single = analyses.search_file(migrated, Path(answer["path"]), k=3)
         expected = search.result_json(answer["path"], 3, single)
         got = {key: value for key, value in answer.items() if key not in ("path", "sha256")}
         assert [m["implant_id"] for m in got.pop("matches")] == [

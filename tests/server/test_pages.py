@@ -17,7 +17,7 @@ import pytest
 from raiox_cli import db
 from raiox_cli.clinics import keys as clients
 from raiox_cli.clinics import links
-from raiox_cli.server import pages
+from raiox_cli.server.routes import pages
 from tests.helpers.catalogue import Catalogue
 from tests.helpers.mail import Mailbox
 from tests.helpers.server import TOKEN, Site, running
@@ -211,7 +211,7 @@ def test_pending_page_refreshes_itself_and_expired_link(
             params={"token": TOKEN},
             json={"image_url": site.base + "/slow.png"},
         ).json()
-        path = pages.result_path(settings, uuid.UUID(accepted["id"]))
+        path = links.result_path(settings, uuid.UUID(accepted["id"]))
         context = browser.new_context(locale="pt-BR")
         page = context.new_page()
         page.goto(base + path)
@@ -231,7 +231,7 @@ def test_pending_page_refreshes_itself_and_expired_link(
             timeout=30,
         ).json()
         assert failed["status"] == "failed"
-        page.goto(base + pages.result_path(settings, uuid.UUID(failed["id"])))
+        page.goto(base + links.result_path(settings, uuid.UUID(failed["id"])))
         assert page.locator("h1").inner_text() == "Não foi possível analisar a radiografia"
         assert "Envie uma exportação JPEG, PNG ou DICOM" in page.locator(".alert").inner_text()
         assert "not a usable image" not in page.content()

@@ -11,13 +11,9 @@ the same 404 page whether or not the analysis exists, an expired one 410.
 
 from __future__ import annotations
 
-import datetime as dt
 import hmac
 import io
 import secrets
-import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +24,14 @@ from PIL import Image, ImageDraw, ImageOps
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from raiox_cli import images
+from raiox_cli import analyses, images
 from raiox_cli.clinics import feedback, keys, links
 from raiox_cli.config import Settings
 from raiox_cli.db import queries
 from raiox_cli.errors import EmptyCatalogue, ModelMismatch, RaioxError
 from raiox_cli.search import query as search
 from raiox_cli.server import i18n, logs
+from raiox_cli.server.deps import read_form, server_config, with_db
 
 KEY_COOKIE = "raiox_key"
 CSRF_COOKIE = "raiox_csrf"
@@ -47,7 +44,7 @@ FOUND = 20
 IMAGE_MAX_SIDE = 1200  # pixels: sharp on a phone, small on the wire
 CROP_COLOUR = (255, 59, 48)
 
-STATIC = Path(__file__).parent / "static"
+STATIC = Path(__file__).parent.parent / "static"
 
 router = APIRouter(include_in_schema=False)
 
@@ -59,13 +56,9 @@ class CsrfFailed(RaioxError):
 # --- rendering -------------------------------------------------------------------
 
 
-def _config(request: Request) -> Any:
-    return request.app.state.config
-
-
 def page_lang(request: Request) -> str:
     """?lang= (the switch), else the cookie the switch set, else Accept-Language."""
-    settings: Settings = _config(request).settings
+    settings: Settings = server_config(request).settings
     for choice in (request.query_params.get("lang"), request.cookies.get(LANG_COOKIE)):
         lang = i18n.supported(choice)
         if lang:
@@ -137,19 +130,6 @@ def message_page(request: Request, key: str, status: int) -> HTMLResponse:
 # --- helpers that every route shares ---------------------------------------------
 
 
-def _db(request: Request, fn: Callable[[psycopg.Connection], Any]) -> Any:
-    from raiox_cli.server.app import _with_db  # the app owns the pool
-
-    return _with_db(request, fn)
-
-
-async def _form(request: Request, limit: int) -> Any:
-    from raiox_cli.server.app import parse_form, read_body
-
-    body = await read_body(request, limit)
-    return await parse_form(request.headers, body)
-
-
 def check_csrf(request: Request, form: Any) -> None:
     cookie = request.cookies.get(CSRF_COOKIE, "")
     sent = form.get("csrf")
@@ -160,26 +140,6 @@ def check_csrf(request: Request, form: Any) -> None:
 def _clinic(request: Request, conn: psycopg.Connection) -> keys.Clinic | None:
     key = request.cookies.get(KEY_COOKIE)
     return keys.authenticate(conn, key) if key else None
-
-
-def link_key(settings: Settings) -> bytes:
-    return links.link_key(settings)
-
-
-def result_path(settings: Settings, public_id: uuid.UUID) -> str:
-    token = links.make(link_key(settings), public_id, settings.result_link_expires_s)
-    return f"/r/{token}"
-
-
-def result_link(settings: Settings, public_id: uuid.UUID) -> tuple[str, dt.datetime] | None:
-    """The signed link a notification carries and when it stops working; None
-    without RAIOX_PUBLIC_URL (the server cannot know the address people use)."""
-    if not settings.public_url:
-        return None
-    expires_at = int(time.time() + settings.result_link_expires_s)
-    token = links.sign(link_key(settings), public_id, expires_at)
-    when = dt.datetime.fromtimestamp(expires_at, dt.timezone.utc)
-    return f"{settings.public_url.rstrip('/')}/r/{token}", when
 
 
 IMAGE_ERRORS: list[tuple[type[Exception], str]] = [
@@ -210,7 +170,7 @@ def _seconds(row: dict[str, Any]) -> float | None:
 
 @router.get("/", response_class=HTMLResponse)
 async def home(request: Request) -> Response:
-    settings: Settings = _config(request).settings
+    settings: Settings = server_config(request).settings
 
     def load(conn: psycopg.Connection) -> tuple[keys.Clinic | None, list[dict[str, Any]]]:
         clinic = _clinic(request, conn)
@@ -218,7 +178,7 @@ async def home(request: Request) -> Response:
             return None, []
         return clinic, queries.list_analyses(conn, clinic_id=clinic.id, limit=HISTORY)
 
-    clinic, rows = await run_in_threadpool(_db, request, load)
+    clinic, rows = await run_in_threadpool(with_db, request, load)
     if clinic is None:
         return render(request, "signin.html", title_key="signin.title", error=None)
     return _upload_page(request, settings, clinic, rows)
@@ -239,7 +199,7 @@ def _upload_page(
             "when": t.when(row["created_at"]),
             "status": row["status"],
             "top": row.get("top_implant"),
-            "url": result_path(settings, row["public_id"]),
+            "url": links.result_path(settings, row["public_id"]),
         }
         for row in rows
     ]
@@ -256,7 +216,7 @@ def _upload_page(
 
 @router.post("/signin")
 async def signin(request: Request) -> Response:
-    form = await _form(request, FORM_LIMIT)
+    form = await read_form(request, FORM_LIMIT)
     check_csrf(request, form)
     # Wrong keys count against the address like the API's (429 past the limit).
     limiter, address = request.app.state.limiter, request.client.host if request.client else "-"
@@ -264,7 +224,7 @@ async def signin(request: Request) -> Response:
     key = form.get("key")
     key = key.strip() if isinstance(key, str) else ""
     clinic = await run_in_threadpool(
-        _db, request, lambda conn: keys.authenticate(conn, key) if key else None
+        with_db, request, lambda conn: keys.authenticate(conn, key) if key else None
     )
     if clinic is None:
         await run_in_threadpool(limiter.failed, address)
@@ -281,7 +241,7 @@ async def signin(request: Request) -> Response:
 
 @router.post("/signout")
 async def signout(request: Request) -> Response:
-    form = await _form(request, FORM_LIMIT)
+    form = await read_form(request, FORM_LIMIT)
     check_csrf(request, form)
     response = RedirectResponse("/", status_code=303)
     response.delete_cookie(KEY_COOKIE, path="/", secure=True, httponly=True, samesite="lax")
@@ -307,9 +267,9 @@ def _crop(form: Any) -> images.Crop | None:
 @router.post("/submit")
 async def submit(request: Request) -> Response:
     """The upload form: store the X-ray, queue it, answer with its result page."""
-    config = _config(request)
+    config = server_config(request)
     settings: Settings = config.settings
-    form = await _form(request, settings.server_max_bytes)
+    form = await read_form(request, settings.server_max_bytes)
     check_csrf(request, form)
     t = i18n.Translator(page_lang(request))
     part = form.get("file")
@@ -327,12 +287,7 @@ async def submit(request: Request) -> Response:
         if not data:
             return refuse("error.no_file")
         try:
-            loaded = images.load_image(
-                data,
-                max_pixels=settings.max_pixels,
-                max_bytes=settings.server_max_bytes,
-                crop=_crop(form),
-            )
+            loaded = analyses.load_upload(settings, data, crop=_crop(form))
             search.catalogue_model(conn, config.embedder.model_id)
         except images.BadCrop:
             return refuse("error.bad_crop")
@@ -341,27 +296,23 @@ async def submit(request: Request) -> Response:
             return refuse(image_error_key(exc))
         except (EmptyCatalogue, ModelMismatch):
             return refuse("error.catalogue")
-        from raiox_cli.clinics import privacy
-
-        # Only a de-identified copy is stored (privacy.py); it decodes to the same pixels.
-        key = privacy.store_image(config.store, data, loaded.format, settings)
-        analysis_id, _ = queries.create_analysis(
+        analysis_id = analyses.accept_upload(
             conn,
-            source="upload",
+            config.store,
+            settings,
+            data,
+            loaded,
             clinic_id=clinic.id,
             client_id=clinic.name,
-            image_sha256=loaded.sha256,
-            storage_key=key,
             lang=t.lang,
-            crop=loaded.crop_box,
         )
         row = queries.get_analysis(conn, analysis_id)
         conn.commit()
         request.state.analysis_id = row["public_id"]
         logs.audit("create", client=clinic.name, analysis=row["public_id"], via="page")
-        return RedirectResponse(result_path(settings, row["public_id"]), status_code=303)
+        return RedirectResponse(links.result_path(settings, row["public_id"]), status_code=303)
 
-    response = await run_in_threadpool(_db, request, record)
+    response = await run_in_threadpool(with_db, request, record)
     if request.state.analysis_id is not None:
         request.app.state.worker.wake()
     return response
@@ -375,7 +326,7 @@ def _analysis_for_token(
 ) -> dict[str, Any] | Response:
     """The analysis a genuine token opens, or the not-found / expired page."""
     try:
-        public_id = links.verify(link_key(_config(request).settings), token)
+        public_id = links.verify(links.link_key(server_config(request).settings), token)
     except links.LinkExpired:
         return message_page(request, "error.gone", 410)
     except links.LinkInvalid:
@@ -462,7 +413,7 @@ def result_view(
 
 @router.get("/r/{token}", response_class=HTMLResponse)
 async def result_page(request: Request, token: str, q: str | None = None) -> Response:
-    settings: Settings = _config(request).settings
+    settings: Settings = server_config(request).settings
     t = i18n.Translator(page_lang(request))
     query = (q or "").strip()[:100] or None
 
@@ -473,7 +424,7 @@ async def result_page(request: Request, token: str, q: str | None = None) -> Res
         logs.audit("page", client="result link", analysis=row["public_id"])
         return result_view(conn, settings, row, t, f"/r/{token}", query)
 
-    view = await run_in_threadpool(_db, request, load)
+    view = await run_in_threadpool(with_db, request, load)
     if isinstance(view, Response):
         return view
     return render(
@@ -490,9 +441,9 @@ async def result_page(request: Request, token: str, q: str | None = None) -> Res
 @router.post("/r/{token}/confirm")
 async def confirm(request: Request, token: str) -> Response:
     """A confirm button: record through feedback.confirm, then show the page again."""
-    form = await _form(request, FORM_LIMIT)
+    form = await read_form(request, FORM_LIMIT)
     check_csrf(request, form)
-    settings: Settings = _config(request).settings
+    settings: Settings = server_config(request).settings
     t = i18n.Translator(page_lang(request))
     implant = form.get("implant")
     implant_key = implant.strip() if isinstance(implant, str) and implant.strip() else None
@@ -523,7 +474,7 @@ async def confirm(request: Request, token: str) -> Response:
         )
         return RedirectResponse(f"/r/{token}#confirm", status_code=303)
 
-    answer = await run_in_threadpool(_db, request, record)
+    answer = await run_in_threadpool(with_db, request, record)
     if isinstance(answer, Response):
         return answer
     return render(
@@ -557,7 +508,7 @@ def _display(data: bytes, crop: list[int] | None) -> bytes:
 async def result_image(request: Request, token: str, which: str) -> Response:
     """The query (which=query) or a match's reference image (which=rank), through
     the same signed token as the page: no other link to the stored objects."""
-    store = _config(request).store
+    store = server_config(request).store
 
     def load(conn: psycopg.Connection) -> Response:
         row = _analysis_for_token(request, conn, token)
@@ -577,4 +528,4 @@ async def result_image(request: Request, token: str, which: str) -> Response:
             headers={"cache-control": "private, max-age=3600"},
         )
 
-    return await run_in_threadpool(_db, request, load)
+    return await run_in_threadpool(with_db, request, load)
