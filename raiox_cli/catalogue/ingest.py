@@ -142,8 +142,11 @@ class ModelHandle:
         if self.registered:
             return
         embedder = self.get()
-        if queries.get_model(conn, self.model_id) is None:
-            queries.register_model(conn, self.model_id, embedder.dim, embedder.preprocess_version)
+        weights = embedding.weights_file(self.spec)  # recorded: followed when unconfigured
+        if weights is not None or queries.get_model(conn, self.model_id) is None:
+            queries.register_model(
+                conn, self.model_id, embedder.dim, embedder.preprocess_version, weights=weights
+            )
         if self.activate and queries.active_model(conn) is None:
             queries.activate_model(conn, self.model_id)
         self.registered = True

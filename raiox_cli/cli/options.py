@@ -8,6 +8,10 @@ Two kinds:
   where `settings` stands in the signature. A command's own option named like a
   Settings field (search's --tta, eval's --min-score) joins the same resolution and
   still reaches the command.
+
+A command that loads the model from the database's catalogue follows the weights
+file the catalogue recorded (raiox adapt --apply) when none of --model, --pretrained,
+--weights and their variables is set.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -141,6 +146,20 @@ ClientFilter = Annotated[
 _FIELDS = frozenset(f.name for f in dataclasses.fields(config.Settings))
 
 
+_MODEL_CHOICE = {
+    f.name: f.metadata["env"]
+    for f in dataclasses.fields(config.Settings)
+    if f.name in {"model", "pretrained", "weights"}
+}
+
+
+def _model_configured(given: dict[str, Any]) -> bool:
+    """Whether an option or a variable chose the model (else the catalogue's is followed)."""
+    return any(
+        given.get(name) is not None or os.environ.get(env) for name, env in _MODEL_CHOICE.items()
+    )
+
+
 def settings(*names: str) -> Callable[[F], F]:
     """Give the command the settings options `names` and one resolved Settings.
 
@@ -174,11 +193,19 @@ def settings(*names: str) -> Callable[[F], F]:
         if "settings" not in signature.parameters:
             raise TypeError(f"{fn.__name__} takes no `settings` parameter")
 
+        follows = "database_url" in names and "model" in {*names, *own}
+
         @functools.wraps(fn)
         def run(**kwargs: Any) -> Any:
             given = {name: kwargs.pop(name) for name in names}
             given.update({name: kwargs[name] for name in own})
-            return fn(settings=config.resolve(**given), **kwargs)
+            resolved = config.resolve(**given)
+            if follows and not _model_configured(given):
+                # start-up time: the database and hashing modules, only when run
+                from raiox_cli.catalogue import active
+
+                resolved = active.follow_recorded_weights(resolved)
+            return fn(settings=resolved, **kwargs)
 
         run.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
         run.__annotations__ = {p.name: p.annotation for p in parameters}

@@ -33,6 +33,7 @@ from raiox_cli.embedding.base import (
     forward_observers,
     model_id,
     warn_if_random,
+    weights_file,
 )
 from raiox_cli.embedding.preprocess import PREPROCESS_VERSION
 from raiox_cli.embedding.torch import (
@@ -67,6 +68,7 @@ __all__ = [
     "resolve_backend",
     "resolve_device",
     "warn_if_random",
+    "weights_file",
 ]
 
 log = logging.getLogger(__name__)

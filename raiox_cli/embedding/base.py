@@ -58,6 +58,14 @@ class ModelSpec:
         return self.weights is None and self.pretrained.lower() in {"none", "random", ""}
 
 
+def weights_file(spec: ModelSpec) -> tuple[str, str] | None:
+    """(absolute path, sha256) of the local weights file spec loads, if it loads one:
+    what the catalogue records to follow it when nothing else is configured."""
+    if spec.weights is None:
+        return None
+    return str(spec.weights.resolve()), checkpoints.file_sha256(spec.weights)
+
+
 def model_id(spec: ModelSpec) -> str:
     """The id recorded with every embedding; computed without loading the model."""
     if spec.weights is not None:

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -374,6 +375,45 @@ def test_apply_switches_while_another_process_searches(
     )
     assert search.exit_code == 0, search.output
     assert json.loads(search.stdout)["model_id"] == report["model_id"]
+
+
+@pytest.mark.training
+def test_after_apply_search_and_cron_follow_the_recorded_weights(
+    trained: dict, synthetic: synth.SynthInfo, pg_server_url: str, tmp_path: Path
+) -> None:
+    """After adapt --apply, search and reindex need no RAIOX_MODEL/RAIOX_WEIGHTS: they
+    follow the weights file the catalogue recorded, and refuse with the reason when it
+    is changed or missing. A model chosen explicitly still wins."""
+    env = {**trained["env"], "RAIOX_DATABASE_URL": _new_database(pg_server_url)}
+    _ingested(env, synthetic)
+    run = tmp_path / "run"  # a copy of the finished run: this test alters its weights
+    shutil.copytree(trained["out"], run)
+    args = [a if a != str(trained["out"]) else str(run) for a in trained["args"]]
+    applied = runner.invoke(app, [*args, "--apply", "--json"], env=env)
+    assert applied.exit_code == 0, applied.output
+    report = json.loads(applied.stdout)
+    assert report["applied"] and Path(report["weights"]).parent == run
+    bare = {**env, "RAIOX_MODEL": None, "RAIOX_PRETRAINED": None}  # None: unset
+    query = str(synthetic.query_files[0])
+    found = runner.invoke(app, ["search", query, "--json"], env=bare)
+    assert found.exit_code == 0, found.output
+    assert json.loads(found.stdout)["model_id"] == report["model_id"]
+    cron = runner.invoke(app, ["reindex", "--json"], env=bare)
+    assert cron.exit_code == 0, cron.output
+    assert json.loads(cron.stdout)["model_id"] == report["model_id"]
+    chosen = runner.invoke(app, ["search", query], env=env)  # RAIOX_MODEL/PRETRAINED set
+    assert chosen.exit_code == 5 and "differs from the catalogue's" in chosen.stderr
+
+    weights = Path(report["weights"])
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    changed = runner.invoke(app, ["search", query], env=bare)
+    assert changed.exit_code == 4, changed.output
+    assert f"loads {weights}, which changed since it was recorded" in changed.stderr
+    weights.unlink()
+    missing = runner.invoke(app, ["reindex"], env=bare)
+    assert missing.exit_code == 4, missing.output
+    assert f"loads {weights} (recorded by raiox adapt --apply" in missing.stderr
+    assert "which is missing" in missing.stderr and "RAIOX_WEIGHTS" in missing.stderr
 
 
 @pytest.mark.training

@@ -50,14 +50,32 @@ def active_model(conn: psycopg.Connection) -> ModelRow | None:
 
 
 def register_model(
-    conn: psycopg.Connection, model_id: str, dim: int, preprocess_ver: int
+    conn: psycopg.Connection,
+    model_id: str,
+    dim: int,
+    preprocess_ver: int,
+    *,
+    weights: tuple[str, str] | None = None,
 ) -> ModelRow:
-    """Record a model and create its HNSW index (a partial index over its rows)."""
+    """Record a model and create its HNSW index (a partial index over its rows);
+    `weights`, (path, sha256) of the local file it was loaded from, is kept current."""
     index_name = index_name_for(model_id)
+    path, sha256 = weights or (None, None)
     conn.execute(
-        """INSERT INTO models (model_id, dim, preprocess_ver, index_name)
-           VALUES (%(m)s, %(dim)s, %(pv)s, %(ix)s) ON CONFLICT (model_id) DO NOTHING""",
-        {"m": model_id, "dim": dim, "pv": preprocess_ver, "ix": index_name},
+        """INSERT INTO models (model_id, dim, preprocess_ver, index_name, weights_path,
+                               weights_sha256)
+           VALUES (%(m)s, %(dim)s, %(pv)s, %(ix)s, %(path)s, %(sha)s)
+           ON CONFLICT (model_id) DO UPDATE
+           SET weights_path = coalesce(excluded.weights_path, models.weights_path),
+               weights_sha256 = coalesce(excluded.weights_sha256, models.weights_sha256)""",
+        {
+            "m": model_id,
+            "dim": dim,
+            "pv": preprocess_ver,
+            "ix": index_name,
+            "path": path,
+            "sha": sha256,
+        },
     )
     model = get_model(conn, model_id)
     assert model is not None
@@ -73,6 +91,23 @@ def register_model(
         )
     )
     return model
+
+
+@dataclass(frozen=True)
+class ModelWeights:
+    model_id: str
+    path: str
+    sha256: str
+
+
+def active_model_weights(conn: psycopg.Connection) -> ModelWeights | None:
+    """The weights file the active model was loaded from, when it was a local file."""
+    row = conn.execute(
+        """SELECT m.model_id, m.weights_path, m.weights_sha256
+           FROM settings s JOIN models m ON m.model_id = s.value
+           WHERE s.key = 'active_model' AND m.weights_path IS NOT NULL"""
+    ).fetchone()
+    return ModelWeights(*row) if row else None
 
 
 def activate_model(conn: psycopg.Connection, model_id: str) -> None:
