@@ -428,6 +428,16 @@ class Settings:
             default_doc="unset: keep everything",
         ),
     )
+    # An object is stored before its row is written; younger orphans may still get one.
+    orphan_grace_s: float = field(
+        default=86400.0,
+        metadata=setting(
+            "RAIOX_ORPHAN_GRACE_S",
+            CLINICS,
+            "`raiox reindex` removes stored images no row refers to once they are older than"
+            " this many seconds (younger ones are only reported)",
+        ),
+    )
     metrics_port: int = field(
         default=0,
         metadata=setting(

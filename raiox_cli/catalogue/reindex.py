@@ -37,6 +37,7 @@ from raiox_cli.config import Settings
 from raiox_cli.db import queries
 from raiox_cli.errors import ModelMismatch, ModelUnavailable, RaioxError
 from raiox_cli.store import objects as storage
+from raiox_cli.store import orphans
 
 PAGE = 1000  # images fetched per query when filling in missing embeddings
 
@@ -54,6 +55,7 @@ class ReindexReport:
     failed: list[Failure] = field(default_factory=list)
     model_loaded: bool = False
     purged: dict[str, Any] | None = None  # RAIOX_RETENTION_DAYS applied (retention.purge)
+    orphans: dict[str, Any] | None = None  # objects no row names (store/orphans.py)
     onnx_export: str | None = None  # the ONNX backend's export folder, when it runs the model
     elapsed_s: float = 0.0
 
@@ -129,6 +131,12 @@ def reindex(
         report.model_loaded = model.loaded
         if settings.retention_days is not None:
             report.purged = _apply_retention(conn, settings)
+        if store:
+            conn.commit()  # the sweep reads what every other writer committed
+            found = orphans.sweep(
+                conn, storage.open_store(settings), grace_s=settings.orphan_grace_s
+            )
+            report.orphans = found.to_dict()
     # Export (outside the writer lock) now, so the morning's first search does not.
     try:
         report.onnx_export = embedding.prepare_backend(model.spec)

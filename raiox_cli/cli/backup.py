@@ -29,21 +29,35 @@ def backup_(
             "compare every table's rows and every object's sha256 with its manifest",
         ),
     ] = False,
+    objects_to: Annotated[
+        str | None,
+        typer.Option(
+            "--objects-to",
+            help="copy the image store's objects to this second location, a folder or "
+            "s3://BUCKET, kept across backups: only objects not there yet are copied",
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOut = False,
     *,
     settings: config.Settings,
 ) -> None:
     """Back up the database and the image store into a new folder: pg_dump (custom
-    format, one consistent snapshot while the server keeps working), the local
-    objects (or, for S3, a list of keys with their sha256) and manifest.json
+    format, one consistent snapshot while the server keeps working), the objects
+    (into the folder; with --objects-to, incrementally into a second location; an
+    S3 store without it: a list of keys with their sha256) and manifest.json
     (versions, row counts, checksums). Exit 1 when something does not match.
 
     Examples: raiox backup /var/backups/raiox/2026-11-27
+              raiox backup /var/backups/raiox/2026-11-28 --objects-to s3://raiox-copies
               raiox backup --verify /var/backups/raiox/2026-11-27
     """
     from raiox_cli.store import backup as core
 
-    report = core.verify(path) if verify else core.backup(settings, path)
+    if verify:
+        report = core.verify(path, settings)
+    else:
+        report = core.backup(settings, path, objects_to=objects_to)
     _print_backup("verified" if verify else "backed up into", report, json_out)
 
 

@@ -299,10 +299,17 @@ class Worker:
             # The embedding below comes from these pixels; only a de-identified copy is
             # stored (privacy.py), and it decodes to the same pixels for a retry.
             key = privacy.store_image(self.store, fetched.data, loaded.format, self.settings)
-            queries.record_analysis_image(
+            recorded = queries.record_analysis_image(
                 conn, claim.analysis_id, sha256=loaded.sha256, storage_key=key
             )
             conn.commit()  # a retry reads the stored copy instead of downloading again
+            if not recorded:
+                # Deleted while downloading. The object is not removed here: another
+                # row may be naming the same content-addressed object right now; the
+                # orphan sweep (store/orphans.py) removes it after its grace period.
+                raise JobFailed(
+                    "the analysis was deleted while its image downloaded", transient=False
+                )
         return loaded
 
     def _finish(self, conn: psycopg.Connection, claim: _Claim, result: search.SearchResult) -> None:

@@ -4,8 +4,11 @@ A backup is a folder:
   manifest.json    versions, the dump's sha256, every table's row count and
                    fingerprint, every stored object's key, size and sha256
   database.dump    pg_dump custom format of the whole database
-  objects/         the local image store's files (absent for S3: the manifest
-                   lists the bucket's keys instead; objects there are not copied)
+  objects/         the local image store's files, unless --objects-to names a
+                   second location (a folder or s3://bucket) that keeps copies
+                   across backups: each backup copies only the objects not there
+                   yet (keys are sha256: same key, same bytes). Without it an S3
+                   store's backup lists the bucket's keys and copies nothing.
 
 Consistency while the server keeps taking requests: one REPEATABLE READ
 transaction exports its snapshot; pg_dump dumps exactly that snapshot
@@ -40,6 +43,7 @@ from raiox_cli.db import embedded, queries
 from raiox_cli.errors import RaioxError, SchemaError, UsageError
 from raiox_cli.files import CHUNK, sha256_of
 from raiox_cli.store import objects as storage
+from raiox_cli.store import orphans
 
 FORMAT = "raiox-backup"
 FORMAT_VERSION = 1
@@ -70,6 +74,9 @@ class Report:
     dump_bytes: int = 0
     problems: list[str] = field(default_factory=list)
     migrated: list[str] = field(default_factory=list)
+    copied: int = 0  # objects copied to the second location this time (--objects-to)
+    already_copied: int = 0  # objects the second location held already
+    orphaned: int = 0  # objects in the backup no row of its dump refers to (--verify)
 
     @property
     def rows(self) -> int:
@@ -85,6 +92,9 @@ class Report:
             "objects": self.objects,
             "object_bytes": self.object_bytes,
             "migrated": self.migrated,
+            "copied": self.copied,
+            "already_copied": self.already_copied,
+            "orphaned": self.orphaned,
             "problems": self.problems,
             "ok": not self.problems,
         }
@@ -190,8 +200,20 @@ def _versions(conn: psycopg.Connection) -> dict[str, Any]:
 # --- backup -------------------------------------------------------------------------
 
 
-def backup(settings: Settings, out: Path) -> Report:
-    """Write a backup folder at `out` (which must not exist, or be empty)."""
+def open_copies(where: str, settings: Settings) -> storage.Store:
+    """The second location for object copies: s3://bucket (the storage settings'
+    endpoint and credentials) or a local folder."""
+    if where.startswith("s3://"):
+        bucket = where[len("s3://") :].strip("/")
+        if not bucket or "/" in bucket:
+            raise UsageError(f"--objects-to {where}: name a whole bucket, s3://BUCKET")
+        return storage.S3Store(bucket, endpoint=settings.s3_endpoint, region=settings.s3_region)
+    return storage.LocalStore(Path(where).expanduser().resolve())
+
+
+def backup(settings: Settings, out: Path, *, objects_to: str | None = None) -> Report:
+    """Write a backup folder at `out` (which must not exist, or be empty); with
+    objects_to, copy the objects that are not there yet to that second location."""
     started = time.monotonic()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} already exists and is not empty; choose a new folder")
@@ -200,7 +222,7 @@ def backup(settings: Settings, out: Path) -> Report:
     partial.mkdir(parents=True)
     report = Report(out)
     try:
-        _write(settings, partial, report)
+        _write(settings, partial, report, objects_to)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # never leave half a backup behind
         raise
@@ -211,7 +233,7 @@ def backup(settings: Settings, out: Path) -> Report:
     return report
 
 
-def _write(settings: Settings, partial: Path, report: Report) -> None:
+def _write(settings: Settings, partial: Path, report: Report, objects_to: str | None) -> None:
     url = db.database_url(settings)
     with db._connect_raw(url) as conn:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -225,7 +247,10 @@ def _write(settings: Settings, partial: Path, report: Report) -> None:
         report.tables = _fingerprints(conn)
         conn.rollback()
     report.dump_bytes = (partial / DUMP).stat().st_size
-    objects = _backup_objects(settings, partial, report)
+    if objects_to:
+        objects = _copy_objects(settings, objects_to, report)
+    else:
+        objects = _backup_objects(settings, partial, report)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -262,6 +287,37 @@ def _backup_objects(settings: Settings, folder: Path, report: Report) -> dict[st
     report.objects = len(items)
     report.object_bytes = sum(item["bytes"] for item in items)
     return {"store": kind, "where": store.describe(), "count": len(items), "items": items}
+
+
+def _copy_objects(settings: Settings, objects_to: str, report: Report) -> dict[str, Any]:
+    """Incremental: only the objects the second location lacks (or holds at another
+    size) are read and written; each is checked against its key's sha256 on the way."""
+    store = storage.open_store(settings)
+    copies = open_copies(objects_to, settings)
+    there = {o.key: o.size for o in orphans.list_objects(copies)}
+    items: list[dict[str, Any]] = []
+    for obj in orphans.list_objects(store):
+        sha256 = obj.key.rsplit("/", 1)[1]
+        if there.get(obj.key) == obj.size:
+            report.already_copied += 1
+        else:
+            try:
+                copies.put(sha256, store.get(obj.key))
+            except storage.StorageError as exc:
+                report.problems.append(f"{obj.key}: not copied ({exc})")
+                continue
+            report.copied += 1
+        items.append({"key": obj.key, "sha256": sha256, "bytes": obj.size})
+    report.objects = len(items)
+    report.object_bytes = sum(item["bytes"] for item in items)
+    kind = "s3" if isinstance(store, storage.S3Store) else "local"
+    return {
+        "store": kind,
+        "where": store.describe(),
+        "copies": {"to": objects_to, "where": copies.describe()},
+        "count": len(items),
+        "items": items,
+    }
 
 
 # --- reading a backup ---------------------------------------------------------------
@@ -360,9 +416,18 @@ def _restore_objects(
     settings: Settings, store: Any, folder: Path, objects: dict[str, Any], report: Report
 ) -> list[str]:
     problems = []
+    copies = open_copies(objects["copies"]["to"], settings) if objects.get("copies") else None
     for item in objects["items"]:
         key = item["key"]
-        if objects["store"] == "local" and not isinstance(store, storage.S3Store):
+        if copies is not None:
+            if not store.exists(key):
+                try:
+                    store.put(item["sha256"], copies.get(key))
+                except storage.StorageError as exc:
+                    problems.append(f"{key}: not restored from {copies.describe()} ({exc})")
+                    continue
+            size = item["bytes"]
+        elif objects["store"] == "local" and not isinstance(store, storage.S3Store):
             sha256, size = _copy_hashing(folder / OBJECTS / key, settings.storage_dir / key)
             if sha256 != item["sha256"]:
                 problems.append(f"{key}: the backup's copy hashes to {sha256}")
@@ -383,9 +448,11 @@ def _restore_objects(
 # --- verify -------------------------------------------------------------------------
 
 
-def verify(folder: Path) -> Report:
+def verify(folder: Path, settings: Settings | None = None) -> Report:
     """Restore into a throwaway embedded server; compare every table's row count and
-    fingerprint and every object's sha256 with the manifest."""
+    fingerprint and every object's sha256 with the manifest (in the backup folder,
+    or in the second location its objects were copied to); count the objects no
+    row of the dump refers to (orphans the nightly sweep would remove)."""
     started = time.monotonic()
     manifest = _read_manifest(folder)
     report = Report(folder, tables=manifest["database"]["tables"])
@@ -397,11 +464,18 @@ def verify(folder: Path) -> Report:
         try:
             _restore_dump(folder, url, manifest)
             report.problems += _check_tables(url, manifest)
+            with db._connect_raw(url) as conn:
+                referenced = queries.referenced_storage_keys(conn)
         finally:
             embedded.leave(pgdata)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     objects = manifest["objects"]
+    report.orphaned = sum(1 for item in objects["items"] if item["key"] not in referenced)
+    if objects.get("copies"):
+        report.problems += _verify_copies(objects, settings, report)
+        report.elapsed_s = time.monotonic() - started
+        return report
     for item in objects["items"]:
         report.objects += 1
         report.object_bytes += item["bytes"]
@@ -414,3 +488,23 @@ def verify(folder: Path) -> Report:
             report.problems.append(f"{item['key']} does not match its sha256")
     report.elapsed_s = time.monotonic() - started
     return report
+
+
+def _verify_copies(objects: dict[str, Any], settings: Settings | None, report: Report) -> list[str]:
+    """Every object the manifest lists is in the second location, and its bytes hash
+    to its key (each one is read: that is what makes the copy a backup)."""
+    from raiox_cli import config
+
+    copies = open_copies(objects["copies"]["to"], settings or config.resolve())
+    problems = []
+    for item in objects["items"]:
+        report.objects += 1
+        report.object_bytes += item["bytes"]
+        try:
+            data = copies.get(item["key"])
+        except storage.ObjectNotFound:
+            problems.append(f"{item['key']} is missing from {copies.describe()}")
+            continue
+        if hashlib.sha256(data).hexdigest() != item["sha256"]:
+            problems.append(f"{item['key']} in {copies.describe()} does not match its sha256")
+    return problems

@@ -198,12 +198,15 @@ def lock_claimed_job(conn: psycopg.Connection, analysis_id: int, attempt: int) -
 
 def record_analysis_image(
     conn: psycopg.Connection, analysis_id: int, *, sha256: str, storage_key: str
-) -> None:
-    conn.execute(
+) -> bool:
+    """Name the stored image on its analysis; False when the analysis is gone (deleted
+    while its image downloaded: the object is left to the orphan sweep)."""
+    row = conn.execute(
         """UPDATE analyses SET image_sha256 = %(sha)s, storage_key = %(key)s, updated_at = now()
-           WHERE id = %(a)s""",
+           WHERE id = %(a)s RETURNING id""",
         {"a": analysis_id, "sha": sha256, "key": storage_key},
-    )
+    ).fetchone()
+    return row is not None
 
 
 def retry_job(

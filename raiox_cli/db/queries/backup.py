@@ -43,3 +43,13 @@ def reset_public_schema(conn: psycopg.Connection) -> None:
     """Drop everything in the public schema (the vector extension included)."""
     conn.execute("DROP SCHEMA IF EXISTS public CASCADE")
     conn.execute("CREATE SCHEMA public")
+
+
+def referenced_storage_keys(conn: psycopg.Connection) -> set[str]:
+    """Every object key a row names (analyses and catalogue images): what the
+    orphan sweep must keep."""
+    rows = conn.execute(
+        """SELECT storage_key FROM analyses WHERE storage_key IS NOT NULL
+           UNION SELECT storage_key FROM implant_images WHERE storage_key IS NOT NULL"""
+    ).fetchall()
+    return {r[0] for r in rows}
