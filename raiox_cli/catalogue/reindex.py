@@ -33,6 +33,7 @@ from raiox_cli.catalogue.ingest import (
     writer_lock,
 )
 from raiox_cli.catalogue.pipeline import Writer, run_pipeline, worker_count
+from raiox_cli.clinics import retention
 from raiox_cli.config import Settings
 from raiox_cli.db import queries
 from raiox_cli.errors import ModelMismatch, ModelUnavailable, RaioxError
@@ -73,8 +74,6 @@ class ReindexReport:
 
 def _apply_retention(conn: psycopg.Connection, settings: Settings) -> dict[str, Any]:
     """Purge analyses older than RAIOX_RETENTION_DAYS (cron's nightly run)."""
-    from raiox_cli.clinics import retention
-
     days = settings.retention_days or 0
     purged = retention.purge(conn, storage.open_store(settings), older_than_s=days * 86400.0)
     return purged.to_dict()

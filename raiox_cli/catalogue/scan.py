@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from raiox_cli import images
 from raiox_cli.errors import RaioxError, UsageError
+from raiox_cli.store.objects import Bucket, ObjectNotFound
 
 if TYPE_CHECKING:
     from raiox_cli.config import Settings
-    from raiox_cli.store.objects import Bucket
-
 _SPACES = re.compile(r"\s+")
 
 
@@ -115,8 +115,6 @@ class FolderRoot:
         return str(self.path / rel)
 
     def read(self, rel: str, max_bytes: int) -> bytes:
-        from raiox_cli import images
-
         return images.read_bytes(self.path / rel, max_bytes)
 
     def read_optional(self, name: str) -> bytes | None:
@@ -170,8 +168,6 @@ class BucketRoot:
         return self.bucket.read(self._key(rel), max_bytes)
 
     def read_optional(self, name: str) -> bytes | None:
-        from raiox_cli.store.objects import ObjectNotFound
-
         try:
             return self.bucket.read(self._key(name), 64 * 1024 * 1024)
         except ObjectNotFound:
@@ -199,8 +195,6 @@ def open_root(root: str | Path | Root, settings: Settings | None = None) -> Root
     text = str(root)
     if not text.startswith(S3_SCHEME):
         return FolderRoot(Path(text).expanduser().resolve())
-    from raiox_cli.store.objects import Bucket
-
     name, _, prefix = text[len(S3_SCHEME) :].partition("/")
     if not name:
         raise CatalogueError(f"{text}: name the bucket, as in s3://bucket/catalogue")

@@ -21,12 +21,14 @@ from typing import Any
 
 import psycopg
 
-from raiox_cli import utc
+from raiox_cli import db, utc
 from raiox_cli.catalogue import implants
 from raiox_cli.catalogue.implants import UnknownImplant as UnknownImplant  # callers catch it here
 from raiox_cli.config import Settings
 from raiox_cli.db import queries
 from raiox_cli.errors import RaioxError, UsageError
+from raiox_cli.images import sniff_format
+from raiox_cli.store import objects as storage
 
 MAX_NOTE = 2000  # characters; the table's CHECKs hold the same bounds
 MAX_CLIENT_ID = 200
@@ -216,8 +218,6 @@ def confirm_analysis(
     client_id: str | None = None,
 ) -> Confirmation:
     """`raiox confirm`: check the arguments, record, commit."""
-    from raiox_cli import db
-
     if (implant_key is None) == (not not_in_catalogue):
         raise BadConfirmation(
             "give the implant's key (raiox confirm ID KEY) or --not-in-catalogue, not both"
@@ -259,8 +259,6 @@ def _folder_name(text: str | None, fallback: str) -> str:
 
 
 def _suffix(data: bytes) -> str:
-    from raiox_cli.images import sniff_format
-
     fmt = sniff_format(data[:256]) or ""
     return {
         "JPEG": ".jpg",
@@ -350,9 +348,6 @@ def export_labels_to(
     settings: Settings, out: Path, *, since: datetime | None = None, client: str | None = None
 ) -> ExportReport:
     """`raiox export-labels`: the configured database and image store."""
-    from raiox_cli import db
-    from raiox_cli.store import objects as storage
-
     store = storage.open_store(settings)
     with db.connect(settings) as conn:
         db.check_schema(conn)

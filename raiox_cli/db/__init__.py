@@ -14,7 +14,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 
 from raiox_cli.config import Settings
-from raiox_cli.db import queries
+from raiox_cli.db import embedded, queries
 from raiox_cli.errors import DatabaseUnavailable, SchemaError
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,6 @@ def embedded_url(pgdata: Path) -> str:
     """Start (or join) the embedded PostgreSQL for this data folder; return its URL.
 
     This process holds it until it exits; the last holder stops it (embedded.py)."""
-    from raiox_cli.db import embedded
-
     return embedded.join(pgdata)
 
 
@@ -225,8 +223,6 @@ class Status:
 
 def status(settings: Settings) -> Status:
     """Inspect the database without starting the embedded server or joining it."""
-    from raiox_cli.db import embedded
-
     state = None if settings.database_url else embedded.inspect(settings.pgdata_dir)
     url = settings.database_url or (state.url if state else None)
     versions: dict[str, Any] = {}

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from raiox_cli import embedding, images
+from raiox_cli import db, embedding, images
 from raiox_cli.catalogue.reindex import original_bytes
 from raiox_cli.config import Settings
 from raiox_cli.db import queries
@@ -340,8 +340,6 @@ def calibrate_source(
     load_embedder: Callable[[], embedding.Embedder] | None = None,
 ) -> CalibrateReport:
     """`raiox calibrate`: gather queries with known answers, fit, store with the model."""
-    from raiox_cli import db
-
     calibrate.check_rate("--target", target)
     calibrate.check_rate("--false-alarm", false_alarm)
     if source not in (*SOURCES, "auto"):
@@ -402,8 +400,6 @@ def calibrate_source(
 
 def show(settings: Settings) -> calibrate.Calibration:
     """`raiox calibrate --show`: the active model's latest calibration."""
-    from raiox_cli import db
-
     with db.connect(settings) as conn:
         db.check_schema(conn)
         model = queries.active_model(conn)
@@ -421,8 +417,6 @@ def refit_stale(settings: Settings) -> dict[str, Any] | None:
     """The nightly reindex: when a model was ever calibrated and the active model's
     calibration is missing or stale (a model switch), refit it from the best source
     there is (auto, with the previous target). None when nothing needed it."""
-    from raiox_cli import db
-
     with db.connect(settings) as conn:
         model = queries.active_model(conn)
         if model is None or not queries.calibrations_exist(conn):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from raiox_cli.config import Settings
 from raiox_cli.errors import RaioxError
 from raiox_cli.files import atomic_write
+from raiox_cli.images import check_size, sniff_format
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
@@ -215,8 +216,6 @@ def _reopen_s3_store(
 
 
 def _content_type(data: bytes) -> str | None:
-    from raiox_cli.images import sniff_format
-
     fmt = sniff_format(data[:256])
     return {
         "JPEG": "image/jpeg",
@@ -312,8 +311,6 @@ class Bucket:
     def read(self, key: str, max_bytes: int) -> bytes:
         """The object's bytes; refused unread when it is over `max_bytes`."""
         from botocore.exceptions import BotoCoreError, ClientError
-
-        from raiox_cli.images import check_size
 
         try:
             response = self.client.get_object(Bucket=self.name, Key=key)

@@ -28,7 +28,7 @@ import numpy as np
 
 from raiox_cli import embedding
 from raiox_cli.catalogue import pipeline
-from raiox_cli.catalogue.engines import row_of
+from raiox_cli.catalogue.engines.base import row_of
 from raiox_cli.config import Settings
 from raiox_cli.errors import RaioxError, UsageError
 
