@@ -179,6 +179,7 @@ def adapt(
     same validation splits (else exit 1 with both results, unless --force).
     Example: raiox adapt --labels ./confirmed --max-minutes 60 --apply
     """
+    # lazy: start-up time
     from raiox_cli.training import adapt as core
 
     options = core.AdaptOptions(

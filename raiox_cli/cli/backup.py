@@ -52,6 +52,7 @@ def backup_(
               raiox backup /var/backups/raiox/2026-11-28 --objects-to s3://raiox-copies
               raiox backup --verify /var/backups/raiox/2026-11-27
     """
+    # lazy: start-up time
     from raiox_cli.store import backup as core
 
     if verify:
@@ -78,6 +79,7 @@ def restore(
 
     Example: RAIOX_HOME=/var/lib/raiox raiox restore /var/backups/raiox/2026-11-27
     """
+    # lazy: start-up time
     from raiox_cli.store import backup as core
 
     _print_backup("restored", core.restore(settings, path, force=force), json_out)

@@ -61,6 +61,7 @@ def render_models(
 
     Example: raiox render implants/ --out renders --views 12x3 && raiox ingest renders
     """
+    # lazy: start-up time
     from raiox_cli.catalogue import render as core
 
     turns, tilts = core.parse_views(views)

@@ -70,6 +70,7 @@ def calibrate(
     --target/--source or labels naming unknown implants, 5/6 as search.
     Example: raiox calibrate --target 0.9 --labels ./labelled-xrays
     """
+    # lazy: start-up time
     from raiox_cli.search import calibration_data as core
 
     if show:

@@ -21,6 +21,7 @@ from raiox_cli.cli.options import (
     settings,
 )
 from raiox_cli.cli.render import err, note, out, print_failures, print_json, progress_bar, say
+from raiox_cli.errors import ModelUnavailable
 
 app = group()
 
@@ -32,8 +33,8 @@ def init_db(*, settings: config.Settings) -> None:
 
     Example: raiox init-db --database-url postgresql://raiox@db.example/raiox
     """
+    # lazy: start-up time
     from raiox_cli import db, embedding
-    from raiox_cli.errors import ModelUnavailable
 
     report = db.migrate(settings)
     if report.applied:
@@ -96,6 +97,7 @@ def ingest(
     stderr), 2 when PATH is not a catalogue folder, 75 when another ingest/reindex
     is running. Example: raiox ingest ./catalogue --prune --json
     """
+    # lazy: start-up time
     from raiox_cli.catalogue import ingest as core
 
     options = core.IngestOptions(prune=prune, dry_run=dry_run, store=not no_store, wait=wait)
@@ -137,6 +139,7 @@ def reindex(
     problems go to stderr with exit 1; 75 when another writer runs.
     Example (crontab): 17 3 * * * raiox reindex --json >> /var/log/raiox-reindex.log
     """
+    # lazy: start-up time
     from raiox_cli.catalogue import reindex as core
     from raiox_cli.search import calibration_data
 
@@ -196,6 +199,7 @@ def embed(
     Bad files get one line each on stderr and exit code 1; the good ones are still
     output. Example: raiox embed xray1.jpg xray2.dcm --crop 0.5,0,0.5,1.0 --out vectors.npy
     """
+    # lazy: start-up time
     from raiox_cli import embedding
     from raiox_cli.images import parse_crop
 

@@ -27,6 +27,7 @@ app = group(
 @contextlib.contextmanager
 def database(settings: config.Settings) -> Iterator[Any]:
     """A connection to a database whose schema is up to date."""
+    # lazy: start-up time
     from raiox_cli import db
 
     with db.connect(settings) as conn:
@@ -68,6 +69,7 @@ def add(
 
     Example: KEY=$(raiox clinics add sorriso-sp --email dr@sorriso.example)
     """
+    # lazy: start-up time
     from raiox_cli.clinics import keys
 
     with database(settings) as conn:
@@ -82,6 +84,7 @@ def list_(json_out: JsonOut = False, *, settings: config.Settings) -> None:
 
     Example: raiox clinics list --json
     """
+    # lazy: start-up time
     from raiox_cli.clinics import keys
 
     with database(settings) as conn:
@@ -122,6 +125,7 @@ def rotate(
 
     Example: raiox clinics rotate sorriso-sp --grace 2h
     """
+    # lazy: start-up time
     from raiox_cli.clinics import keys
 
     grace_s = config.parse_duration(grace, what="--grace")
@@ -143,6 +147,7 @@ def revoke(
 
     Example: raiox clinics revoke sorriso-sp
     """
+    # lazy: start-up time
     from raiox_cli.clinics import keys
 
     with database(settings) as conn:

@@ -24,6 +24,7 @@ def status(json_out: JsonOut = False, *, settings: config.Settings) -> None:
 
     Example: raiox db status --json
     """
+    # lazy: start-up time
     from raiox_cli import db
 
     report = db.status(settings)
@@ -77,6 +78,7 @@ def stop(
 
     Example: raiox db stop
     """
+    # lazy: start-up time
     from raiox_cli.db import embedded
 
     settings = config.resolve()

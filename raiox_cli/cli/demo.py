@@ -52,6 +52,7 @@ def demo(
 
     Example: raiox demo --pretrained none
     """
+    # lazy: start-up time
     from raiox_cli.catalogue import demo as core
 
     _print_demo(core.run_demo(settings, out_dir, systems=systems, rendered=rendered))

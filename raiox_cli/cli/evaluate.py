@@ -69,6 +69,7 @@ def eval_(
     was right and when it was wrong. "Not in the catalogue" confirmations are
     counted apart. Example: raiox eval --confirmed --since 2026-01-01 --client clinic-42
     """
+    # lazy: start-up time
     from raiox_cli.search import evaluate
 
     if confirmed == (queries is not None):

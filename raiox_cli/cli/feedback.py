@@ -60,6 +60,7 @@ def confirm(
       raiox confirm 43 --not-in-catalogue --note "Neodent Helix GM, not catalogued"
       raiox confirm 5f0c6a2e-8d1b-4c7e-9a53-2b6f1d0e7c41 straumann/blx --json
     """
+    # lazy: start-up time
     from raiox_cli.clinics import feedback
 
     try:
@@ -112,6 +113,7 @@ def export_labels(
 
     Example: raiox export-labels ./confirmed --since 2026-01-01 && raiox eval ./confirmed
     """
+    # lazy: start-up time
     from raiox_cli.clinics import feedback
 
     report = feedback.export_labels_to(settings, out_dir, since=since, client=client)

@@ -47,6 +47,7 @@ def implants(
     """
     if ctx.invoked_subcommand is not None:
         return
+    # lazy: start-up time
     from raiox_cli.catalogue import implants as core
 
     with database(settings) as conn:
@@ -104,6 +105,7 @@ def show(
 
     Example: raiox implants show "straumann/bone level/blx 4.5x10"
     """
+    # lazy: start-up time
     from raiox_cli.catalogue import implants as core
 
     with database(settings) as conn:

@@ -36,6 +36,7 @@ def purge(
 
     Example: raiox purge --older-than 90d --client sorriso-sp --dry-run
     """
+    # lazy: start-up time
     from raiox_cli.clinics import keys, retention
     from raiox_cli.store import objects
 

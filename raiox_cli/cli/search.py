@@ -116,6 +116,7 @@ def search(
     Example: raiox search pano.jpg --crop 820,400,300,420 -k 5 --sheet out.png
     Example: raiox search ./archive --from more.csv --out answers.jsonl
     """
+    # lazy: start-up time
     from raiox_cli import analyses, images
     from raiox_cli.search import batch as batch_search
     from raiox_cli.search import query as core
@@ -153,6 +154,7 @@ def _search_batch(
     progress: bool,
 ) -> None:
     """`raiox search` over many X-rays: JSON lines out, failures and a summary on stderr."""
+    # lazy: start-up time
     from raiox_cli.search import batch as batch_search
 
     if sheet is not None:

@@ -42,6 +42,7 @@ import struct
 import zlib
 from typing import TYPE_CHECKING, Any
 
+from raiox_cli.clinics import links
 from raiox_cli.config import Settings
 from raiox_cli.images import ImageError
 
@@ -129,8 +130,6 @@ def dicom_seed(settings: Settings) -> str:
     """Seeds dicognito from the server secret: the same original UID gets the same
     replacement in every process (series stay together), and nobody without the
     secret can recompute the mapping."""
-    from raiox_cli.clinics import links
-
     return links.derive_key(links.server_secret(settings), "dicom-uids").hex()
 
 
