@@ -37,7 +37,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from raiox_cli import __version__, db
+from raiox_cli import __version__, config, db
 from raiox_cli.config import Settings
 from raiox_cli.db import embedded, queries
 from raiox_cli.errors import RaioxError, SchemaError, UsageError
@@ -493,8 +493,6 @@ def verify(folder: Path, settings: Settings | None = None) -> Report:
 def _verify_copies(objects: dict[str, Any], settings: Settings | None, report: Report) -> list[str]:
     """Every object the manifest lists is in the second location, and its bytes hash
     to its key (each one is read: that is what makes the copy a backup)."""
-    from raiox_cli import config
-
     copies = open_copies(objects["copies"]["to"], settings or config.resolve())
     problems = []
     for item in objects["items"]:
