@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from raiox_cli import db
+from raiox_cli import db, embedding
 from raiox_cli.config import Settings
 from raiox_cli.errors import UsageError
 from raiox_cli.lifecycle import Terminated
@@ -18,6 +18,7 @@ from raiox_cli.server import logs
 from raiox_cli.server.app import check_auth_configured, create_app
 from raiox_cli.server.deps import SHUTDOWN_GRACE_S, ServerConfig
 from raiox_cli.server.worker import BATCH
+from raiox_cli.store import objects as storage
 
 
 def _graceful_server(config: Any) -> Any:
@@ -68,11 +69,8 @@ def _load(
     insecure_no_auth: bool,
     batch: int,
 ) -> Any:
-    # Here, not at the top: the model's and the storage client's imports are slow.
+    # Here, not at the top: uvicorn's import is slow and only serving needs it.
     import uvicorn
-
-    from raiox_cli import embedding
-    from raiox_cli.store import objects as storage
 
     check_auth_configured(settings, insecure_no_auth)
     if worker_threads < 1:
