@@ -26,6 +26,12 @@ def say(text: str) -> None:
     out.print(text, highlight=False)
 
 
+def prose(text: str) -> None:
+    """A sentence on stdout, folded at the terminal's width between words (80 columns
+    must not cut one); data lines (keys, paths, JSON) are never folded."""
+    out.print(text, highlight=False, markup=False, soft_wrap=False)
+
+
 def note(text: str) -> None:
     """One line on stderr, as written."""
     err.print(text, markup=False, highlight=False)
@@ -94,9 +100,9 @@ def print_matches(title: str, result: Any) -> None:
     if not result.matches:
         out.print("no implants found")
     for line in trust_lines(result):
-        out.print(line, highlight=False, markup=False)
+        prose(line)
     if result.matches and not result.confident:
-        out.print(
+        prose(
             f"no confident match: best score {result.matches[0].score:.3f} is below "
             f"{result.min_score:g} (--min-score); treat the list as suggestions"
         )
