@@ -15,6 +15,10 @@ DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "torch", "onnx")
+# fp32; int8 (ONNX Runtime, CPU: the image tower quantised behind a parity gate);
+# fp16/bf16 (torch on a CUDA GPU, autocast); auto: int8 on a CPU when the gate
+# passes, else fp32, and fp16 on a CUDA GPU.
+PRECISIONS = ("fp32", "int8", "fp16", "bf16", "auto")
 ENGINES = ("local", "ray")
 
 
@@ -125,6 +129,17 @@ class Settings:
             MODEL,
             "who runs the model: `onnx` (ONNX Runtime on the CPU, no torch import), `torch`, or "
             "`auto` (ONNX Runtime on a CPU, torch on a CUDA GPU)",
+        ),
+    )
+    precision: str = field(
+        default="fp32",
+        metadata=setting(
+            "RAIOX_PRECISION",
+            MODEL,
+            "the model's numbers: `fp32`; `int8` (ONNX Runtime on a CPU, the image tower "
+            "quantised behind a parity gate; part of the model id, `...@int8`); `fp16` or "
+            "`bf16` (torch autocast on a CUDA GPU); `auto` (int8 where the gate lets it, else "
+            "fp32; fp16 on a CUDA GPU)",
         ),
     )
     batch_size: int = field(
@@ -595,6 +610,10 @@ def resolve(env: Mapping[str, str] | None = None, **options: Any) -> Settings:
         raise UsageError(f"device {settings.device!r} is not one of {', '.join(DEVICES)}")
     if settings.backend not in BACKENDS:
         raise UsageError(f"RAIOX_BACKEND={settings.backend!r} is not one of {', '.join(BACKENDS)}")
+    if settings.precision not in PRECISIONS:
+        raise UsageError(
+            f"RAIOX_PRECISION={settings.precision!r} is not one of {', '.join(PRECISIONS)}"
+        )
     if settings.engine not in ENGINES:
         raise UsageError(f"engine {settings.engine!r} is not one of {', '.join(ENGINES)}")
     if not 0 < settings.ray_gpus_per_actor <= 64 or settings.ray_actors < 0:

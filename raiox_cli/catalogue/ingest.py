@@ -204,7 +204,15 @@ def ingest_catalogue(
     with writer_lock(settings, wait=options.wait, command="ingest") as conn:
         active = queries.active_model(conn)
         if active is not None and active.model_id != model.model_id:
-            name, _, tag = active.model_id.partition(":")
+            theirs = embedding.parse_model_id(active.model_id)
+            ours = embedding.parse_model_id(model.model_id)
+            if (theirs.name, theirs.tag) == (ours.name, ours.tag):
+                raise ModelMismatch(
+                    f"the catalogue is embedded with {active.model_id}, not {model.model_id}; "
+                    f"ingest with RAIOX_PRECISION={theirs.precision}, or switch the whole "
+                    f'catalogue with "raiox reindex --precision {ours.precision}"'
+                )
+            name, tag = theirs.name, theirs.tag
             raise ModelMismatch(
                 f"the catalogue is embedded with {active.model_id}, not {model.model_id}; "
                 f"ingest with --model {name} --pretrained {tag}, or switch the whole "
@@ -256,7 +264,9 @@ class FilePrep:
             return Prepared("failed", f, reason=row["error"])
         try:
             key = (  # de-identified copy (privacy.py); embedded from the original pixels
-                privacy.store_image(self.store, row["data"], row["format"], self.settings)
+                privacy.store_image(
+                    self.store, row["data"], row["format"], self.settings, sha256=sha
+                )
                 if self.store is not None
                 else None
             )

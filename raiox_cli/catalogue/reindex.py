@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from raiox_cli import embedding
+from raiox_cli import embedding, images
 from raiox_cli.catalogue import pipeline
 from raiox_cli.catalogue import scan as catalogue
 from raiox_cli.catalogue.ingest import (
@@ -36,6 +36,7 @@ from raiox_cli.catalogue.pipeline import Writer, run_pipeline, worker_count
 from raiox_cli.clinics import retention
 from raiox_cli.config import Settings
 from raiox_cli.db import queries
+from raiox_cli.embedding import precision
 from raiox_cli.errors import ModelMismatch, ModelUnavailable, RaioxError
 from raiox_cli.store import objects as storage
 from raiox_cli.store import orphans
@@ -87,14 +88,20 @@ def target_spec(
     spec = embedding.ModelSpec.from_settings(settings)
     if switch or active is None or embedding.model_id(spec) == active.model_id:
         return spec
-    name, _, tag = active.model_id.partition(":")
-    if tag.startswith("file:"):
+    recorded = embedding.parse_model_id(active.model_id)
+    if recorded.from_file:
         raise ModelMismatch(
             f"the catalogue's model {active.model_id} was loaded from a local file; set "
-            f"RAIOX_MODEL={name} and RAIOX_WEIGHTS to that file, or switch models with "
+            f"RAIOX_MODEL={recorded.name} and RAIOX_WEIGHTS to that file, or switch models with "
             '"raiox reindex --model ..."'
         )
-    return replace(spec, name=name, pretrained=tag, weights=None)
+    return replace(
+        spec,
+        name=recorded.name,
+        pretrained=recorded.tag,
+        weights=None,
+        precision=recorded.precision,
+    )
 
 
 def reindex(
@@ -111,7 +118,9 @@ def reindex(
     start = time.perf_counter()
     with writer_lock(settings, wait=wait, command="reindex") as conn:
         active = queries.active_model(conn)
-        model = ModelHandle(target_spec(settings, active, switch), activate=active is None)
+        spec = target_spec(settings, active, switch)
+        _prepare_int8(conn, settings, spec)
+        model = ModelHandle(spec, activate=active is None)
         report = ReindexReport(model.model_id, active.model_id if active else None)
         options = IngestOptions(prune=True, store=store)
         for path in queries.catalogue_root_paths(conn):
@@ -239,6 +248,39 @@ def _embed_missing(
     finally:
         writer.close()
     return embedded
+
+
+def _prepare_int8(conn: psycopg.Connection, settings: Settings, spec: embedding.ModelSpec) -> None:
+    """Quantise the int8 model now, on the catalogue's own images (the parity gate),
+    when int8 is asked for or auto may choose it; auto takes a refusal as fp32."""
+    if spec.precision not in ("int8", "auto"):
+        return
+    int8 = replace(spec, precision="int8")
+    if (
+        spec.precision == "auto"
+        and embedding.resolve_backend(replace(spec, precision="fp32")) != "onnx"
+    ):
+        return
+    try:
+        embedding.prepare_backend(int8, samples=lambda: gate_samples(conn, settings))
+    except embedding.PrecisionRefused:
+        if spec.precision == "int8":
+            raise
+
+
+def gate_samples(conn: psycopg.Connection, settings: Settings) -> list[precision.Sample]:
+    """The catalogue's images for the int8 parity gate (one per implant first);
+    images whose bytes cannot be found or decoded are left out."""
+    store = storage.open_store(settings)
+    samples = []
+    for row in queries.sample_images(conn, limit=precision.MAX_SAMPLES):
+        try:
+            data = original_bytes(row, settings, store)
+            image = images.load_image(data, max_pixels=settings.max_pixels, sha256=row["sha256"])
+        except RaioxError:
+            continue
+        samples.append(precision.Sample(row["implant_key"], image.image))
+    return samples
 
 
 def _describe(row: dict[str, Any]) -> str:

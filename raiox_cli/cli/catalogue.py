@@ -14,6 +14,7 @@ from raiox_cli.cli.options import (
     JsonOut,
     Model,
     NoStore,
+    Precision,
     Pretrained,
     ShowProgress,
     Wait,
@@ -123,6 +124,7 @@ def reindex(
     model: Model = None,
     pretrained: Pretrained = None,
     weights: Weights = None,
+    precision: Precision = None,
     no_store: NoStore = False,
     wait: Wait = False,
     progress: ShowProgress = False,
@@ -133,7 +135,7 @@ def reindex(
     """Nightly upkeep: re-ingest every catalogue folder with --prune, embed images
     missing the active model's embedding, keep the index valid.
 
-    --model/--pretrained/--weights switch the catalogue to that model: search keeps
+    --model/--pretrained/--weights/--precision switch the catalogue to that model: search keeps
     answering from the old one until every image has the new embedding, then the
     switch is one transaction. Silent on success when not on a terminal (cron);
     problems go to stderr with exit 1; 75 when another writer runs.
@@ -143,7 +145,7 @@ def reindex(
     from raiox_cli.catalogue import reindex as core
     from raiox_cli.search import calibration_data
 
-    switch = any(option is not None for option in (model, pretrained, weights))
+    switch = any(option is not None for option in (model, pretrained, weights, precision))
     with progress_bar(progress) as bar:
         report = core.reindex(settings, switch=switch, wait=wait, store=not no_store, progress=bar)
     refit = calibration_data.refit_stale(settings)  # after a model switch: trust again

@@ -71,6 +71,14 @@ Backend = Annotated[
         show_default=False,
     ),
 ]
+Precision = Annotated[
+    str | None,
+    typer.Option(
+        help="the model's numbers: fp32, int8 (ONNX Runtime on a CPU, behind a parity gate), "
+        "fp16 or bf16 (CUDA), or auto [env RAIOX_PRECISION; default fp32]",
+        show_default=False,
+    ),
+]
 BatchSize = Annotated[
     int | None,
     typer.Option(

@@ -41,6 +41,8 @@ class ModelSpec:
     # spec built directly, as tests and adapt do, runs torch unless it says otherwise).
     backend: str = "torch"
     home: Path | None = None
+    # config.PRECISIONS; "auto" is made concrete by the chooser (embedding.resolve).
+    precision: str = "fp32"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelSpec:
@@ -51,6 +53,7 @@ class ModelSpec:
             settings.device,
             settings.backend,
             settings.home,
+            settings.precision,
         )
 
     @property
@@ -66,15 +69,46 @@ def weights_file(spec: ModelSpec) -> tuple[str, str] | None:
     return str(spec.weights.resolve()), checkpoints.file_sha256(spec.weights)
 
 
+# The model id's suffix for a precision whose vectors differ from fp32's enough to
+# matter: int8's (mean cosine to fp32 ~0.99) do. fp16/bf16 autocast's do not (cosine
+# >= 0.999 to fp32), and a catalogue built on a GPU must stay searchable on a CPU,
+# so they share fp32's id.
+PRECISION_SUFFIX = {"int8": "@int8"}
+
+
 def model_id(spec: ModelSpec) -> str:
-    """The id recorded with every embedding; computed without loading the model."""
+    """The id recorded with every embedding; computed without loading the model.
+    spec.precision must be concrete (not "auto")."""
+    if spec.precision == "auto":
+        raise ValueError("model_id needs a concrete precision: resolve the spec first")
+    suffix = PRECISION_SUFFIX.get(spec.precision, "")
     if spec.weights is not None:
         if not spec.weights.is_file():
             raise ModelUnavailable(f"RAIOX_WEIGHTS file {spec.weights} does not exist")
-        return f"{spec.name}:file:{checkpoints.file_sha256(spec.weights)[:16]}"
+        return f"{spec.name}:file:{checkpoints.file_sha256(spec.weights)[:16]}{suffix}"
     if spec.random:
-        return f"{spec.name}:none"
-    return f"{spec.name}:{spec.pretrained}"
+        return f"{spec.name}:none{suffix}"
+    return f"{spec.name}:{spec.pretrained}{suffix}"
+
+
+@dataclass(frozen=True)
+class ParsedModelId:
+    name: str
+    tag: str  # the pretrained tag, "none", or "file:<sha256 prefix>"
+    precision: str  # "fp32" for every precision that shares fp32's id
+
+    @property
+    def from_file(self) -> bool:
+        return self.tag.startswith("file:")
+
+
+def parse_model_id(model_id: str) -> ParsedModelId:
+    """A recorded model id back into its parts (the inverse of model_id)."""
+    name, _, tag = model_id.partition(":")
+    for precision, suffix in PRECISION_SUFFIX.items():
+        if tag.endswith(suffix):
+            return ParsedModelId(name, tag[: -len(suffix)], precision)
+    return ParsedModelId(name, tag, "fp32")
 
 
 _warned_random: set[str] = set()

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from raiox_cli.embedding import precision
 from raiox_cli.embedding import preprocess as preprocessing
 from raiox_cli.embedding import torch as torch_runtime
 from raiox_cli.embedding.base import Embedding, ModelSpec, model_id, observed
@@ -175,9 +176,17 @@ def is_exported(spec: ModelSpec, home: Path) -> bool:
     return cached_export(cache_dir(home, mid), mid) is not None
 
 
-def ensure_export(spec: ModelSpec, home: Path, *, embedder: TorchEmbedder | None = None) -> Export:
+def ensure_export(
+    spec: ModelSpec,
+    home: Path,
+    *,
+    embedder: TorchEmbedder | None = None,
+    samples: precision.SampleSource | None = None,
+) -> Export:
     """The verified export of spec's model under home, exporting it when missing,
-    stale or corrupt (with torch: loads the model once, unless `embedder` is given)."""
+    stale or corrupt (with torch: loads the model once, unless `embedder` is given).
+    An int8 spec's export is quantised from the fp32 one, through the parity gate on
+    `samples` (synthetic implant radiographs when None)."""
     mid = model_id(spec)
     folder = cache_dir(home, mid)
     found = cached_export(folder, mid)
@@ -187,6 +196,9 @@ def ensure_export(spec: ModelSpec, home: Path, *, embedder: TorchEmbedder | None
         found = cached_export(folder, mid)  # another process may have just built it
         if found is not None:
             return found
+        if spec.precision == "int8":
+            source = ensure_export(replace(spec, precision="fp32"), home, embedder=embedder)
+            return _quantise(spec, source, folder, samples)
         return _export(spec, folder, embedder)
 
 
@@ -194,7 +206,7 @@ def _export(spec: ModelSpec, folder: Path, embedder: TorchEmbedder | None) -> Ex
     started = time.perf_counter()
     if embedder is None:
         # Exported on the CPU (the ONNX backend runs there), not kept in the torch cache.
-        embedder = torch_runtime.load(replace(spec, device="cpu"))
+        embedder = torch_runtime.load(replace(spec, device="cpu", precision="fp32"))
     config = getattr(embedder.preprocessor, "config", None)
     if not isinstance(config, PreprocessConfig):
         raise ExportError(
@@ -241,6 +253,104 @@ def _export(spec: ModelSpec, folder: Path, embedder: TorchEmbedder | None) -> Ex
         folder,
     )
     return Export(folder, meta)
+
+
+def refusal_path(folder: Path) -> Path:
+    """Where a refused int8 model's figures are kept (beside its would-be folder), so
+    RAIOX_PRECISION=auto does not quantise again in every process."""
+    return folder.parent / f".{folder.name}.refused.json"
+
+
+def refusal(spec: ModelSpec, home: Path) -> dict[str, Any] | None:
+    """The parity gate's refusal of spec's int8 model, if one is on record for the
+    fp32 export it would be quantised from now."""
+    folder = cache_dir(home, model_id(spec))
+    try:
+        record = json.loads(refusal_path(folder).read_text())
+        source = json.loads(
+            (cache_dir(home, model_id(replace(spec, precision="fp32"))) / META_FILE).read_text()
+        )
+    except (OSError, ValueError):
+        return None
+    same = record.get("source_sha256") == source["files"][DATA_FILE]["sha256"]
+    return record if same else None
+
+
+def _quantise(
+    spec: ModelSpec, source: Export, folder: Path, samples: precision.SampleSource | None
+) -> Export:
+    """Quantise the fp32 export into `folder`, or refuse (PrecisionRefused) with the
+    parity gate's figures."""
+    started = time.perf_counter()
+    mid = model_id(spec)
+    found = samples() if samples is not None else []
+    kind = "catalogue"
+    if len({s.label for s in found}) < precision.TOP_K + 1:
+        found, kind = precision.synthetic_samples(), "synthetic"
+    found = list(found)[: precision.MAX_SAMPLES]
+    preprocessor = Preprocess(source.preprocess_config)
+    pixels = np.stack([preprocessor(sample.image) for sample in found])
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        method = precision.quantise(source.model_path, tmp / MODEL_FILE, pixels)
+        _externalise(tmp / MODEL_FILE)
+        reference = _run(new_session(source.model_path), pixels)
+        quantised = _run(new_session(tmp / MODEL_FILE), pixels)
+        figures = precision.parity(
+            reference,
+            quantised,
+            [sample.label for sample in found],
+            source=kind,
+            judge_agreement=not spec.random,
+        )
+        if not figures.passed:
+            with contextlib.suppress(OSError):
+                atomic_write_json(
+                    refusal_path(folder),
+                    {
+                        "model_id": mid,
+                        "parity": figures.to_dict(),
+                        "source_sha256": source.meta["files"][DATA_FILE]["sha256"],
+                    },
+                )
+            raise precision.PrecisionRefused(
+                f"int8 refused for {source.meta['model_id']}: {figures.describe()}; "
+                "keep RAIOX_PRECISION=fp32"
+            )
+        for path in tmp.iterdir():
+            path.chmod(0o644)
+        tmp.chmod(0o755)
+        meta = {
+            **source.meta,
+            "model_id": mid,
+            "precision": "int8",
+            "quantisation": method,
+            "parity": figures.to_dict(),
+            "source_sha256": source.meta["files"][DATA_FILE]["sha256"],
+            "files": {name: _file_record(tmp / name) for name in FILES},
+        }
+        atomic_write_json(tmp / META_FILE, meta)
+        (tmp / META_FILE).chmod(0o644)
+        _replace_folder(tmp, folder)
+        refusal_path(folder).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.warning(
+        "quantised %s to int8 in %.1f s (%s); later runs start from %s",
+        source.meta["model_id"],
+        time.perf_counter() - started,
+        figures.describe(),
+        folder,
+    )
+    return Export(folder, meta)
+
+
+def _run(session: Any, pixels: np.ndarray) -> np.ndarray:
+    """Unit vectors of a batch, in runs of RUN_CHUNK images."""
+    parts = np.array_split(pixels, range(RUN_CHUNK, len(pixels), RUN_CHUNK))
+    return _normalise(
+        np.concatenate([session.run(None, {"pixels": np.ascontiguousarray(p)})[0] for p in parts])
+    )
 
 
 def _file_record(path: Path) -> dict[str, Any]:
@@ -402,13 +512,7 @@ class OnnxEmbedder(Embedding):
         # One forward at a time: each already uses every core (intra-op threads).
         with self._lock:
             started = time.perf_counter()
-            features = np.concatenate(
-                [
-                    self.session.run(None, {"pixels": np.ascontiguousarray(part)})[0]
-                    for part in np.array_split(batch, range(RUN_CHUNK, len(batch), RUN_CHUNK))
-                ]
-            )
-            vectors = _normalise(features)
+            vectors = _run(self.session, batch)
             self._embedded += len(batch)
             if self._embedded >= PREPACK_AFTER and not self.prepacked:
                 self._prepack()

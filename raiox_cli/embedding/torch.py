@@ -24,7 +24,7 @@ from raiox_cli.embedding.preprocess import (
     PreprocessConfig,
     UnsupportedPreprocessing,
 )
-from raiox_cli.errors import ModelUnavailable
+from raiox_cli.errors import ModelUnavailable, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 RANDOM_SEED = 20240601
 HUB_PROBE_TIMEOUT_S = 3.0
 HUB_HOST = "huggingface.co"
+# The precisions torch runs through CUDA autocast (torch dtype names); fp32 runs as is.
+AUTOCAST = {"fp16": "float16", "bf16": "bfloat16"}
 
 OFFLINE_FIXES = (
     "connect to the network once to cache them, or set RAIOX_WEIGHTS=/path/to/checkpoint "
@@ -79,7 +81,8 @@ class TorchEmbedder(Embedding):
                 if not pixels.is_pinned():
                     pixels = pixels.pin_memory()
                 pixels = pixels.to(self.device, non_blocking=True)
-                with torch.autocast("cuda", dtype=torch.float16):
+                half = AUTOCAST.get(self.spec.precision)
+                with torch.autocast("cuda", dtype=getattr(torch, half), enabled=half is not None):
                     features = self.model.encode_image(pixels)
             else:
                 features = self.model.encode_image(pixels)
@@ -149,6 +152,13 @@ def load(spec: ModelSpec) -> TorchEmbedder:
             f"unknown model {spec.name!r}; see open_clip.list_models() (e.g. ViT-B-32)"
         )
     device = resolve_device(spec.device)
+    if spec.precision in AUTOCAST and not device.startswith("cuda"):
+        raise UsageError(
+            f"RAIOX_PRECISION={spec.precision} runs on a CUDA GPU; on a CPU use fp32, "
+            "or int8 on ONNX Runtime"
+        )
+    if spec.precision not in ("fp32", *AUTOCAST):
+        raise UsageError(f"torch runs fp32, fp16 or bf16, not {spec.precision}")
     checkpoint = _checkpoint_path(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)  # random weights are the same in every process

@@ -25,7 +25,7 @@ from raiox_cli.catalogue import pipeline
 from raiox_cli.catalogue.pipeline import ORIENTATIONS
 from raiox_cli.config import Settings
 from raiox_cli.db import queries
-from raiox_cli.embedding import Embedder
+from raiox_cli.embedding import Embedder, parse_model_id
 from raiox_cli.errors import EmptyCatalogue, ModelMismatch, UnreadableQuery
 from raiox_cli.images import Crop, LoadedImage
 from raiox_cli.search import calibrate, sheet
@@ -64,10 +64,16 @@ def catalogue_model(conn: psycopg.Connection, wanted_model_id: str) -> queries.M
     if model is None or not queries.model_has_embeddings(conn, model.model_id):
         raise EmptyCatalogue('the catalogue is empty; run "raiox ingest PATH" first')
     if model.model_id != wanted_model_id:
-        name, _, pretrained = model.model_id.partition(":")
+        theirs, ours = parse_model_id(model.model_id), parse_model_id(wanted_model_id)
+        if (theirs.name, theirs.tag) == (ours.name, ours.tag):  # the same model, in int8 or not
+            raise ModelMismatch(
+                f"model {wanted_model_id} differs from the catalogue's {model.model_id} in "
+                f"precision; search with RAIOX_PRECISION={theirs.precision} or run "
+                f'"raiox reindex --precision {ours.precision}"'
+            )
         raise ModelMismatch(
             f"model {wanted_model_id} differs from the catalogue's {model.model_id}; search with "
-            f'--model {name} --pretrained {pretrained} or run "raiox reindex --model ..."'
+            f'--model {theirs.name} --pretrained {theirs.tag} or run "raiox reindex --model ..."'
         )
     return model
 
@@ -337,8 +343,10 @@ def search_image(
 ) -> SearchResult:
     """The top k distinct implants for one radiograph (crop already applied)."""
     model = catalogue_model(conn, embedder.model_id)
-    pictures, orientations = oriented(image.image, tta)
-    vectors = embedder.embed_images(pictures)
+    orientations = ORIENTATIONS if tta else ORIENTATIONS[:1]
+    vectors = embedder.embed_tensors(
+        pipeline.views_of(image.image, embedder.preprocessor, orientations)
+    )
     result = search_vectors(
         conn,
         model,

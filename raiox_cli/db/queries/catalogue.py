@@ -308,6 +308,25 @@ def images_missing_embedding(
         return list(cur.fetchall())
 
 
+def sample_images(conn: psycopg.Connection, *, limit: int) -> list[dict[str, Any]]:
+    """Up to `limit` catalogue images spread over as many implants as possible (the
+    first image of each implant, then the second...), with where their bytes are
+    and their implant's key: the int8 parity gate's images."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            """SELECT id, sha256, storage_key, source_path, root_path, implant_key FROM (
+                 SELECT im.id, im.sha256, im.storage_key, im.source_path, r.path AS root_path,
+                        i.key AS implant_key,
+                        row_number() OVER (PARTITION BY im.implant_id ORDER BY im.id) AS nth
+                 FROM implant_images im
+                 JOIN implants i ON i.id = im.implant_id
+                 LEFT JOIN catalogue_roots r ON r.id = im.root_id) ranked
+               ORDER BY nth, id LIMIT %(limit)s""",
+            {"limit": limit},
+        )
+        return list(cur.fetchall())
+
+
 def count_images(conn: psycopg.Connection) -> int:
     row = conn.execute("SELECT count(*) FROM implant_images").fetchone()
     return int(row[0]) if row else 0
