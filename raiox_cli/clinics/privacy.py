@@ -240,8 +240,11 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
 def strip_png(data: bytes) -> bytes:
     if not data.startswith(PNG_SIGNATURE):
         raise ImageError("not a PNG (bad signature)")
-    if not any(kind in data for kind in PNG_DROP):
-        return data  # nothing to drop (a chunk name can also occur in pixel data: then scan)
+    kinds = _png_chunk_kinds(data)
+    if kinds is not None and not kinds & PNG_DROP:
+        return data  # nothing to drop: the same bytes, not a copy
+    if kinds is None and not any(kind in data for kind in PNG_DROP):
+        return data
     # Pillow decodes the whole image to find a PNG's EXIF: ask only when there is one.
     orientation = orientation_exif(data) if (b"eXIf" in data or b"exif" in data) else 1
     out, i = [PNG_SIGNATURE], len(PNG_SIGNATURE)
@@ -260,6 +263,23 @@ def strip_png(data: bytes) -> bytes:
         if kind == b"IEND":
             break
     return b"".join(out)
+
+
+def _png_chunk_kinds(data: bytes) -> set[bytes] | None:
+    """The chunk types of a PNG, read from the chunk headers alone (a handful of
+    reads, where searching 1 MB of pixel data for each dropped name cost ~1.7 ms);
+    None when a chunk runs past the end."""
+    kinds, i = set(), len(PNG_SIGNATURE)
+    while i + 8 <= len(data):
+        (length,) = struct.unpack_from(">I", data, i)
+        kind = data[i + 4 : i + 8]
+        kinds.add(kind)
+        i += 12 + length
+        if i > len(data):
+            return None
+        if kind == b"IEND":
+            break
+    return kinds
 
 
 # Baseline and extension tags a decoder needs; anything else (ImageDescription 270,
@@ -426,8 +446,13 @@ def deidentified(data: bytes, fmt: str, settings: Settings) -> bytes:
     return data
 
 
-def store_image(store: Store, data: bytes, fmt: str, settings: Settings) -> str:
+def store_image(
+    store: Store, data: bytes, fmt: str, settings: Settings, *, sha256: str | None = None
+) -> str:
     """De-identify, then store; returns the object key (content-addressed by the
-    stored bytes, which differ from the original's hash when anything was removed)."""
+    stored bytes, which differ from the original's hash when anything was removed).
+    `sha256`: the original bytes' hash when the caller has it (not computed again
+    when nothing was removed)."""
     clean = deidentified(data, fmt, settings)
-    return store.put(hashlib.sha256(clean).hexdigest(), clean, content_type=CONTENT_TYPES.get(fmt))
+    digest = sha256 if clean is data and sha256 else hashlib.sha256(clean).hexdigest()
+    return store.put(digest, clean, content_type=CONTENT_TYPES.get(fmt))

@@ -20,6 +20,7 @@ import numpy as np
 import psycopg
 
 from raiox_cli import db, embedding
+from raiox_cli.catalogue import pipeline
 from raiox_cli.catalogue.scan import IMAGE_SUFFIXES, implant_key
 from raiox_cli.config import Settings
 from raiox_cli.db import queries
@@ -153,13 +154,22 @@ def _vectors(
             except search.UnreadableQuery as exc:
                 errors[path] = str(exc)
                 continue
-            views, _ = search.oriented(image, tta)
+            views = search.ORIENTATIONS if tta else search.ORIENTATIONS[:1]
             batch.append((path, len(pictures), len(views)))
-            pictures.extend(views)
-        vectors = embedder.embed_images(pictures, batch_size=BATCH) if pictures else None
+            pictures.extend(pipeline.views_of(image, embedder.preprocessor, views))
+        vectors = _embed(embedder, pictures) if pictures else None
         done = {path: vectors[i : i + n] for path, i, n in batch if vectors is not None}
         for path in paths[start : start + BATCH]:
             yield path, done.get(path), errors.get(path)
+
+
+def _embed(embedder: Embedder, pixels: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(
+        [
+            embedder.embed_tensors(np.stack(pixels[i : i + BATCH]))
+            for i in range(0, len(pixels), BATCH)
+        ]
+    )
 
 
 def evaluate(

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 import psycopg
 
 from raiox_cli import analyses, db, images
@@ -259,8 +258,7 @@ class Worker:
         views = search.ORIENTATIONS if self.settings.tta else search.ORIENTATIONS[:1]
         preprocess = self.embedder.preprocessor
         rows = [
-            {"pixels": np.stack([preprocess(p) for p in pipeline.oriented(loaded.image, views)])}
-            for loaded in pictures
+            {"pixels": pipeline.views_of(loaded.image, preprocess, views)} for loaded in pictures
         ]
         pipeline.embed(rows, self.embedder)
         results = search.search_many_vectors(
