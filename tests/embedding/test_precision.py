@@ -71,6 +71,7 @@ def _pictures() -> list:
     ]
 
 
+@pytest.mark.slow  # exports the tiny model (torch), quantises it
 def test_int8_is_exported_beside_fp32_through_the_gate(int8_home: Path) -> None:
     fp32 = embedding.load_embedder(_spec("fp32", int8_home))
     int8 = embedding.load_embedder(_spec("int8", int8_home))
@@ -109,6 +110,7 @@ def test_the_gate_figures() -> None:
     assert "top-3 implant agreement" in noisy.describe() and "mean cosine" in noisy.describe()
 
 
+@pytest.mark.slow
 def test_the_int8_export_is_reused_and_repaired(
     fp32_only: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -147,6 +149,7 @@ def _broken_quantise(src: Path, dst: Path, calibration: np.ndarray) -> dict:
     return {"mode": "broken"}
 
 
+@pytest.mark.slow
 def test_the_gate_refuses_a_broken_quantisation_and_auto_stays_fp32(
     fp32_only: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -178,6 +181,7 @@ def _catalogue(tmp_path: Path, systems: int = 4) -> synth.SynthInfo:
     return synth.make_catalogue(tmp_path / "s", systems=systems, views=2, queries=1, size=SMALL)
 
 
+@pytest.mark.slow
 def test_a_precision_mismatch_is_refused_naming_the_fix(onnx_env, tmp_path: Path) -> None:
     info = _catalogue(tmp_path, systems=2)
     assert runner.invoke(app, ["init-db"]).exit_code == 0
@@ -198,6 +202,7 @@ def _search(settings: config.Settings, spec: embedding.ModelSpec, query: Path):
         )
 
 
+@pytest.mark.slow
 def test_a_precision_switch_goes_through_reindex_while_search_answers(
     migrated: config.Settings, int8_home: Path, tmp_path: Path
 ) -> None:
@@ -258,6 +263,7 @@ def _run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProces
     )
 
 
+@pytest.mark.slow
 def test_int8_ingest_and_search_import_no_torch(onnx_env, tmp_path: Path) -> None:
     info = _catalogue(tmp_path, systems=2)
     assert runner.invoke(app, ["init-db"]).exit_code == 0
