@@ -2,6 +2,7 @@
 
     python bench/bench_cold.py                     # 256 images, 5 paired rounds
     python bench/bench_cold.py --runs 3 --skip-torch
+    python bench/bench_cold.py --runs 2 --skip-torch --precisions fp32,int8
 
 Both tools run ViT-B-32-256 with the same seeded random weights (raiox's
 `--pretrained none`), rclip's exported the way its own converter does into
@@ -18,6 +19,10 @@ images from an empty catalogue, ingest of one image (the fixed cost). Then the
 breakdown of one cold search by phase (imports, database start, model load,
 embedding, query), sequentially, for each backend; the ONNX Runtime thread
 spinning setting on ingest; and parity of the two backends on ViT-B-32-256.
+With --precisions fp32,int8 every raiox command runs in each precision, side by
+side in the same rounds, plus int8's parity with fp32 (the gate's figures). The
+int8 export is made once, before anything is timed, with the parity gate's
+cosine at --int8-gate-cosine: random weights are speed-only (bench_ingest.py).
 
 Prints one JSON object on stdout and a short table on stderr.
 """
@@ -32,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +177,7 @@ def export_for_rclip(datadir: Path) -> None:
     shutil.copy(vocab, datadir / "tokenizer" / vocab.name)
 
 
-def raiox_env(home: Path, backend: str) -> dict[str, str]:
+def raiox_env(home: Path, backend: str, precision: str = "fp32") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAIOX_") and k != "PYTHONPATH"}
     env.update(
         RAIOX_HOME=str(home),
@@ -179,6 +185,7 @@ def raiox_env(home: Path, backend: str) -> dict[str, str]:
         RAIOX_PRETRAINED="none",
         RAIOX_DEVICE="cpu",
         RAIOX_BACKEND=backend,
+        RAIOX_PRECISION=precision,
         HF_HUB_OFFLINE="1",
         PYTHONPATH=str(Path(__file__).resolve().parents[1]),
     )
@@ -222,6 +229,12 @@ print(json.dumps({
     "total_s": t_search - t0, "heavy_imports": heavy}))
 """
 
+PREPARE_INT8 = (
+    "import sys; from raiox_cli.embedding import precision; "
+    "precision.GATE_COSINE = float(sys.argv.pop(1)); "
+    "from raiox_cli.cli import main; sys.argv[0] = 'raiox'; main()"
+)
+
 SPINNING = (
     "import sys; from raiox_cli.embedding import onnx; onnx.ALLOW_SPINNING = sys.argv.pop(1); "
     "from raiox_cli.cli import main; sys.argv[0] = 'raiox'; main()"
@@ -251,6 +264,29 @@ def parity(images: list[Path], home: Path) -> dict[str, Any]:
     }
 
 
+def int8_parity(images: list[Path], home: Path) -> dict[str, Any]:
+    """int8 against fp32 on the same images (ONNX Runtime both): the gate's figures,
+    and the export's own record of them."""
+    from PIL import Image
+
+    from raiox_cli import embedding
+    from raiox_cli.embedding import precision
+
+    spec = embedding.ModelSpec(MODEL, "none", None, "cpu", "onnx", home)
+    fp32 = embedding.load_embedder(spec)
+    int8 = embedding.load_embedder(replace(spec, precision="int8"))
+    pictures = [Image.open(p).convert("L") for p in images]
+    labels = [p.parent.name for p in images]
+    figures = precision.parity(
+        fp32.embed_images(pictures),
+        int8.embed_images(pictures),
+        labels,
+        source="catalogue",
+        judge_agreement=True,
+    )
+    return {"here": figures.to_dict(), "at_export": int8.export.meta["parity"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=256)
@@ -260,7 +296,10 @@ def main() -> None:
     parser.add_argument("--skip-rclip", action="store_true")
     parser.add_argument("--skip-torch", action="store_true", help="no raiox torch runs")
     parser.add_argument("--skip-ingest", action="store_true")
+    parser.add_argument("--skip-spinning", action="store_true")
     parser.add_argument("--skip-parity", action="store_true")
+    parser.add_argument("--precisions", default="fp32", help="comma list: fp32,int8")
+    parser.add_argument("--int8-gate-cosine", type=float, default=0.98)
     args = parser.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -275,6 +314,20 @@ def main() -> None:
         subprocess.run([*raiox, "init-db"], env=raiox_env(base, "onnx"), check=True)
         subprocess.run([*raiox, "ingest", str(catalogue)], env=raiox_env(base, "onnx"), check=True)
     exports = (base / "onnx").resolve()
+    precisions = args.precisions.split(",")
+    homes = {"fp32": base}
+    if "int8" in precisions:  # the int8 export (untimed), then a catalogue embedded in int8
+        homes["int8"] = base.with_name("home-search-int8")
+        if not (homes["int8"] / "onnx").exists():
+            home = fresh_home(work, homes["int8"].name, exports)
+            env = raiox_env(home, "onnx", "int8")
+            gate = str(args.int8_gate_cosine)
+            subprocess.run([*raiox, "init-db"], env=env, check=True)
+            subprocess.run(
+                [sys.executable, "-c", PREPARE_INT8, gate, "ingest", str(catalogue)],
+                env=env,
+                check=True,
+            )
     rclip_env: dict[str, str] = {}
     if not args.skip_rclip:
         rclip = ensure_rclip(args.rclip_venv)
@@ -293,7 +346,8 @@ def main() -> None:
 
     search_argv = [*raiox, "search", str(query), "--json", "--no-tta"]
     commands: dict[str, tuple[list[str], dict[str, str], Path | None]] = {
-        "search_raiox_onnx": (search_argv, raiox_env(base, "onnx"), None),
+        f"search_raiox_onnx{_suffix(p)}": (search_argv, raiox_env(homes[p], "onnx", p), None)
+        for p in precisions
     }
     if not args.skip_torch:
         commands["search_raiox_torch"] = (search_argv, raiox_env(base, "torch"), None)
@@ -321,16 +375,17 @@ def main() -> None:
         ingest: dict[str, list[dict[str, Any]]] = {}
         for round_ in range(args.runs):
             for what, folder in ((str(args.images), catalogue), ("1", one)):
-                home = fresh_home(work, "home-ingest", exports)
-                env = raiox_env(home, "onnx")
-                subprocess.run([*raiox, "init-db"], env=env, check=True, capture_output=True)
-                run = measured_cpu([*raiox, "ingest", str(folder)], env)
-                ingest.setdefault(f"ingest_{what}_raiox_onnx", []).append(run)
+                for p in precisions:
+                    home = fresh_home(work, "home-ingest", exports)
+                    env = raiox_env(home, "onnx", p)
+                    subprocess.run([*raiox, "init-db"], env=env, check=True, capture_output=True)
+                    run = measured_cpu([*raiox, "ingest", str(folder)], env)
+                    ingest.setdefault(f"ingest_{what}_raiox_onnx{_suffix(p)}", []).append(run)
                 if not args.skip_rclip:
                     (datadir / "db.sqlite3").unlink(missing_ok=True)
                     run = measured_cpu([str(rclip), "-t", "1", "-f", str(query)], rclip_env, folder)
                     ingest.setdefault(f"ingest_{what}_rclip", []).append(run)
-            if round_ < 2:  # ONNX Runtime's idle threads spinning, or not (ingest 256)
+            if round_ < 2 and not args.skip_spinning:  # ORT's idle threads spinning, or not
                 for spin in ("1", "0"):
                     home = fresh_home(work, "home-ingest", exports)
                     env = raiox_env(home, "onnx")
@@ -370,9 +425,15 @@ def main() -> None:
     report["breakdown"] = breakdown
     if not args.skip_parity:
         report["parity"] = parity(sorted(catalogue.rglob("*.png"))[:32], base)
+    if "int8" in precisions:
+        report["int8_parity"] = int8_parity(sorted(catalogue.rglob("*.png")), base)
     report["load_after"] = os.getloadavg()
     print(json.dumps(report, indent=2))
     _table(report)
+
+
+def _suffix(precision: str) -> str:
+    return "" if precision == "fp32" else f"_{precision}"
 
 
 def _machine() -> dict[str, Any]:
@@ -401,6 +462,8 @@ def _table(report: dict[str, Any]) -> None:
         print(f"breakdown {backend}: {phases}", file=sys.stderr)
     if "parity" in report:
         print(f"parity: {report['parity']}", file=sys.stderr)
+    if "int8_parity" in report:
+        print(f"int8 parity: {report['int8_parity']}", file=sys.stderr)
 
 
 if __name__ == "__main__":

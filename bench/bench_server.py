@@ -5,6 +5,7 @@ no accepted analysis was lost or duplicated.
     python bench/bench_server.py                            # ViT-B-32, random weights, CPU
     python bench/bench_server.py --requests 400 --concurrency 32 --workers-threads 4
     python bench/bench_server.py --batch 1,8                # one-at-a-time vs batched, side by side
+    python bench/bench_server.py --backend onnx --precision int8   # against --precision fp32
 
 The server runs as its own process (`raiox serve-webhook-minimal`, token +
 Standard Webhooks signatures) on an embedded PostgreSQL under a temporary home;
@@ -40,6 +41,7 @@ import httpx
 from raiox_cli import config, db, lifecycle
 from raiox_cli.catalogue import ingest
 from raiox_cli.db import embedded
+from raiox_cli.embedding import precision
 from raiox_cli.server import auth
 from raiox_cli.training import synth
 
@@ -82,6 +84,14 @@ def main() -> None:
         default="torch",
         choices=config.BACKENDS,
         help="the server's RAIOX_BACKEND (auto picks onnx on a CPU: name what is measured)",
+    )
+    parser.add_argument("--precision", default="fp32", help="the server's RAIOX_PRECISION")
+    parser.add_argument(
+        "--int8-gate-cosine",
+        type=float,
+        default=0.98,
+        help="the parity gate's cosine for the int8 export made here (random weights: "
+        "speed only; bench_ingest.py says why)",
     )
     parser.add_argument("--requests", type=int, default=200, help="distinct deliveries")
     parser.add_argument("--concurrency", type=int, default=16, help="client threads")
@@ -128,6 +138,7 @@ def main() -> None:
         "RAIOX_PRETRAINED": "none",
         "RAIOX_DEVICE": "cpu",
         "RAIOX_BACKEND": args.backend,
+        "RAIOX_PRECISION": args.precision,
         "HF_HUB_OFFLINE": "1",
         "RAIOX_WEBHOOK_TOKEN": token,
         "RAIOX_WEBHOOK_SECRET": secret,
@@ -142,6 +153,7 @@ def main() -> None:
         work / "synth", systems=args.systems, views=args.views, queries=args.queries, size=size
     )
     db.migrate(settings)
+    precision.GATE_COSINE = args.int8_gate_cosine  # the int8 export is made here, not timed
     ingest.ingest_catalogue(settings, info.catalogue)
     images_server, images_base = _serve_folder(info.queries_dir)
     query_urls = [
@@ -159,6 +171,9 @@ def main() -> None:
         images_server.shutdown()
     config_ = {
         "model": f"{args.model}:none (random weights)",
+        "backend": args.backend,
+        "precision": args.precision,
+        "load_average": os.getloadavg(),
         "device": "cpu",
         "cpu_count": os.cpu_count(),
         "requests": args.requests,
@@ -208,7 +223,7 @@ def _model_bound(args: argparse.Namespace, repeats: int = 5) -> dict[str, Any]:
 
     jobs = max(int(b) for b in str(args.batch).split(","))
     home = Path(tempfile.gettempdir()) / "raiox-bench-model-bound"  # the ONNX export, kept
-    spec = embedding.ModelSpec(args.model, "none", None, "cpu", args.backend, home)
+    spec = embedding.ModelSpec(args.model, "none", None, "cpu", args.backend, home, args.precision)
     embedder = embedding.load_embedder(spec)
     from PIL import Image
 
