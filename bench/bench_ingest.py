@@ -5,6 +5,8 @@
                  preprocess, de-identified copy, database), on the --size PNGs
   ingest         end-to-end `ingest` throughput on the same PNGs (model preloaded)
   batch_search   `raiox search` over the same PNGs as X-rays, TTA off and on
+  accuracy       synthetic eval (top-1, MRR) in fp32, then int8 after reindex --precision int8
+  tta_drift      TTA views as flips of the preprocessed array vs flipped pictures
   passive        model_only + ingest again with OMP_WAIT_POLICY=PASSIVE (only with --only)
   loop           the replaced system's way: load, preprocess, encode, insert, one
                  image at a time (a commit per image)
@@ -193,6 +195,85 @@ def child_breakdown(args: argparse.Namespace) -> dict[str, Any]:
     return steps
 
 
+def child_tta_drift(args: argparse.Namespace) -> dict[str, Any]:
+    """TTA's mirrored and upside-down views as flips of the preprocessed array (what
+    search does) against preprocessing flipped pictures (what it did): cosine of the
+    vectors, per view, on query radiographs of several sizes; and the CPU of each."""
+    from raiox_cli.catalogue import pipeline
+
+    settings = _settings(args.work / "model-only-home", args)
+    embedder = embedding.load_embedder(embedding.ModelSpec.from_settings(settings))
+    views = pipeline.ORIENTATIONS
+    pictures = [
+        synth.render_view(design, seed=i, query=True, size=size)
+        for i, design in enumerate(synth.design_systems(12, seed=7))
+        for size in ((1000, 800), (801, 1003), (257, 333))
+    ]
+    cpu = _cpu_s()
+    flipped_arrays = [pipeline.views_of(p, embedder.preprocessor, views) for p in pictures]
+    arrays_ms = (_cpu_s() - cpu) * 1000 / len(pictures)
+    cpu = _cpu_s()
+    flipped_pictures = [
+        np.stack([embedder.preprocessor(v) for v in pipeline.oriented(p, views)]) for p in pictures
+    ]
+    pictures_ms = (_cpu_s() - cpu) * 1000 / len(pictures)
+    a = embedder.embed_tensors(np.concatenate(flipped_arrays))
+    b = embedder.embed_tensors(np.concatenate(flipped_pictures))
+    cosines = np.sum(a * b, axis=1).reshape(len(pictures), len(views))
+    return {
+        "queries": len(pictures),
+        "min_cosine_per_view": dict(zip(views, cosines.min(axis=0).tolist(), strict=True)),
+        "mean_cosine": float(cosines.mean()),
+        "preprocess_cpu_ms_per_xray": {"array_flips": arrays_ms, "flipped_pictures": pictures_ms},
+    }
+
+
+def child_accuracy(args: argparse.Namespace) -> dict[str, Any]:
+    """The synthetic eval's top-1 and MRR, fp32 then int8 on the same catalogue and
+    queries: ingest in fp32, evaluate, switch with reindex --precision int8 (the
+    gate on the catalogue's own images), evaluate again (TTA off)."""
+    from raiox_cli.catalogue import reindex
+    from raiox_cli.catalogue.ingest import ingest_catalogue
+    from raiox_cli.search import evaluate
+
+    info = synth.make_catalogue(
+        Path(tempfile.mkdtemp(dir=args.work)),
+        systems=args.accuracy_systems,
+        views=4,
+        queries=3,
+        size=(256, 320),
+    )
+    args.backend = "onnx"
+    settings = _settings(
+        Path(tempfile.mkdtemp(dir=args.work)), args, model=args.accuracy_model
+    ).replace(precision="fp32", tta=False)
+    db.migrate(settings)
+    ingest_catalogue(settings, info.catalogue)
+    result: dict[str, Any] = {"model": args.accuracy_model, "implants": args.accuracy_systems}
+    for precision_ in ("fp32", "int8"):
+        if precision_ == "int8":
+            settings = settings.replace(precision="int8")
+            report = reindex.reindex(settings, switch=True)
+            assert report.ok and report.switched, report.to_dict()
+        found = evaluate.evaluate_source(settings, info.queries_dir)
+        result[precision_] = {
+            "model_id": found.model_id,
+            "queries": found.queries,
+            "top1": found.top1,
+            "top3": found.top3,
+            "mrr": found.mrr,
+        }
+    with db.connect(settings) as conn:
+        row = queries.active_model(conn)
+    gate = embedding.onnx.cached_export(
+        embedding.onnx.cache_dir(settings.home, row.model_id), row.model_id
+    )
+    result["gate"] = gate.meta["parity"] if gate else None
+    result["top1_drop_points"] = 100 * (result["fp32"]["top1"] - result["int8"]["top1"])
+    result["mrr_drop_points"] = 100 * (result["fp32"]["mrr"] - result["int8"]["mrr"])
+    return result
+
+
 def child_batch_search(args: argparse.Namespace) -> dict[str, Any]:
     """`raiox search` over the same PNGs as X-rays (a 32-image catalogue), TTA off
     and on; target: TTA off >= 0.8 of model only, TTA on <= 3 images per X-ray."""
@@ -321,6 +402,8 @@ CHILDREN = {
     "model_only": child_model_only,
     "ingest": child_ingest,
     "breakdown": child_breakdown,
+    "tta_drift": child_tta_drift,
+    "accuracy": child_accuracy,
     "batch_search": child_batch_search,
     "loop": child_loop,
     "decode_pool": child_decode_pool,
@@ -345,7 +428,7 @@ def _child(
 def _forward(args: argparse.Namespace) -> list[str]:
     out = []
     keys = ("images", "size", "model", "batch_size", "workers", "device", "backend", "work")
-    for key in (*keys, "precision", "int8_gate_cosine"):
+    for key in (*keys, "precision", "int8_gate_cosine", "accuracy_model", "accuracy_systems"):
         out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     out += ["--loop-images", str(args.loop_images), "--rss-model", args.rss_model]
     return out
@@ -404,6 +487,8 @@ def main() -> None:
         default=0.98,
         help="the parity gate's cosine for this speed-only export (random weights)",
     )
+    parser.add_argument("--accuracy-model", default="raiox-tiny", help="model for accuracy")
+    parser.add_argument("--accuracy-systems", type=int, default=40, help="implants for accuracy")
     parser.add_argument("--loop-images", type=int, default=128, help="images for the loop")
     parser.add_argument("--unchanged-images", type=int, default=2000)
     parser.add_argument("--rss-images", default="200,2000")
@@ -445,6 +530,10 @@ def main() -> None:
             _keep(result, "ingest_passive", _child("ingest", args, env=passive))
     if want("breakdown"):
         result["breakdown"] = _child("breakdown", args)
+    if want("accuracy"):
+        result["accuracy"] = _child("accuracy", args)
+    if want("tta_drift"):
+        result["tta_drift"] = _child("tta_drift", args)
     if want("batch_search"):
         result["batch_search"] = _child("batch_search", args)
     if want("loop"):

@@ -81,6 +81,7 @@ def test_int8_is_exported_beside_fp32_through_the_gate(int8_home: Path) -> None:
     assert int8.dim == fp32.dim and int8.preprocess_version == fp32.preprocess_version
     meta = int8.export.meta
     assert meta["precision"] == "int8" and meta["quantisation"]["ops"] == ["MatMul", "Gemm"]
+    assert meta["quantisation"]["kept_fp32_products"] > 0  # attention's Q.K and A.V
     assert meta["source_sha256"] == fp32.export.meta["files"][onnx.DATA_FILE]["sha256"]
     gate = meta["parity"]
     assert gate["passed"] and gate["source"] == "synthetic" and gate["images"] == 64
