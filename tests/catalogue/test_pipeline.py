@@ -97,6 +97,7 @@ def test_decode_threads_yield_relative_to_the_process_niceness() -> None:
     assert seen == [3 + pipeline.DECODE_NICE] * 4
 
 
+@pytest.mark.slow
 def test_fresh_embedded_home_ingests_without_init_db(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

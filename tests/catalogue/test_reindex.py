@@ -83,6 +83,7 @@ def test_second_writer_exits_75_naming_the_holder_or_waits(
         holder.close()
 
 
+@pytest.mark.slow
 def test_model_switch_to_another_dimension(migrated: config.Settings, tmp_path: Path):
     info = _catalogue(tmp_path, systems=4, views=3)
     old_spec = embedding.ModelSpec.from_settings(migrated)

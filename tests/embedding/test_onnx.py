@@ -99,6 +99,7 @@ def test_backends_agree_and_share_the_model_id(name: str, export_home: Path) -> 
     assert meta["opset"] >= 17 and meta["exporter"] in {"dynamo", "torchscript"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("ingest_with", "search_with"), [("torch", "onnx"), ("onnx", "torch")])
 def test_a_catalogue_from_one_backend_is_searchable_with_the_other(
     shared_exports: Path, tmp_path: Path, ingest_with: str, search_with: str
@@ -120,6 +121,7 @@ def test_a_catalogue_from_one_backend_is_searchable_with_the_other(
     assert best["score"] == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_a_model_switch_and_a_preprocessing_bump_export_again(
     tiny_export: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -158,6 +160,7 @@ def _refused(folder: Path) -> None:
     (folder / onnx.META_FILE).write_text(json.dumps(meta))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage",
     [_flip_a_byte, _truncate, lambda folder: (folder / onnx.MODEL_FILE).unlink(), _refused],
@@ -178,6 +181,7 @@ def test_a_corrupt_export_is_detected_and_rebuilt(
     np.testing.assert_allclose(rebuilt.embed_images(_images()[:2]), reference, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_an_intact_export_is_not_rehashed(
     tiny_export: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -248,6 +252,7 @@ def test_onnx_ingest_and_search_import_no_torch(shared_exports: Path, tmp_path: 
     assert proc.stderr.strip().splitlines()[-1] == "IMPORTED []", proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("backend", "exit_code"), [("onnx", 4), ("auto", 0)])
 def test_without_onnxruntime(raiox_env, tmp_path: Path, backend: str, exit_code: int) -> None:
     image = tmp_path / "q.png"
@@ -307,6 +312,7 @@ def test_a_busy_embedder_swaps_in_prepacked_weights(
     np.testing.assert_allclose(again, first, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["auto", "onnx"])
 def test_a_model_onnx_cannot_run_falls_back_to_torch_only_with_auto(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, backend: str, caplog
@@ -332,6 +338,7 @@ def test_a_model_onnx_cannot_run_falls_back_to_torch_only_with_auto(
     assert not list((tmp_path / "home" / "onnx").glob("*/visual.onnx"))  # nothing half-made
 
 
+@pytest.mark.slow
 def test_a_first_use_exports_and_says_so_once(raiox_env, tmp_path: Path) -> None:
     """The first ONNX use in a fresh home exports (one stderr line saying so) and
     warns about random weights once, though the export loads the torch model too."""

@@ -207,6 +207,7 @@ def test_overwriting_the_checkpoint_in_place_does_not_crash_a_loaded_model(
     assert float(proc.stdout.strip().splitlines()[-1]) == 0.0
 
 
+@pytest.mark.slow
 def test_a_timm_image_tower_loads_like_open_clips(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

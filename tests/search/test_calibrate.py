@@ -41,6 +41,7 @@ def _samples(n: int, rng: np.random.Generator, *, outside: bool = False) -> list
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [0.8, 0.9, 0.95])
 def test_coverage_is_recovered_on_a_known_distribution(target: float) -> None:
     rng = np.random.default_rng(int(target * 100))

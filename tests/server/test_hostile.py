@@ -204,6 +204,7 @@ def _encode(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogatepass")
 
 
+@pytest.mark.slow
 def test_arbitrary_json_and_multipart_never_answer_5xx(
     catalogue: Catalogue, tiny_embedder: Any
 ) -> None:
