@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from raiox_cli import config
-from raiox_cli.cli.clinics import database
 from raiox_cli.cli.command import command, group
 from raiox_cli.cli.options import JsonOut, settings
 from raiox_cli.cli.render import print_json, say
@@ -37,20 +36,12 @@ def purge(
     Example: raiox purge --older-than 90d --client sorriso-sp --dry-run
     """
     # lazy: start-up time
-    from raiox_cli.clinics import keys, retention
-    from raiox_cli.store import objects
+    from raiox_cli.clinics import retention
 
     seconds = config.parse_duration(older_than, what="--older-than")
-    with database(settings) as conn:
-        clinic = keys.find(conn, client)["id"] if client else None
-        report = retention.purge(
-            conn,
-            objects.open_store(settings),
-            older_than_s=seconds,
-            clinic_id=clinic,
-            client=client,
-            dry_run=dry_run,
-        )
+    report = retention.purge_older_than(
+        settings, older_than_s=seconds, clinic=client, dry_run=dry_run
+    )
     if json_out:
         print_json(report.to_dict())
     else:

@@ -15,8 +15,11 @@ from typing import Any
 
 import psycopg
 
+from raiox_cli import db
+from raiox_cli.clinics import keys
+from raiox_cli.config import Settings
 from raiox_cli.db import queries
-from raiox_cli.store.objects import Store
+from raiox_cli.store.objects import Store, open_store
 
 BATCH = 500
 
@@ -76,6 +79,24 @@ def purge(
             report.public_ids.extend(str(r["public_id"]) for r in rows)
     conn.commit()
     return report
+
+
+def purge_older_than(
+    settings: Settings, *, older_than_s: float, clinic: str | None = None, dry_run: bool = False
+) -> PurgeReport:
+    """`raiox purge`: `purge` on the configured database and store, for the clinic
+    named (refused when no clinic has that name) or for all."""
+    with db.connect(settings) as conn:
+        db.check_schema(conn)
+        clinic_id = keys.find(conn, clinic)["id"] if clinic else None
+        return purge(
+            conn,
+            open_store(settings),
+            older_than_s=older_than_s,
+            clinic_id=clinic_id,
+            client=clinic,
+            dry_run=dry_run,
+        )
 
 
 def delete_analysis(conn: psycopg.Connection, store: Store, analysis_id: int) -> bool:
