@@ -197,8 +197,11 @@ def openapi_document() -> dict[str, Any]:
 
 
 def _schema_name(schema: dict[str, Any]) -> str:
-    if "$ref" in schema:
-        return schema["$ref"].rsplit("/", 1)[1]
+    if "$ref" in schema:  # a link to its entry under "Schemas"
+        from markdown.extensions.toc import slugify
+
+        name = schema["$ref"].rsplit("/", 1)[1]
+        return f"[{name}](#{slugify(name, '-')})"
     if "anyOf" in schema:
         return " or ".join(_schema_name(s) for s in schema["anyOf"])
     if schema.get("type") == "array":
