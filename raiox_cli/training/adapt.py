@@ -22,8 +22,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from raiox_cli import db, embedding
 from raiox_cli.catalogue import reindex
 from raiox_cli.config import Settings
@@ -56,6 +54,7 @@ from raiox_cli.training.options import (
     AdaptOptions,
     NoTrainingData,
     RunMismatch,
+    Seeds,
     fingerprint,
     validate,
 )
@@ -107,10 +106,10 @@ def adapt(
     validate(options)
     spec = embedding.ModelSpec.from_settings(settings)
     base_id = embedding.model_id(spec)
-    rng = np.random.default_rng([options.seed, 0])
+    seeds = Seeds(options.seed)
     with db.connect(settings) as conn:
         db.check_schema(conn)
-        data = collect_data(conn, options, rng)
+        data = collect_data(conn, options, seeds.split())
         active = queries.active_model(conn)
     snapshot = data.snapshot()
     fp = fingerprint(base_id, snapshot, options)
@@ -133,7 +132,9 @@ def adapt(
     report.planned_steps = total
     if options.dry_run:
         report.dry_run = True
-        report.estimate_s = estimate_seconds(tower, data, train_px, eval_px, options, settings)
+        report.estimate_s = estimate_seconds(
+            tower, data, train_px, eval_px, options, settings, seeds
+        )
         return report
 
     state = RunState(**saved["state"]) if saved is not None else RunState(fp)
@@ -153,6 +154,7 @@ def adapt(
         state,
         saved,
         out,
+        seeds=seeds,
         tta=settings.tta,
         workers=workers(settings),
         progress=progress,

@@ -25,7 +25,7 @@ from raiox_cli.training import augment
 from raiox_cli.training.data import Data, Item
 from raiox_cli.training.metrics import evaluate_tower
 from raiox_cli.training.model import Tower
-from raiox_cli.training.options import AdaptOptions
+from raiox_cli.training.options import AdaptOptions, Seeds
 
 if TYPE_CHECKING:
     import torch
@@ -56,11 +56,11 @@ def multi_positive_infonce(
 
 
 def sample_batch(
-    data: Data, options: AdaptOptions, step: int
+    data: Data, options: AdaptOptions, step: int, seeds: Seeds
 ) -> list[tuple[str, Item, np.random.Generator]]:
     """P implants x K views for one step: (implant, image, its augmentation rng),
-    all drawn from generators seeded by (seed, step)."""
-    rng = np.random.default_rng([options.seed, 1, step])
+    all drawn from the run's generators for this step."""
+    rng = seeds.batch(step)
     keys = sorted(data.train)
     k = max(2, min(options.views, options.batch_size // 2))
     p = max(2, options.batch_size // k)
@@ -70,9 +70,7 @@ def sample_batch(
         items = data.train[keys[index]]
         for view in range(k):
             item = items[int(rng.integers(len(items)))]
-            batch.append(
-                (keys[index], item, np.random.default_rng([options.seed, 2, step, slot, view]))
-            )
+            batch.append((keys[index], item, seeds.view(step, slot, view)))
     return batch
 
 
@@ -183,6 +181,58 @@ def eval_interval(total: int, options: AdaptOptions) -> int:
     return options.eval_every or max(1, total // 20)
 
 
+def forward_loss(
+    tower: Tower, pixels: torch.Tensor, labels: torch.Tensor, temperature: float, amp: Any = None
+) -> torch.Tensor:
+    """The batch's loss through the trainable tower (mixed precision with `amp`, on CUDA)."""
+    import torch
+
+    with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+        features = tower.visual(pixels)
+    z = torch.nn.functional.normalize(features.float(), dim=-1)
+    return multi_positive_infonce(z, labels, temperature)
+
+
+def stop_reason(state: RunState, total: int, options: AdaptOptions) -> str | None:
+    """Why the loop stops before the next step, if it does."""
+    if state.step >= total:
+        return "completed"
+    if options.max_minutes is not None and state.train_s >= options.max_minutes * 60:
+        return "max-minutes"
+    if state.bad_evals >= options.patience:
+        return "early-stopping"
+    return None
+
+
+def evaluate_step(
+    tower: Tower,
+    data: Data,
+    eval_px: dict[str, Image.Image],
+    state: RunState,
+    best: dict[str, Any] | None,
+    *,
+    tta: bool,
+) -> dict[str, Any] | None:
+    """Validate now and record it in the history; returns the best weights so far
+    (these weights when they beat every earlier evaluation)."""
+    metrics = evaluate_tower(tower, data, eval_px, tta=tta)
+    mrr = metrics["all"]["mrr"]
+    state.history.append(
+        {
+            "step": state.step,
+            "minutes": round(state.train_s / 60, 3),
+            "cpu_s": round(state.cpu_s, 1),
+            "loss": state.last_loss,
+            "metrics": metrics,
+        }
+    )
+    if mrr > state.best_mrr or best is None:
+        state.best_mrr, state.best_step, state.bad_evals = mrr, state.step, 0
+        return {k: v.detach().cpu().clone() for k, v in tower.visual.state_dict().items()}
+    state.bad_evals += 1
+    return best
+
+
 def train(
     tower: Tower,
     data: Data,
@@ -193,6 +243,7 @@ def train(
     saved: dict[str, Any] | None,
     out: Path,
     *,
+    seeds: Seeds,
     tta: bool,
     workers: int,
     progress: Callable[[Status], None] | None = None,
@@ -213,28 +264,12 @@ def train(
         best = saved["best"]
     amp = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp == torch.float16)
-    deadline = options.max_minutes * 60 if options.max_minutes is not None else None
     state_path = out / STATE_FILE
 
-    def evaluate_now() -> None:
-        nonlocal best
-        metrics = evaluate_tower(tower, data, eval_px, tta=tta)
-        mrr = metrics["all"]["mrr"]
-        state.history.append(
-            {
-                "step": state.step,
-                "minutes": round(state.train_s / 60, 3),
-                "cpu_s": round(state.cpu_s, 1),
-                "loss": state.last_loss,
-                "metrics": metrics,
-            }
+    def batch_of(step: int) -> Future:
+        return ahead.submit(
+            make_batch, tower, train_px, sample_batch(data, options, step, seeds), pool
         )
-        if mrr > state.best_mrr or best is None:
-            state.best_mrr, state.best_step, state.bad_evals = mrr, state.step, 0
-            best = {k: v.detach().cpu().clone() for k, v in tower.visual.state_dict().items()}
-        else:
-            state.bad_evals += 1
-        save_state(state_path, state, tower, optimizer, best)
 
     # One thread assembles the next batch while the model trains on this one; the
     # pool augments its images. Two executors: a batch task waiting on image tasks
@@ -242,38 +277,20 @@ def train(
     with ThreadPoolExecutor(max(1, workers)) as pool, ThreadPoolExecutor(1) as ahead:
         upcoming: Future | None = None
         while state.stopped is None:
-            if state.step >= total:
-                state.stopped = "completed"
-                break
-            if deadline is not None and state.train_s >= deadline:
-                state.stopped = "max-minutes"
-                break
-            if state.bad_evals >= options.patience:
-                state.stopped = "early-stopping"
+            state.stopped = stop_reason(state, total, options)
+            if state.stopped is not None:
                 break
             started, cpu_started = time.perf_counter(), time.process_time()
             step = state.step
             for group in optimizer.param_groups:
                 group["lr"] = lr * schedule(step, total, options.warmup)
-            current = upcoming or ahead.submit(
-                make_batch, tower, train_px, sample_batch(data, options, step), pool
-            )
-            pixels, labels = current.result()
-            upcoming = (
-                ahead.submit(
-                    make_batch, tower, train_px, sample_batch(data, options, step + 1), pool
-                )
-                if step + 1 < total
-                else None
-            )
-            torch.manual_seed(options.seed * 1_000_003 + step)  # dropout, if any
+            pixels, labels = (upcoming or batch_of(step)).result()
+            upcoming = batch_of(step + 1) if step + 1 < total else None
+            torch.manual_seed(seeds.torch_step(step))  # dropout, if any
             tower.train_mode()
             pixels = pixels.to(device, non_blocking=cuda)
             labels = labels.to(device, non_blocking=cuda)
-            with torch.autocast("cuda", dtype=amp, enabled=cuda):
-                features = tower.visual(pixels)
-            z = torch.nn.functional.normalize(features.float(), dim=-1)
-            loss = multi_positive_infonce(z, labels, options.temperature)
+            loss = forward_loss(tower, pixels, labels, options.temperature, amp if cuda else None)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -286,7 +303,8 @@ def train(
             state.cpu_s += time.process_time() - cpu_started
             if state.step % every == 0 or state.step == total:
                 evaluated = time.perf_counter(), time.process_time()
-                evaluate_now()
+                best = evaluate_step(tower, data, eval_px, state, best, tta=tta)
+                save_state(state_path, state, tower, optimizer, best)
                 state.train_s += time.perf_counter() - evaluated[0]
                 state.cpu_s += time.process_time() - evaluated[1]
             elif state.step % max(1, options.checkpoint_every) == 0:
@@ -298,7 +316,9 @@ def train(
         if upcoming is not None:
             upcoming.cancel()
     if state.history and state.history[-1]["step"] != state.step:
-        evaluate_now()  # stopped between evaluations: the last weights get their chance
+        # stopped between evaluations: the last weights get their chance
+        best = evaluate_step(tower, data, eval_px, state, best, tta=tta)
+        save_state(state_path, state, tower, optimizer, best)
     save_state(state_path, state, tower, optimizer, best)
     return best if best is not None else tower.visual.state_dict()
 
@@ -318,10 +338,10 @@ def estimate_seconds(
     eval_px: dict[str, Image.Image],
     options: AdaptOptions,
     settings: Settings,
+    seeds: Seeds,
 ) -> float:
     """Time two forward+backward passes and one evaluation (no weight changes) and
     extrapolate to the planned steps and evaluations."""
-    import torch
 
     total = plan_steps(data, options)
     device = tower.embedder.device
@@ -329,11 +349,11 @@ def estimate_seconds(
         timings = []
         for step in range(2):
             started = time.perf_counter()
-            pixels, labels = make_batch(tower, train_px, sample_batch(data, options, step), pool)
+            batch = sample_batch(data, options, step, seeds)
+            pixels, labels = make_batch(tower, train_px, batch, pool)
             tower.train_mode()
-            features = tower.visual(pixels.to(device))
-            z = torch.nn.functional.normalize(features.float(), dim=-1)
-            multi_positive_infonce(z, labels.to(device), options.temperature).backward()
+            loss = forward_loss(tower, pixels.to(device), labels.to(device), options.temperature)
+            loss.backward()
             timings.append(time.perf_counter() - started)
     for p in tower.params:
         p.grad = None

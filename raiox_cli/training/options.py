@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from raiox_cli.errors import UsageError
 
 TRAIN_MODES = ("last", "all", "lora")
@@ -94,3 +96,28 @@ def fingerprint(base_id: str, snapshot: dict[str, Any], options: AdaptOptions) -
         {"base": base_id, "data": snapshot["sha256"], "options": keep}, sort_keys=True
     )
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """Every random draw of a run comes from a generator made here, seeded by (--seed,
+    purpose, step, ...): the run is reproducible on CPU and a resumed run redraws
+    the same batches. The stages take these generators; none seeds one itself."""
+
+    seed: int
+
+    def split(self) -> np.random.Generator:
+        """Which implants and images are held out for validation."""
+        return np.random.default_rng([self.seed, 0])
+
+    def batch(self, step: int) -> np.random.Generator:
+        """Which implants and images a step trains on."""
+        return np.random.default_rng([self.seed, 1, step])
+
+    def view(self, step: int, slot: int, view: int) -> np.random.Generator:
+        """One view's augmentation."""
+        return np.random.default_rng([self.seed, 2, step, slot, view])
+
+    def torch_step(self, step: int) -> int:
+        """torch's seed for a step (dropout, if the tower has any)."""
+        return self.seed * 1_000_003 + step
