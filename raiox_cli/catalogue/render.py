@@ -19,7 +19,7 @@ import math
 import multiprocessing
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -611,7 +611,7 @@ def _draw_all(
         outcome.views = len(names)
 
 
-def _run(work: list[tuple[int, _Job]], workers: int):  # type: ignore[no-untyped-def]
+def _run(work: list[tuple[int, _Job]], workers: int) -> Iterator[tuple[int, list[str]]]:
     """(model index, names written) per job: in this process for one worker or job,
     else in worker processes (spawned: this process may hold threads)."""
     if workers == 1 or len(work) <= 1:
