@@ -316,7 +316,8 @@ def test_cli_usage_errors_exit_2(tmp_path) -> None:
 
 def test_adapt_samples_implants_evenly_whatever_their_number_of_views() -> None:
     from raiox_cli.training import data as adapt_data
-    from raiox_cli.training import loop, options
+    from raiox_cli.training import loop
+    from raiox_cli.training.options import AdaptOptions, Seeds
 
     def items(key: str, n: int) -> list[adapt_data.Item]:
         return [adapt_data.Item(key, f"{key}{i}", "catalogue", f"{key}/{i}") for i in range(n)]
@@ -326,10 +327,11 @@ def test_adapt_samples_implants_evenly_whatever_their_number_of_views() -> None:
         **{f"photo{i}": items(f"photo{i}", 2) for i in range(5)},
     }
     data = adapt_data.Data(train=train, gallery=[], splits={}, held_out=[])
-    options = options.AdaptOptions(batch_size=8, views=2)
+    options = AdaptOptions(batch_size=8, views=2)
     slots: dict[str, int] = dict.fromkeys(train, 0)
     for step in range(600):
-        for key, _item, _rng in loop.sample_batch(data, options, step)[::2]:  # one per implant slot
+        batch = loop.sample_batch(data, options, step, Seeds(0))
+        for key, _item, _rng in batch[::2]:  # one per implant slot
             slots[key] += 1
     share = slots["rendered"] / sum(slots.values())
     assert share == pytest.approx(1 / 6, abs=0.03)  # 72 views: still one implant in six
