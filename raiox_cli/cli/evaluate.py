@@ -52,6 +52,21 @@ def eval_(
             show_default=False,
         ),
     ] = None,
+    unknown: Annotated[
+        Path | None,
+        typer.Option(
+            help="X-rays of implants NOT in the catalogue (any folder of images): adds the "
+            "open-set AUROC and the false-positive rate at 95% true-positive rate",
+            show_default=False,
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="write the calibration's reliability diagram and set-size histogram (PNG)",
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOut = False,
     *,
     settings: config.Settings,
@@ -68,6 +83,11 @@ def eval_(
     manufacturer, with how often the best score was under --min-score when raiox
     was right and when it was wrong. "Not in the catalogue" confirmations are
     counted apart. Example: raiox eval --confirmed --since 2026-01-01 --client clinic-42
+
+    With a calibration (raiox calibrate) both add how far its numbers hold: ECE
+    (15 bins) and Brier of the probability, prediction-set coverage against its
+    target and mean set size, out-of-catalogue false alarms; --confirmed per month.
+    Example: raiox eval ./labelled-xrays --unknown ./other-brands --plot trust.png
     """
     # lazy: start-up time
     from raiox_cli.search import evaluate
@@ -76,20 +96,67 @@ def eval_(
         raise UsageError("give QUERIES (labelled X-rays) or --confirmed, one of them")
     if not confirmed and (since or client or min_score is not None):
         raise UsageError("--since, --client and --min-score go with --confirmed")
+    if confirmed and unknown is not None:
+        raise UsageError("--unknown goes with QUERIES (confirmations say it themselves)")
     if queries is None:
         real = evaluate.evaluate_confirmed_source(settings, since=since, client=client)
+        _plot(plot, (real.trust or {}).get("all"), "confirmed answers")
         if json_out:
             print_json(real.to_dict())
         else:
             _print_confirmed(real)
         return
-    report = evaluate.evaluate_source(settings, queries)
+    report = evaluate.evaluate_source(settings, queries, unknown)
+    _plot(plot, report.trust, f"{queries} ({report.model_id})")
     for skipped in report.skipped:
         note(f"skipped {skipped.path}: {skipped.error}")
     if json_out:
         print_json(report.to_dict())
     else:
         print_eval(report)
+        _print_trust(report.trust)
+
+
+def _plot(path: Path | None, trust: dict[str, Any] | None, title: str) -> None:
+    if path is None:
+        return
+    if not trust or not trust.get("reliability"):
+        note(f"no plot: nothing calibrated to draw ({(trust or {}).get('reason', 'no answers')})")
+        return
+    from raiox_cli.search.plots import write_trust_plot
+
+    note(f"plot: {write_trust_plot(trust, path, title=title)}")
+
+
+def _fmt(value: Any, pattern: str = "{:.3f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def _print_trust(trust: dict[str, Any] | None) -> None:
+    if not trust:
+        return
+    if trust.get("unknown_queries"):
+        say(
+            f"not in the catalogue ({trust['unknown_queries']} X-rays): AUROC of the raw top "
+            f"score {_fmt(trust['ooc_auroc_raw_score'])}, FPR at 95% TPR "
+            f"{_fmt(trust['ooc_fpr_at_95tpr_raw_score'], '{:.1%}')}"
+        )
+    if not trust["calibrated"]:
+        say(f"uncalibrated: {trust['reason']}")
+        return
+    say(
+        f"calibration {trust['calibration_id']}: ECE {_fmt(trust['ece'])} (raw score "
+        f"{_fmt(trust['ece_raw_score'])}), Brier {_fmt(trust['brier'])}; sets: coverage "
+        f"{_fmt(trust['coverage'], '{:.1%}')} for {_fmt(trust['target'], '{:.0%}')}, mean size "
+        f"{_fmt(trust['mean_set_size'], '{:.2f}')}; false alarms "
+        f"{_fmt(trust['false_alarm'], '{:.1%}')}"
+        + (
+            f", AUROC {_fmt(trust['ooc_auroc'])}, FPR at 95% TPR "
+            f"{_fmt(trust['ooc_fpr_at_95tpr'], '{:.1%}')}"
+            if trust.get("ooc_auroc") is not None
+            else ""
+        )
+    )
 
 
 def _accuracy_table(title: str, first: str, rows: list[dict[str, Any]], key: str) -> Table:
@@ -132,6 +199,29 @@ def _print_confirmed(report: Any) -> None:
                 "per manufacturer", "manufacturer", report.by_manufacturer, "manufacturer"
             )
         )
+    if report.trust:
+        out.print(_trust_table(report.trust))
     if report.confused:
         title = "most confused (confirmed -> raiox answered)"
         out.print(confused_table(title, report.confused, first="confirmed"))
+
+
+def _trust_table(trust: dict[str, Any]) -> Table:
+    """Calibrated answers against the confirmations, per month."""
+    table = Table(title="calibrated answers (what they said, against the confirmations)")
+    for column in ("month", "answers", "top-1", "ECE", "Brier", "coverage", "mean set",
+                   "false alarms", "detected"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "month" else "right")
+    for row in [*trust["by_month"], {"month": "all", **trust["all"]}]:
+        table.add_row(
+            row["month"],
+            str(row["analyses"]),
+            _fmt(row["top1"], "{:.1%}"),
+            _fmt(row["ece"]),
+            _fmt(row["brier"]),
+            _fmt(row["coverage"], "{:.1%}"),
+            _fmt(row["mean_set_size"], "{:.2f}"),
+            _fmt(row["false_alarm"], "{:.1%}"),
+            _fmt(row["detected"], "{:.1%}"),
+        )
+    return table

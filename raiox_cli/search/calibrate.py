@@ -207,7 +207,9 @@ def _fit_temperature(samples: Sequence[Sample]) -> float:
     return float(min(grid, key=nll))
 
 
-def fit_params(samples: Sequence[Sample], target: float) -> dict[str, Any]:
+def fit_params(
+    samples: Sequence[Sample], target: float, *, with_outside: bool = False
+) -> dict[str, Any]:
     """The three fits from calibration samples (see the module's docstring)."""
     inside = [s for s in samples if s.in_catalogue]
     if len(inside) < MIN_QUERIES:
@@ -215,10 +217,12 @@ def fit_params(samples: Sequence[Sample], target: float) -> dict[str, Any]:
             f"{len(inside)} queries of catalogued implants; a calibration needs at least "
             f"{MIN_QUERIES}"
         )
-    # The probability learns from every query with a known answer: not-in-catalogue
-    # ones too when a real source has them (their top answer is wrong by definition).
-    x = np.stack([features(s.scores) for s in samples])
-    y = np.array([1 if s.in_catalogue and s.true_rank == 1 else 0 for s in samples])
+    # The probability is that of a right top answer for an X-ray of a catalogued
+    # implant (the out-of-catalogue flag speaks for the others), except where the
+    # share of the others is real (confirmations): there it learns from them too.
+    learn = samples if with_outside else inside
+    x = np.stack([features(s.scores) for s in learn])
+    y = np.array([1 if s.in_catalogue and s.true_rank == 1 else 0 for s in learn])
     params = _fit_probability(x, y)
     temperature = _fit_temperature(inside)
     threshold = conformal_quantile([_nonconformity(s, temperature) for s in inside], target)
@@ -232,6 +236,7 @@ def fit_params(samples: Sequence[Sample], target: float) -> dict[str, Any]:
         ooc_queries=len(inside),
         features=list(FEATURES),
         depth=DEPTH,
+        probability_of="any X-ray" if with_outside else "an X-ray of a catalogued implant",
     )
     return params
 
@@ -257,14 +262,22 @@ def fit(
     measuring on the other (so they are not measured on what was fitted)."""
     check_rate("--target", target)
     check_rate("--false-alarm", false_alarm)
-    params = fit_params(samples, target)
+    with_outside = source == "confirmed"  # the one source with a real out-of-catalogue share
+    params = fit_params(samples, target, with_outside=with_outside)
     calibration = Calibration(
         model_id, target, false_alarm, tta, source, counts, snapshot_hash(samples), params
     )
     first, second = _split(samples, np.random.default_rng(seed))
     try:
         half = Calibration(
-            model_id, target, false_alarm, tta, source, {}, "", fit_params(first, target)
+            model_id,
+            target,
+            false_alarm,
+            tta,
+            source,
+            {},
+            "",
+            fit_params(first, target, with_outside=with_outside),
         )
         calibration.metrics = {"held_out_half": measure(half, second)}
     except NoCalibrationData:
@@ -357,13 +370,16 @@ def fpr_at_tpr(
 
 def measure(calibration: Calibration, samples: Sequence[Sample]) -> dict[str, Any]:
     """What a calibration does on queries with a known answer: ECE and Brier of the
-    probability (raw top score as a probability beside it), set coverage and size,
+    probability on X-rays of catalogued implants (the raw top score taken as a
+    probability beside it; ece_all over every query), set coverage and size,
     the out-of-catalogue false alarms and, given such queries, AUROC and FPR@95%TPR."""
     inside = [s for s in samples if s.in_catalogue]
     outside = [s for s in samples if not s.in_catalogue]
-    probs = [calibration.probability(s.scores) for s in samples]
-    right = [1 if s.in_catalogue and s.true_rank == 1 else 0 for s in samples]
-    raw = [min(max(s.scores[0], 0.0), 1.0) if s.scores else 0.0 for s in samples]
+    probs_all = [calibration.probability(s.scores) for s in samples]
+    right_all = [1 if s.in_catalogue and s.true_rank == 1 else 0 for s in samples]
+    probs = [calibration.probability(s.scores) for s in inside]
+    right = [1 if s.true_rank == 1 else 0 for s in inside]
+    raw = [min(max(s.scores[0], 0.0), 1.0) if s.scores else 0.0 for s in inside]
     sets = [calibration.prediction_set(s.scores) for s in inside]
     covered = [
         s.true_rank is not None and (s.true_rank - 1) in members
@@ -380,6 +396,9 @@ def measure(calibration: Calibration, samples: Sequence[Sample]) -> dict[str, An
         "ece": ece(probs, right),
         "ece_raw_score": ece(raw, right),
         "brier": brier(probs, right),
+        "brier_raw_score": brier(raw, right),
+        # over every query, out-of-catalogue ones too (their top answer is never right)
+        "ece_all": ece(probs_all, right_all),
         "coverage": float(np.mean(covered)) if covered else None,
         "target": calibration.target,
         "mean_set_size": float(np.mean(sizes)) if sizes else None,
@@ -396,6 +415,77 @@ def measure(calibration: Calibration, samples: Sequence[Sample]) -> dict[str, An
         "ooc_auroc": auroc([-p for p in out_p], [-p for p in in_p]),
         "ooc_fpr_at_95tpr": fpr_at_tpr([-p for p in out_p], [-p for p in in_p]),
         "reliability": reliability(probs, right),
+    }
+
+
+def evaluation(
+    calibration: Calibration | None,
+    inside: Sequence[Sample],
+    outside: Sequence[Sample],
+    *,
+    model_id: str,
+    tta: bool,
+) -> dict[str, Any]:
+    """`raiox eval`: the active calibration measured on labelled X-rays (and X-rays of
+    implants not in the catalogue, --unknown); the raw top score's open-set AUROC
+    either way, so a catalogue without a calibration still learns how separable it is."""
+    tops_in = [-s.scores[0] for s in inside if s.scores]
+    tops_out = [-s.scores[0] for s in outside if s.scores]
+    raw = {
+        "unknown_queries": len(outside),
+        "ooc_auroc_raw_score": auroc(tops_out, tops_in),
+        "ooc_fpr_at_95tpr_raw_score": fpr_at_tpr(tops_out, tops_in),
+    }
+    reason = why_not(calibration, model_id=model_id, tta=tta, filtered=False)
+    if reason is not None:
+        return {"calibrated": False, "reason": reason, **raw}
+    assert calibration is not None
+    measured = measure(calibration, [*inside, *outside])
+    return {"calibrated": True, "calibration_id": calibration.id, **measured, **raw}
+
+
+def answered_measures(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """`eval --confirmed`: what calibrated answers said (their stored trust fields,
+    never recomputed) against what the dentists confirmed."""
+    inside = [r for r in rows if not r["not_in_catalogue"]]
+    outside = [r for r in rows if r["not_in_catalogue"]]
+
+    def top(row: dict[str, Any]) -> str | None:
+        ranked = row["trust"].get("ranked") or []
+        return ranked[0][0] if ranked else None
+
+    probs = [float(r["trust"]["probability"]) for r in inside]
+    right = [1 if top(r) == r["implant_key"] else 0 for r in inside]
+    sizes = [len(r["trust"]["prediction_set"]) for r in inside]
+    covered = [r["implant_key"] in r["trust"]["prediction_set"] for r in inside]
+    return {
+        "analyses": len(rows),
+        "in_catalogue": len(inside),
+        "not_in_catalogue": len(outside),
+        "top1": float(np.mean(right)) if right else None,
+        "ece": ece(probs, right) if probs else None,
+        "brier": brier(probs, right) if probs else None,
+        "coverage": float(np.mean(covered)) if covered else None,
+        "targets": sorted({r["trust"]["set_coverage"] for r in inside}),
+        "mean_set_size": float(np.mean(sizes)) if sizes else None,
+        "set_sizes": np.bincount(sizes, minlength=DEPTH + 1).tolist() if sizes else [],
+        "false_alarm": float(np.mean([bool(r["trust"]["out_of_catalogue"]) for r in inside]))
+        if inside
+        else None,
+        "detected": float(np.mean([bool(r["trust"]["out_of_catalogue"]) for r in outside]))
+        if outside
+        else None,
+        "reliability": reliability(probs, right) if probs else [],
+    }
+
+
+def answered_by_month(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    months: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        months.setdefault(row["month"], []).append(row)
+    return {
+        "all": answered_measures(rows),
+        "by_month": [{"month": m, **answered_measures(r)} for m, r in sorted(months.items())],
     }
 
 

@@ -113,22 +113,8 @@ def labels_samples(
             f"{len(unknown)} of {len(labelled)} labels name no implant of the catalogue, e.g. "
             f"{first.label!r} ({first.path}); correct them, or ingest those implants first"
         )
-    model = search.catalogue_model(conn, embedder.model_id)
-    views = search.ORIENTATIONS if settings.tta else search.ORIENTATIONS[:1]
     by_path = {q.path: index[evaluate._normalise(q.label)] for q in labelled}
-    samples, unreadable = [], 0
-    for path, vectors, _error in evaluate._vectors(embedder, list(by_path), settings, settings.tta):
-        if vectors is None:
-            unreadable += 1
-            continue
-        result = search.search_vectors(
-            conn, model, vectors, k=DEPTH + 1, ef_search=settings.ef_search, orientations=views
-        )
-        keys = [m.key for m in result.matches]
-        expected = by_path[path]
-        rank = keys.index(expected) + 1 if expected in keys else None
-        scores = tuple(m.score for m in result.matches)
-        samples.append(Sample(scores, rank, True, f"labels\t{path.name}\t{expected}"))
+    samples, unreadable = evaluate.searched_samples(conn, embedder, settings, by_path)
     counts = {"labelled_xrays": len(samples), "unreadable": unreadable, "labels": str(source)}
     return samples, counts
 

@@ -26,7 +26,9 @@ from raiox_cli.config import Settings
 from raiox_cli.db import queries
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import RaioxError, UsageError
+from raiox_cli.search import calibrate
 from raiox_cli.search import query as search
+from raiox_cli.search.calibrate import Sample
 
 DEPTH = 10  # implants ranked per query; MRR counts a label found deeper as 0
 BATCH = 32
@@ -73,6 +75,9 @@ class EvalReport:
     scores_right: list[float] = field(default_factory=list)
     scores_wrong: list[float] = field(default_factory=list)
     depth: int = DEPTH
+    # The calibration's numbers on these queries (calibrate.evaluation): ECE, Brier,
+    # coverage, set sizes, open-set AUROC with --unknown.
+    trust: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,6 +177,44 @@ def _embed(embedder: Embedder, pixels: list[np.ndarray]) -> np.ndarray:
     )
 
 
+def unknown_samples(
+    conn: psycopg.Connection, embedder: embedding.Embedder, settings: Settings, folder: Path
+) -> tuple[list[Sample], int]:
+    """X-rays of implants that are not in the catalogue (every image under `folder`)."""
+    paths = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not paths:
+        raise NoLabelledQueries(f"no images under {folder} (--unknown)")
+    return searched_samples(conn, embedder, settings, dict.fromkeys(paths))
+
+
+def searched_samples(
+    conn: psycopg.Connection,
+    embedder: embedding.Embedder,
+    settings: Settings,
+    expected: dict[Path, str | None],
+) -> tuple[list[Sample], int]:
+    """Each X-ray searched exactly as `raiox search` does (expected implant key, or
+    None for one not in the catalogue); and how many could not be read."""
+    model = search.catalogue_model(conn, embedder.model_id)
+    views = search.ORIENTATIONS if settings.tta else search.ORIENTATIONS[:1]
+    samples, unreadable = [], 0
+    for path, vectors, _error in _vectors(embedder, list(expected), settings, settings.tta):
+        if vectors is None:
+            unreadable += 1
+            continue
+        result = search.search_vectors(
+            conn, model, vectors, k=DEPTH + 1, ef_search=settings.ef_search, orientations=views
+        )
+        keys = [m.key for m in result.matches]
+        key = expected[path]
+        rank = keys.index(key) + 1 if key in keys else None
+        scores = tuple(m.score for m in result.matches)
+        samples.append(Sample(scores, rank, key is not None, f"xray\t{path.name}\t{key}"))
+    return samples, unreadable
+
+
 def evaluate(
     conn: psycopg.Connection,
     embedder: Embedder,
@@ -179,13 +222,17 @@ def evaluate(
     settings: Settings,
     *,
     tta: bool = False,
+    unknown: Path | None = None,
 ) -> EvalReport:
+    """Accuracy on labelled X-rays; with the model's calibration, how well its
+    numbers hold on them (and on X-rays of implants not in the catalogue: unknown)."""
     model = search.catalogue_model(conn, embedder.model_id)
     index = _label_index(conn)
     orientations = search.ORIENTATIONS if tta else search.ORIENTATIONS[:1]
     by_path = {q.path: q for q in labelled}
     outcomes: list[Outcome] = []
     skipped: list[Outcome] = []
+    samples: list[Sample] = []
     for path, vectors, error in _vectors(embedder, list(by_path), settings, tta):
         label = by_path[path].label
         expected = index.get(_normalise(label))
@@ -206,11 +253,17 @@ def evaluate(
         rank = keys.index(expected) + 1 if expected in keys else None
         top = [(m.key, round(m.score, 4)) for m in result.matches[:3]]
         outcomes.append(Outcome(str(path), label, expected, rank, top))
+        samples.append(Sample(tuple(m.score for m in result.matches), rank, True, str(path)))
     if not outcomes:
         raise NoLabelledQueries(
             "no query could be evaluated: " + "; ".join(f"{o.path}: {o.error}" for o in skipped[:3])
         )
-    return _report(model.model_id, tta, outcomes, skipped)
+    report = _report(model.model_id, tta, outcomes, skipped)
+    outside = unknown_samples(conn, embedder, settings, unknown)[0] if unknown else []
+    report.trust = calibrate.evaluation(
+        calibrate.load(conn, model.model_id), samples, outside, model_id=model.model_id, tta=tta
+    )
+    return report
 
 
 def _report(
@@ -247,7 +300,7 @@ def _report(
     )
 
 
-def evaluate_source(settings: Settings, source: Path) -> EvalReport:
+def evaluate_source(settings: Settings, source: Path, unknown: Path | None = None) -> EvalReport:
     """`raiox eval`: read the labelled queries, refuse a mismatched catalogue before
     loading the model, then evaluate."""
     labelled = labelled_queries(source)
@@ -256,7 +309,7 @@ def evaluate_source(settings: Settings, source: Path) -> EvalReport:
         db.check_schema(conn)
         search.catalogue_model(conn, embedding.model_id(spec))
         embedder = embedding.load_embedder(spec)
-        return evaluate(conn, embedder, labelled, settings, tta=settings.tta)
+        return evaluate(conn, embedder, labelled, settings, tta=settings.tta, unknown=unknown)
 
 
 # --- eval --confirmed: the answers raiox gave, against the dentists' confirmations ---
@@ -291,6 +344,9 @@ class ConfirmedReport:
     scores_right: list[float] = field(default_factory=list)
     scores_wrong: list[float] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    # Answers given with a calibration: their stored probability, set and flag against
+    # the confirmations, overall ("all") and per month (calibrate.answered_by_month).
+    trust: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -364,7 +420,9 @@ def evaluate_confirmed(
     def spread(scores: list[float]) -> list[float]:
         return [min(scores), float(np.median(scores)), max(scores)] if scores else []
 
+    answered = queries.confirmed_trust(conn, since=since, client=client)
     return ConfirmedReport(
+        trust=calibrate.answered_by_month(answered) if answered else None,
         since=since.isoformat() if since else None,
         client=client,
         analyses=len(rows),

@@ -263,3 +263,69 @@ def test_a_stale_calibration_is_not_applied(weighted, tmp_path: Path) -> None:
     assert json.loads(result.stdout)["calibration"]["reason"] == "stale"
     answer = runner.invoke(app, ["search", str(info.query_files[0]), "--json"])
     assert json.loads(answer.stdout)["trust"]["calibrated"] is True
+
+
+@pytest.mark.slow
+def test_eval_measures_the_calibration_and_plots_it(weighted, tmp_path: Path) -> None:
+    info = _ingest(tmp_path / "s", systems=5)
+    unknown = synth.make_catalogue(tmp_path / "u", systems=7, views=1, queries=2, size=(64, 80))
+    assert runner.invoke(app, ["calibrate", "--queries", "40"]).exit_code == 0
+
+    plot = tmp_path / "trust.png"
+    result = runner.invoke(
+        app,
+        ["eval", str(info.queries_dir), "--unknown", str(unknown.queries_dir), "--plot", str(plot),
+         "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    trust = json.loads(result.stdout)["trust"]
+    assert trust["calibrated"] is True and trust["target"] == 0.9
+    assert trust["in_catalogue"] == len(info.query_files)
+    assert trust["out_of_catalogue"] == trust["unknown_queries"] == 14  # 7 systems x 2
+    for key in ("ece", "brier", "coverage", "mean_set_size", "ooc_auroc", "ooc_fpr_at_95tpr"):
+        assert trust[key] is not None and trust[key] >= 0
+    assert len(trust["reliability"]) == calibrate.ECE_BINS
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    table = runner.invoke(app, ["eval", str(info.queries_dir)])
+    assert "ECE" in table.stdout and "coverage" in table.stdout
+
+    # Calibrated answers, confirmed: eval --confirmed reads what they said, per month.
+    saved = []
+    for query in info.query_files[:3]:
+        answer = runner.invoke(app, ["search", str(query), "--save", "--json"])
+        saved.append((query, json.loads(answer.stdout)["analysis_id"]))
+    for query, analysis_id in saved[:2]:
+        key = info.label_of(query)
+        assert runner.invoke(app, ["confirm", str(analysis_id), key]).exit_code == 0
+    assert runner.invoke(app, ["confirm", str(saved[2][1]), "--not-in-catalogue"]).exit_code == 0
+    real = runner.invoke(app, ["eval", "--confirmed", "--json", "--plot", str(plot)])
+    assert real.exit_code == 0, real.output
+    answered = json.loads(real.stdout)["trust"]
+    assert answered["all"]["in_catalogue"] == 2 and answered["all"]["not_in_catalogue"] == 1
+    assert len(answered["by_month"]) == 1 and answered["all"]["coverage"] is not None
+    table = runner.invoke(app, ["eval", "--confirmed"])
+    assert "calibrated answers" in table.stdout
+
+
+@pytest.mark.slow
+def test_calibrate_from_labels_and_from_confirmations(weighted, tmp_path: Path) -> None:
+    _ingest(tmp_path / "s", systems=5)
+    queries_dir = synth.make_catalogue(
+        tmp_path / "q", systems=5, views=1, queries=5, size=(64, 80)
+    ).queries_dir  # same seed: the same 5 implants, 25 X-ray-like queries
+    result = runner.invoke(app, ["calibrate", "--labels", str(queries_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    fit = json.loads(result.stdout)
+    assert fit["source"] == "labels" and fit["counts"]["labelled_xrays"] == 25
+
+    # 25 confirmed answers of this model (one not in the catalogue) calibrate too.
+    for query in sorted(queries_dir.rglob("*.png")):
+        answer = json.loads(runner.invoke(app, ["search", str(query), "--save", "--json"]).stdout)
+        key = f"{query.parent.parent.name}/{query.parent.name}"
+        assert runner.invoke(app, ["confirm", str(answer["analysis_id"]), key]).exit_code == 0
+    result = runner.invoke(app, ["calibrate", "--source", "confirmed", "--json"])
+    assert result.exit_code == 0, result.output
+    fit = json.loads(result.stdout)
+    assert fit["source"] == "confirmed" and fit["counts"]["confirmed"] == 25
+    assert fit["params"]["probability_of"] == "any X-ray"

@@ -8,9 +8,12 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from raiox_cli.db.queries.feedback import _LATEST, _filters
+
 __all__ = [
     "calibration_gallery",
     "calibrations_exist",
+    "confirmed_trust",
     "confirmed_trust_outcomes",
     "latest_calibration",
     "latest_calibration_any",
@@ -124,5 +127,22 @@ def confirmed_trust_outcomes(
                  AND (%(since)s::timestamptz IS NULL OR a.created_at >= %(since)s::timestamptz)
                ORDER BY c.analysis_id, c.id DESC""",
             {"m": model_id, "since": since},
+        )
+        return list(cur.fetchall())
+
+
+def confirmed_trust(
+    conn: psycopg.Connection, *, since: Any = None, client: str | None = None
+) -> list[dict[str, Any]]:
+    """For `eval --confirmed`: each confirmed analysis answered with a calibration,
+    its latest confirmation beside the trust fields the answer carried, by month."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            f"""SELECT l.analysis_id, l.not_in_catalogue, l.implant_key, a.trust,
+                       to_char(l.analysed_at AT TIME ZONE 'UTC', 'YYYY-MM') AS month
+                FROM ({_LATEST}) l JOIN analyses a ON a.id = l.analysis_id
+                WHERE l.status = 'done' AND (a.trust ->> 'calibrated')::boolean
+                ORDER BY l.analysed_at, l.analysis_id""",
+            _filters(since, client),
         )
         return list(cur.fetchall())

@@ -1,0 +1,222 @@
+"""`raiox calibrate` on the synthetic catalogue: do the numbers hold on X-rays the
+calibration never saw? Prints one JSON object on stdout and a table on stderr.
+
+The synthetic generator draws `--systems` implant systems; the last `--unknown` of
+them are left out of the catalogue, so their X-ray-like queries are X-rays of
+implants not in the catalogue. The known implants' queries are split once (seeded):
+`--labelled` of them may calibrate ("200 labelled X-rays"), the rest (at least 500)
+only measure, with every unknown query. Two calibrations are compared at targets
+0.8, 0.9 and 0.95: **day one** (the catalogue source alone: augmented catalogue
+images, implants left out) and **labelled** (the labelled X-rays). Measured: set
+coverage against the target, mean set size, ECE (15 bins) and Brier of the
+probability on X-rays of catalogued implants before (raw top score as the
+probability) and after, the out-of-catalogue false alarms, AUROC and FPR at 95% TPR.
+
+  python bench/bench_calibrate.py --model raiox-tiny                 # random weights
+  python bench/bench_calibrate.py --model raiox-small --adapt-steps 300   # trained first
+
+With --adapt-steps the model is first trained from scratch on the catalogue
+(`raiox adapt --apply --force`; queries never trained on); the catalogue source then
+uses only the implants adapt held out of training. Search runs without TTA (one
+orientation, a third of the CPU) in both calibration and measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raiox_cli.training import synth
+
+TARGETS = (0.8, 0.9, 0.95)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _raiox(args: list[str], env: dict[str, str]) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "raiox_cli", *args], env=env, stdout=subprocess.PIPE, text=True
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"raiox {args[0]} exited {proc.returncode}")
+    return proc.stdout
+
+
+def _data(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path]:
+    """(catalogue of the known implants, their queries, the unknown implants' queries)."""
+    root = work / "synth"
+    width, _, height = args.size.partition("x")
+    if not (root / ".complete").exists():
+        info = synth.make_catalogue(
+            root,
+            systems=args.systems,
+            views=args.views,
+            queries=args.queries,
+            size=(int(width), int(height)),
+            seed=args.seed,
+        )
+        kept = info.implants[: args.systems - args.unknown]
+        synth._write_csv(info.csv, [implant.design for implant in kept])
+        for implant in info.implants[args.systems - args.unknown :]:
+            shutil.rmtree(implant.folder)  # not in the catalogue
+            target = root / "unknown" / implant.design.manufacturer / implant.design.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(implant.queries[0].parent), str(target))
+        (root / ".complete").write_text("ok")
+    return root / "catalogue", root / "queries", root / "unknown"
+
+
+def _measure_row(m: dict[str, Any]) -> dict[str, Any]:
+    keys = (
+        "coverage", "target", "mean_set_size", "empty_sets", "top1", "ece_raw_score", "ece",
+        "ece_all", "brier_raw_score", "brier", "false_alarm", "detected", "ooc_auroc",
+        "ooc_fpr_at_95tpr", "in_catalogue", "out_of_catalogue",
+    )  # fmt: skip
+    return {k: (round(m[k], 4) if isinstance(m[k], float) else m[k]) for k in keys}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--systems", type=int, default=30)
+    parser.add_argument("--unknown", type=int, default=6, help="systems left out of the catalogue")
+    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--queries", type=int, default=30, help="X-ray-like queries per system")
+    parser.add_argument("--labelled", type=int, default=200)
+    parser.add_argument("--catalogue-queries", type=int, default=400)
+    parser.add_argument("--size", default="160x200", help="synthetic image size WxH")
+    parser.add_argument("--model", default="raiox-tiny")
+    parser.add_argument("--adapt-steps", type=int, default=0, help="0: the model as it is")
+    parser.add_argument("--adapt-minutes", type=float, default=40.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=None, help="keep data and runs here")
+    args = parser.parse_args()
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="raiox-bench-calibrate-"))
+    catalogue, known_dir, unknown_dir = _data(args, work)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAIOX_")}
+    env.update(
+        RAIOX_HOME=str(work / "home"),
+        RAIOX_MODEL=args.model,
+        RAIOX_PRETRAINED="none",
+        RAIOX_DEVICE="cpu",
+        RAIOX_TTA="0",
+    )
+    started = time.perf_counter()
+    _raiox(["init-db"], env)
+    _raiox(["ingest", str(catalogue), "--json"], env)
+    adapted = None
+    if args.adapt_steps:
+        report = json.loads(
+            _raiox(
+                ["adapt", "--steps", str(args.adapt_steps), "--max-minutes",
+                 str(args.adapt_minutes), "--batch-size", "72", "--lr", "2e-3",
+                 "--seed", str(args.seed), "--json", "--apply", "--force"],
+                env,
+            )
+        )  # fmt: skip
+        env["RAIOX_WEIGHTS"] = report["weights"]
+        adapted = {
+            "steps": report["card"]["training"]["steps"],
+            "held_out_implants": report["card"]["data"]["held_out_implants"],
+            "after": report["card"]["metrics"]["after"].get("all"),
+        }
+    setup_s = time.perf_counter() - started
+    os.environ.update(env)
+    for key in [k for k in os.environ if k.startswith("RAIOX_") and k not in env]:
+        del os.environ[key]
+
+    from raiox_cli import config, db, embedding
+    from raiox_cli.search import calibrate, calibration_data, evaluate
+
+    settings = config.resolve()
+    embedder = embedding.load_embedder(embedding.ModelSpec.from_settings(settings))
+    started = time.perf_counter()
+    with db.connect(settings) as conn:
+        known, _ = calibration_data.labels_samples(conn, embedder, settings, known_dir)
+        unknown, _ = evaluate.unknown_samples(conn, embedder, settings, unknown_dir)
+        day_one, day_one_counts = calibration_data.catalogue_samples(
+            conn,
+            embedder,
+            settings,
+            calibration_data.training_of(settings),
+            n=args.catalogue_queries,
+            seed=args.seed,
+        )
+    search_s = time.perf_counter() - started
+    order = np.random.default_rng(args.seed).permutation(len(known))
+    labelled = [known[i] for i in order[: args.labelled]]
+    test = [known[i] for i in order[args.labelled :]] + unknown
+
+    results: dict[str, Any] = {}
+    for name, samples, source in (
+        ("day_one", day_one, "catalogue"),
+        ("labelled", labelled, "labels"),
+    ):
+        for target in TARGETS:
+            fitted = calibrate.fit(
+                samples, model_id=embedder.model_id, target=target, tta=False, source=source,
+                counts={},
+            )  # fmt: skip
+            results.setdefault(name, {})[str(target)] = _measure_row(
+                calibrate.measure(fitted, test)
+            )
+
+    out = {
+        "machine": {
+            "cpu": _cpu_model(),
+            "cores": os.cpu_count(),
+            "load_average": [round(x, 1) for x in os.getloadavg()],
+        },
+        "setup": {
+            "model_id": embedder.model_id,
+            "systems": args.systems,
+            "unknown_systems": args.unknown,
+            "queries_per_system": args.queries,
+            "size": args.size,
+            "tta": False,
+            "adapted": adapted,
+            "calibration": {"day_one": day_one_counts, "labelled": len(labelled)},
+            "test": {
+                "in_catalogue": len(test) - len(unknown),
+                "out_of_catalogue": len(unknown),
+            },
+            "setup_s": round(setup_s, 1),
+            "search_s": round(search_s, 1),
+        },
+        "results": results,
+    }
+    print(json.dumps(out, indent=1))
+    err = sys.stderr
+    err.write(f"\n{embedder.model_id}: {out['setup']['test']} test queries\n")
+    err.write("source    target  cover  set  empty  top1  ECEraw  ECE  Brier  FA   AUROC FPR95\n")
+    for name, rows in results.items():
+        for target, m in rows.items():
+            err.write(
+                f"{name:9} {target:6} {m['coverage']:.3f} {m['mean_set_size']:4.2f} "
+                f"{m['empty_sets']:.2f} {m['top1']:.3f} {m['ece_raw_score']:.3f} {m['ece']:.3f} "
+                f"{m['brier']:.3f} {m['false_alarm']:.3f} {m['ooc_auroc'] or 0:.3f} "
+                f"{m['ooc_fpr_at_95tpr'] or 0:.3f}\n"
+            )
+
+
+if __name__ == "__main__":
+    main()
