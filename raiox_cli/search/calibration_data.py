@@ -379,6 +379,14 @@ def calibrate_source(
         stored = calibrate.store(conn, calibration)
         conn.commit()
     notes = []
+    if stored.params["set_threshold"] is None:
+        held = stored.metrics.get("in_sample") or {}
+        notes.append(
+            f"a {target:.0%} coverage needs more than the {calibrate.DEPTH} nearest implants "
+            f"for this model: its sets hold all {calibrate.DEPTH} and covered "
+            f"{held.get('coverage') or 0:.0%} of these queries; a better model (raiox adapt) "
+            "or a lower --target"
+        )
     if model.model_id.endswith(":none"):
         notes.append("random model weights: search never applies this calibration (tests only)")
     return CalibrateReport(stored, why, notes)
