@@ -123,6 +123,7 @@ def _plot(path: Path | None, trust: dict[str, Any] | None, title: str) -> None:
     if not trust or not trust.get("reliability"):
         note(f"no plot: nothing calibrated to draw ({(trust or {}).get('reason', 'no answers')})")
         return
+    # lazy: start-up time (matplotlib)
     from raiox_cli.search.plots import write_trust_plot
 
     note(f"plot: {write_trust_plot(trust, path, title=title)}")
