@@ -30,7 +30,7 @@ import httpx
 from raiox_cli import utc
 from raiox_cli.config import Settings
 from raiox_cli.errors import RaioxError, UsageError
-from raiox_cli.server import auth, i18n
+from raiox_cli.server import auth, i18n, results
 
 TIMEOUT_S = 10.0
 TRANSIENT_STATUS = (408, 425, 429, 500, 502, 503, 504)
@@ -216,6 +216,9 @@ def render_email(finished: Finished) -> tuple[str, str, str]:
         "sent_at": t.when(created) if isinstance(created, dt.datetime) else "",
         "top": top,
         "confidence": t(f"email.confidence.{view.get('confidence') or 'none'}"),
+        "trust": results.trust_words(
+            t, view.get("trust"), {m["key"]: m["name"] or m["key"] for m in view.get("matches", [])}
+        ),
         "failed_reason": "" if done else t.failure(view),
         "url": view.get("result_url"),
         "expires": t.when(finished.link_expires_at),

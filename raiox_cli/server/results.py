@@ -15,6 +15,7 @@ from raiox_cli import images
 from raiox_cli.clinics import feedback
 from raiox_cli.db import queries
 from raiox_cli.search import sheet
+from raiox_cli.search.result import Trust
 from raiox_cli.server import logs
 
 
@@ -95,6 +96,8 @@ def view_of(
             for m in matches
         ],
     }
+    trust = Trust.from_dict(row.get("trust"))  # as the answer carried it, never recomputed
+    view["trust"] = trust.to_dict() if trust else None
     confirmed = feedback.latest(conn, analysis_id)
     view["confirmation"] = confirmed.to_dict() if confirmed else None
     notifications = queries.notifications_of(conn, analysis_id)
@@ -104,6 +107,26 @@ def view_of(
             for n in notifications
         }
     return view
+
+
+def trust_words(t: Any, trust: dict[str, Any] | None, names: dict[str, str]) -> dict[str, Any]:
+    """The answer's trust fields in the reader's language (result page and e-mail):
+    calibrated probability, "one of these N", "probably not in our catalogue"; or
+    that it is uncalibrated. `names`: implant key -> name for the set."""
+    if not trust:
+        return {"calibrated": False, "lines": []}
+    if not trust["calibrated"]:
+        return {"calibrated": False, "lines": [t("trust.uncalibrated")]}
+    coverage = round(100 * trust["set_coverage"])
+    members = [names.get(key, key) for key in trust["prediction_set"]]
+    lines = [t("trust.probability", percent=round(100 * trust["probability"]))]
+    if members:
+        lines.append(t("trust.set", coverage=coverage, n=len(members), names="; ".join(members)))
+    else:
+        lines.append(t("trust.set_empty", coverage=coverage))
+    if trust["out_of_catalogue"]:
+        lines.append(t("trust.not_in_catalogue"))
+    return {"calibrated": True, "lines": lines, "set": trust["prediction_set"]}
 
 
 def implant(

@@ -53,6 +53,31 @@ class Match(BaseModel):
     image_url: str | None
 
 
+class Trust(BaseModel):
+    """How far to trust the answer (raiox calibrate). Without a calibration (or with
+    random weights) calibrated is false, the numbers are null, reason says why and
+    verdict comes from fixed score thresholds."""
+
+    calibrated: bool
+    verdict: Literal["strong", "possible", "none", "not_in_catalogue"]
+    probability: float | None = Field(
+        description="calibrated probability that the first match is the right implant"
+    )
+    prediction_set: list[str] = Field(
+        description="implant keys: with set_coverage confidence the right one is among them"
+    )
+    set_coverage: float | None = Field(description="the coverage the set was built for")
+    out_of_catalogue: bool | None = Field(
+        description="the X-ray probably shows an implant that is not in the catalogue"
+    )
+    out_of_catalogue_score: float | None = Field(
+        description="1 - the conformal p-value of the top score; higher: more likely outside"
+    )
+    reason: str | None = Field(description="why the answer is not calibrated")
+    calibration_id: int | None
+    calibrated_at: str | None
+
+
 class Notification(BaseModel):
     status: Literal["pending", "sent", "failed"]
     attempts: int
@@ -137,6 +162,9 @@ class Analysis(BaseModel):
     finished_at: dt.datetime | None
     image: AnalysisImage
     matches: list[Match]
+    trust: Trust | None = Field(
+        default=None, description="how far to trust the answer; null for analyses made before"
+    )
     confirmation: Confirmation | None
     notification: Notification | None = None
 

@@ -386,7 +386,9 @@ class Worker:
         view = results.analysis(conn, self.store, analysis_id, self.settings.link_expires_s)
         if view is None:  # deleted since it was queued
             raise notify.NotifyFailed("the analysis no longer exists", transient=False)
-        if view["status"] == "done":
+        if view["status"] == "done" and view.get("trust"):
+            view["confidence"] = view["trust"]["verdict"]  # as the answer said it
+        elif view["status"] == "done":  # analysed before answers carried their trust
             view["confidence"] = search.confidence(
                 [float(m["score"]) for m in view["matches"]],
                 self.settings.min_score,

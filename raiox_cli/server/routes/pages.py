@@ -30,7 +30,7 @@ from raiox_cli.config import Settings
 from raiox_cli.db import queries
 from raiox_cli.errors import EmptyCatalogue, ModelMismatch, RaioxError
 from raiox_cli.search import query as search
-from raiox_cli.server import i18n, logs
+from raiox_cli.server import i18n, logs, results
 from raiox_cli.server.deps import read_form, server_config, with_db
 
 KEY_COOKIE = "raiox_key"
@@ -384,8 +384,14 @@ def result_view(
     matches = queries.analysis_matches(conn, row["id"])
     scores = [float(m["score"]) for m in matches]
     seconds = _seconds(row)
+    trust = row.get("trust")  # as the answer carried it; older analyses have none
+    names = {m["implant_key"]: m["name"] or m["implant_key"] for m in matches}
+    words = results.trust_words(t, trust, names)
     view.update(
-        confidence=search.confidence(scores, settings.min_score, settings.min_margin),
+        confidence=trust["verdict"]
+        if trust
+        else search.confidence(scores, settings.min_score, settings.min_margin),
+        trust=words,
         query_src=f"{base}/image/query",
         query_alt=t("result.query_alt_crop" if row.get("crop") else "result.query_alt"),
         model_id=row["model_id"],
@@ -400,7 +406,8 @@ def result_view(
                 "size": t.size(m["diameter_mm"], m["length_mm"]),
                 "connection": m["connection"],
                 "score": t.number(float(m["score"])),
-                "above": float(m["score"]) >= settings.min_score,
+                # coloured only by a calibrated set: a raw score is no verdict
+                "above": m["implant_key"] in words["set"] if words["calibrated"] else None,
                 "image_src": f"{base}/image/{m['rank']}" if m["storage_key"] else None,
             }
             for m in matches
