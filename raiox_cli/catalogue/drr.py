@@ -1,6 +1,6 @@
 """Digitally reconstructed radiographs of a closed triangle mesh: numpy only.
 
-The path length of a parallel ray through a closed surface is the sum, over the
+The path length of a ray through a closed surface is the sum, over the
 triangles the ray crosses, of each crossing's depth signed by whether the ray
 leaves (+) or enters (-) the solid there (the divergence theorem along a line).
 So one pass that scan-converts every triangle and adds its signed depth plane
@@ -10,6 +10,8 @@ triangles go to exactly one of them (half-open rows and columns, each edge's
 crossing computed from its endpoints in one fixed order), so a watertight mesh
 leaves no seams. The radiograph is then Beer-Lambert attenuation, detector blur
 and quantum noise from a seeded generator, over a plain or bone-like background.
+Parallel rays by default; a cone beam (point source) projects the vertices first
+and sums distances from the source per pixel instead of with running sums.
 """
 
 from __future__ import annotations
@@ -56,18 +58,46 @@ def rotation(axis_deg: float, tilt_deg: float, roll_deg: float = 0.0) -> np.ndar
 
 
 def path_lengths(
-    vertices: np.ndarray, faces: np.ndarray, size: int, px_per_mm: float
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    size: int,
+    px_per_mm: float,
+    source_mm: float | None = None,
 ) -> np.ndarray:
-    """(size, size) path length in mm of rays along camera z through the closed mesh
-    `vertices` (camera frame, mm, centred on the origin), sampled at pixel centres."""
-    px = vertices[:, 0] * px_per_mm + size / 2
-    py = size / 2 - vertices[:, 1] * px_per_mm  # rows go down
-    z = vertices[:, 2]
+    """(size, size) path length in mm through the closed mesh `vertices` (camera frame,
+    mm, centred on the origin), sampled at pixel centres: along parallel rays (camera
+    z), or with `source_mm` from a point source that far in front of the centre (a
+    cone beam, magnification 1 at the centre's plane)."""
+    if source_mm is None:
+        xy, depth = vertices[:, :2], vertices[:, 2]
+    else:
+        distance = source_mm - vertices[:, 2]
+        if (distance <= 0).any():
+            raise ValueError(f"a source {source_mm:g} mm away is inside the model")
+        xy = vertices[:, :2] * (source_mm / distance)[:, None]
+        depth = 1 / distance  # affine across a projected triangle, unlike the distance
+    spans = _spans(xy, depth, faces, size, px_per_mm)
+    if source_mm is None:
+        return _sum_parallel(spans, size)
+    return _sum_cone(spans, size, px_per_mm, source_mm)
+
+
+_Spans = tuple[np.ndarray, ...]
+
+
+def _spans(
+    xy: np.ndarray, depth: np.ndarray, faces: np.ndarray, size: int, px_per_mm: float
+) -> _Spans:
+    """Every (triangle, row) that covers pixel centres: row, first and stop column,
+    the span's ends (column) and the depth there, and the crossing's sign."""
+    px = xy[:, 0] * px_per_mm + size / 2
+    py = size / 2 - xy[:, 1] * px_per_mm  # rows go down
+    z = depth
     tri = faces.astype(np.int64)
-    ax, ay = vertices[tri[:, 0], 0], vertices[tri[:, 0], 1]
-    cross = (vertices[tri[:, 1], 0] - ax) * (vertices[tri[:, 2], 1] - ay) - (
-        vertices[tri[:, 2], 0] - ax
-    ) * (vertices[tri[:, 1], 1] - ay)
+    ax, ay = xy[tri[:, 0], 0], xy[tri[:, 0], 1]
+    cross = (xy[tri[:, 1], 0] - ax) * (xy[tri[:, 2], 1] - ay) - (xy[tri[:, 2], 0] - ax) * (
+        xy[tri[:, 1], 1] - ay
+    )
     keep = cross != 0  # edge-on triangles cover nothing
     tri, sign = tri[keep], np.sign(cross[keep])
     # Each triangle's corners by (row, vertex index): a shared edge is always walked
@@ -93,8 +123,12 @@ def path_lengths(
     col0 = np.clip(np.ceil(xl - 0.5), 0, size).astype(np.int64)
     col1 = np.clip(np.ceil(xr - 0.5), 0, size).astype(np.int64)
     hit = col1 > col0
-    row, col0, col1 = row[hit], col0[hit], col1[hit]
-    xl, xr, zl, zr, s = xl[hit], xr[hit], zl[hit], zr[hit], sign[which[hit]]
+    return (row[hit], col0[hit], col1[hit], xl[hit], xr[hit], zl[hit], zr[hit], sign[which[hit]])
+
+
+def _sum_parallel(spans: _Spans, size: int) -> np.ndarray:
+    """Signed depths summed per pixel with running sums: linear along each span."""
+    row, col0, col1, xl, xr, zl, zr, s = spans
     # Depth along the row: z = slope * col + offset, added from col0 on, removed at col1.
     # A span narrower than a pixel covers one centre: its depth there, no slope (a
     # sliver's slope would be huge and cost the running sums their precision).
@@ -117,6 +151,22 @@ def path_lengths(
     offsets = np.cumsum(offsets.reshape(height, width), axis=1)[:, :-1]
     frame[r0:r1, c0:c1] = np.maximum(slopes * np.arange(c0, c1) + offsets, 0.0)
     return frame
+
+
+def _sum_cone(spans: _Spans, size: int, px_per_mm: float, source_mm: float) -> np.ndarray:
+    """Cone beam: 1/distance is what is linear along a span, so each covered pixel gets
+    its crossing's distance from the source (no running sums), and the sum along the
+    slanted ray is the difference of distances along the central one times its secant."""
+    row, col0, col1, xl, xr, zl, zr, s = spans
+    count = col1 - col0
+    which = np.repeat(np.arange(len(row)), count)
+    col = col0[which] + np.arange(len(which)) - (np.cumsum(count) - count)[which]
+    at = np.clip((col + 0.5 - xl[which]) / (xr - xl)[which], 0.0, 1.0)
+    inverse = zl[which] + at * (zr - zl)[which]
+    frame = np.bincount(row[which] * size + col, -s[which] / inverse, size * size)
+    centre = (np.arange(size) + 0.5 - size / 2) / px_per_mm
+    secant = np.sqrt(1 + (centre[:, None] ** 2 + centre[None, :] ** 2) / source_mm**2)
+    return np.maximum(frame.reshape(size, size) * secant, 0.0)
 
 
 def _along(

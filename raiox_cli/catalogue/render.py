@@ -49,6 +49,7 @@ SANE_MM = (2.0, 100.0)
 SCALES = (1000.0, 100.0, 25.4, 10.0, 0.1, 0.01, 0.001)  # m, dm?, inch, cm, 0.1 mm, ..., um
 MAX_FACES = 400_000  # above: decimated (the projection's cost is linear in faces)
 FILL = 0.9  # the implant's bounding sphere spans this much of the frame
+MIN_SOURCE_MM = 100.0  # a cone beam's source: always outside a model of sane size
 _VIEW_NAME = re.compile(r"^rot(\d{3})_tilt(\d{2})(_mirror)?\.png$")
 AXES = {"x": (1, 0, 0), "y": (0, 1, 0), "z": (0, 0, 1)}
 
@@ -68,6 +69,7 @@ class RenderSettings:
     seed: int = 0
     scale: float = 1.0  # model units -> mm
     axis: str | None = None  # "z", "-y", "0,0,1": apex -> platform; None: principal axis
+    source_mm: float | None = None  # cone beam from a source this far; None: parallel rays
 
     def __post_init__(self) -> None:
         if self.material not in drr.MATERIALS:
@@ -84,6 +86,11 @@ class RenderSettings:
             raise UsageError(f"--scale {self.scale:g}: give a positive factor (1000 for metres)")
         if self.axis is not None:
             parse_axis(self.axis)
+        if self.source_mm is not None and not self.source_mm >= MIN_SOURCE_MM:
+            raise UsageError(
+                f"--cone {self.source_mm:g}: give at least {MIN_SOURCE_MM:g} mm (an "
+                "intraoral tube is 200-400 mm from the implant)"
+            )
 
     def physics(self) -> drr.Physics:
         return drr.Physics(self.material, self.background, self.blur_mm, self.photons)
@@ -300,12 +307,18 @@ def px_per_mm(mesh: PreparedMesh, size: int) -> float:
 
 
 def lengths_view(
-    mesh: PreparedMesh, turn: float, tilt: float, size: int, supersample: int = 1
+    mesh: PreparedMesh,
+    turn: float,
+    tilt: float,
+    size: int,
+    supersample: int = 1,
+    source_mm: float | None = None,
 ) -> np.ndarray:
-    """Path lengths (mm) of one view, `size` square, anti-aliased by `supersample`."""
+    """Path lengths (mm) of one view, `size` square, anti-aliased by `supersample`;
+    parallel rays, or a cone beam from a source `source_mm` away."""
     camera = mesh.vertices @ drr.rotation(turn, tilt).T
     scale = px_per_mm(mesh, size) * supersample
-    fine = drr.path_lengths(camera, mesh.faces, size * supersample, scale)
+    fine = drr.path_lengths(camera, mesh.faces, size * supersample, scale, source_mm)
     return drr.downsample(fine, supersample)
 
 
@@ -318,7 +331,9 @@ def draw_view(
     extra: np.ndarray | None = None,
 ) -> np.ndarray:
     """One radiograph-like view (uint8, bright = attenuating)."""
-    lengths = lengths_view(mesh, turn, tilt, settings.size, settings.supersample)
+    lengths = lengths_view(
+        mesh, turn, tilt, settings.size, settings.supersample, settings.source_mm
+    )
     return drr.radiograph(
         lengths, settings.physics(), px_per_mm(mesh, settings.size), rng, extra=extra
     )

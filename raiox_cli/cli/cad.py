@@ -35,6 +35,10 @@ def render_models(
     ] = None,
     scale: Annotated[float, typer.Option(help="model units to mm: 1000 for metres")] = 1.0,
     mirror: Annotated[bool, typer.Option("--mirror/--no-mirror", help="mirrored views")] = True,
+    cone: Annotated[
+        float | None,
+        typer.Option(help="cone beam from a source this many mm away [default: parallel]"),
+    ] = None,
     manufacturer: Annotated[str | None, typer.Option(help="for models without a row")] = None,
     system: Annotated[str | None, typer.Option(help="for models without a row")] = None,
     diameter: Annotated[float | None, typer.Option(help="diameter_mm, ditto")] = None,
@@ -76,6 +80,7 @@ def render_models(
         seed=seed,
         scale=scale,
         axis=axis,
+        source_mm=cone,
     )
     flags = {
         "manufacturer": manufacturer,

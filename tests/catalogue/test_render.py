@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from raiox_cli.catalogue import drr, render, scan
 from raiox_cli.cli import app
-from raiox_cli.errors import UnusableModel
+from raiox_cli.errors import UnusableModel, UsageError
 from raiox_cli.training import synth, synth3d
 
 CLEAN = render.RenderSettings(turns=1, tilts=1, size=256, blur_mm=0, photons=0, mirror=False)
@@ -369,3 +369,24 @@ def test_demo_render_shows_the_rendered_catalogue_and_a_sheet_of_views(raiox_env
     second = runner.invoke(app, ["demo", "--render", "--out", str(out), "--systems", "2"])
     assert second.exit_code == 0 and "0 new, 0 updated, 64 unchanged" in second.stderr
     assert "reused" in second.stderr
+
+
+def test_cone_beam_magnifies_the_silhouette_and_keeps_the_central_chord(tmp_path) -> None:
+    angles = np.linspace(-math.pi / 2, math.pi / 2, 129)
+    profile = [
+        (3.0 * math.cos(a) if 0 < i < 128 else 0.0, 3.0 * math.sin(a)) for i, a in enumerate(angles)
+    ]
+    mesh = render.load_mesh(_revolved(profile, tmp_path / "ball.stl"))
+    size, scale = 256, render.px_per_mm(mesh, 256)
+    parallel = render.lengths_view(mesh, 0, 0, size)
+    for source in (1e6, 15.0):
+        cone = render.lengths_view(mesh, 0, 0, size, source_mm=source)
+        centre = cone[size // 2 - 1 : size // 2 + 1, size // 2 - 1 : size // 2 + 1].mean()
+        assert centre == pytest.approx(6.0, rel=0.002)  # the ray through the centre: 2R
+        columns = np.flatnonzero(cone[size // 2] > 0)
+        edge_mm = (columns[-1] + 1 - size / 2) / scale
+        expected = source * 3.0 / math.sqrt(source**2 - 9.0)  # tangent ray, centre plane
+        assert edge_mm == pytest.approx(expected, abs=1.5 / scale)
+    assert np.abs(render.lengths_view(mesh, 0, 0, size, source_mm=1e6) - parallel).max() < 1e-4
+    with pytest.raises(UsageError, match="--cone 50"):
+        render.RenderSettings(source_mm=50)
