@@ -34,6 +34,7 @@ import numpy as np
 import psycopg
 
 from raiox_cli.db import queries
+from raiox_cli.embedding import parse_model_id
 from raiox_cli.errors import RaioxError, UsageError
 from raiox_cli.search.result import Trust, confidence
 
@@ -563,10 +564,15 @@ def trust_for(
     return apply(calibration, ranked)
 
 
+def random_weights(model_id: str) -> bool:
+    """Whether a model id is one of random weights (--pretrained none), never calibrated."""
+    return parse_model_id(model_id).tag == "none"
+
+
 def why_not(
     calibration: Calibration | None, *, model_id: str, tta: bool, filtered: bool
 ) -> str | None:
-    if model_id.endswith(":none"):
+    if random_weights(model_id):
         return "random model weights (--pretrained none): nothing to calibrate"
     if calibration is None:
         return f'model {model_id} has no calibration; run "raiox calibrate"'

@@ -387,7 +387,7 @@ def calibrate_source(
             f"{held.get('coverage') or 0:.0%} of these queries; a better model (raiox adapt) "
             "or a lower --target"
         )
-    if model.model_id.endswith(":none"):
+    if calibrate.random_weights(model.model_id):
         notes.append("random model weights: search never applies this calibration (tests only)")
     return CalibrateReport(stored, why, notes)
 
@@ -423,11 +423,16 @@ def refit_stale(settings: Settings) -> dict[str, Any] | None:
     previous = current or (calibrate.Calibration.from_row(last) if last else None)
     target = previous.target if previous else calibrate.DEFAULT_TARGET
     false_alarm = previous.false_alarm if previous else calibrate.DEFAULT_FALSE_ALARM
-    name, _, tag = model.model_id.partition(":")
-    if tag.startswith("file:") and settings.weights is None:
+    recorded = embedding.parse_model_id(model.model_id)
+    if recorded.from_file and settings.weights is None:
         return {"refitted": False, "reason": why, "error": "set RAIOX_WEIGHTS to the model file"}
-    if not tag.startswith("file:"):
-        settings = settings.replace(model=name, pretrained=tag, weights=None)
+    if not recorded.from_file:  # the catalogue's model, whatever cron's environment says
+        settings = settings.replace(
+            model=recorded.name,
+            pretrained=recorded.tag,
+            weights=None,
+            precision=recorded.precision,
+        )
     try:
         report = calibrate_source(settings, target=target, false_alarm=false_alarm)
     except RaioxError as exc:

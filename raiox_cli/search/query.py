@@ -260,7 +260,7 @@ def search_vectors(
 def ranked_depth(model: queries.ModelRow, k: int) -> int:
     """Implants ranked per query: k, or calibrate.DEPTH for the trust fields (not
     for random weights, which are never calibrated)."""
-    return k if model.model_id.endswith(":none") else max(k, calibrate.DEPTH)
+    return k if calibrate.random_weights(model.model_id) else max(k, calibrate.DEPTH)
 
 
 def with_trust(
