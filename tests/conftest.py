@@ -6,6 +6,7 @@ tests/server/conftest.py."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,12 @@ from raiox_cli.store import objects as storage
 from raiox_cli.training import synth
 from tests.helpers.catalogue import Catalogue, store_synthetic_catalogue
 from tests.helpers.env import S3_CREDENTIALS, TINY_ENV, database_url_on
+
+# One math thread per test process (and the subprocesses it starts, which inherit it).
+# The tiny model gains nothing from a second thread, and on a shared 2-core machine
+# torch's spinning worker threads made each single-image embed ~30x slower (0.1 s
+# instead of 3 ms), most of the fast loop's time. Set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SLOW_KINDS = ("browser", "ray", "training")
 # A test that asks for these fixtures is of that kind, whether or not it says so.
