@@ -48,10 +48,6 @@ class Channels:
         )
 
 
-# Paths that notify nobody yet (POST /upload, `search --save`): issue 23 section 2.
-NO_CHANNELS = Channels()
-
-
 def finished(conn: psycopg.Connection, analysis_id: int, channels: Channels) -> None:
     """The analysis ended (done or failed): queue one delivery on every channel that
     has someone to tell. In the caller's transaction, so a result and its
@@ -167,7 +163,7 @@ def analyse_now(
         min_margin=settings.min_margin,
         tta=settings.tta,
     )
-    record_result(conn, analysis_id, result, NO_CHANNELS)
+    record_result(conn, analysis_id, result, Channels.of(settings))
     conn.commit()
     return analysis_id, result
 
@@ -183,8 +179,11 @@ def save_search(
     query_path: str,
     client_id: str | None = None,
     storage_key: str | None = None,
+    channels: Channels | None = None,
 ) -> int:
-    """Record a CLI search as a finished analysis with its ranked matches."""
+    """Record a CLI search as a finished analysis with its ranked matches; the
+    channels configured in this environment are queued (a running server's notifier
+    delivers them), as for every other path."""
     analysis_id, _ = queries.create_analysis(
         conn,
         source="cli",
@@ -200,7 +199,7 @@ def save_search(
         status="running",
         crop=result.crop_box,
     )
-    record_result(conn, analysis_id, result, NO_CHANNELS)
+    record_result(conn, analysis_id, result, channels or Channels())
     return analysis_id
 
 
@@ -245,6 +244,7 @@ def search_file(
                 query_path=str(path),
                 client_id=client_id,
                 storage_key=key,
+                channels=Channels.of(settings),
             )
             result = replace(result, analysis_id=analysis_id)
     if sheet_path is not None:

@@ -400,6 +400,7 @@ class _Run:
                     query_path=row["path"],
                     client_id=options.client_id,
                     storage_key=row.get("storage_key"),
+                    channels=analyses.Channels.of(self.settings),
                 )
                 result = replace(result, analysis_id=analysis_id)
             record = search.result_json(row["path"], options.k, result)
