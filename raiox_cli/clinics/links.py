@@ -103,6 +103,53 @@ def result_link(settings: Settings, public_id: uuid.UUID) -> tuple[str, dt.datet
     return f"{settings.public_url.rstrip('/')}/r/{token}", when
 
 
+# --- stored images: the signed, expiring path a local store's objects are served by --
+
+_IMAGE_BODY = struct.Struct(">B32sI")  # version, sha256 of the object, expiry
+IMAGE_TOKEN_LENGTH = 71  # base64url of 53 bytes, unpadded
+
+
+def image_key(settings: Settings) -> bytes:
+    return derive_key(server_secret(settings), "stored-image")
+
+
+def sign_image(key: bytes, sha256: str, expires_at: int) -> str:
+    """A token that opens the stored object with this sha256 until expires_at, as an
+    S3 presigned link does: for a local store, whose file paths mean nothing to a
+    client (and would tell it how the server's disk is laid out)."""
+    if not 0 < expires_at <= MAX_EXPIRY:
+        raise ValueError(f"expiry {expires_at} is outside what a token can carry")
+    body = _IMAGE_BODY.pack(VERSION, bytes.fromhex(sha256), expires_at)
+    return _encode(body + _mac(key, body))
+
+
+def verify_image(key: bytes, token: str, *, now: float | None = None) -> str:
+    """The sha256 a genuine, unexpired image token carries."""
+    body = _genuine(key, token, IMAGE_TOKEN_LENGTH, _IMAGE_BODY.size)
+    version, digest, expires_at = _IMAGE_BODY.unpack(body)
+    if version != VERSION:
+        raise LinkInvalid("not an image link")
+    if (time.time() if now is None else now) >= expires_at:
+        raise LinkExpired("this image link has expired")
+    return digest.hex()
+
+
+def _genuine(key: bytes, token: str, length: int, body_size: int) -> bytes:
+    """The signed body of a token of this shape, or LinkInvalid."""
+    if len(token) != length:
+        raise LinkInvalid("not a link of this server")
+    try:
+        raw = base64.urlsafe_b64decode(token + "==")
+    except (binascii.Error, ValueError):
+        raise LinkInvalid("not a link of this server") from None
+    if _encode(raw) != token:  # the spare bits of the last character must be zero
+        raise LinkInvalid("not a link of this server")
+    body, mac = raw[:body_size], raw[body_size:]
+    if len(mac) != _MAC_BYTES or not hmac.compare_digest(mac, _mac(key, body)):
+        raise LinkInvalid("not a link of this server")
+    return body
+
+
 def _mac(key: bytes, body: bytes) -> bytes:
     return hmac.new(key, body, hashlib.sha256).digest()[:_MAC_BYTES]
 

@@ -12,15 +12,17 @@ import functools
 from collections.abc import AsyncIterator
 
 import psycopg_pool
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 from pgvector.psycopg import register_vector
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from raiox_cli import __version__, db
 from raiox_cli.config import Settings
 from raiox_cli.errors import UsageError
-from raiox_cli.server import auth, handlers, logs, notify, openapi
+from raiox_cli.server import auth, docs, handlers, logs, notify, openapi
 from raiox_cli.server.deps import ServerConfig, with_pool
 from raiox_cli.server.metrics import Metrics
 from raiox_cli.server.routes import api, ops, pages
@@ -48,6 +50,16 @@ def check_auth_configured(settings: Settings, insecure_no_auth: bool) -> None:
             "RAIOX_JOTFORM_CLINIC_FROM_ANSWER needs RAIOX_JOTFORM_FORM_IDS: a form answer "
             "names the clinic only on forms you list (docs/guides/clinics.md: one shared form)"
         )
+
+
+def _not_found_page(request: Request, exc: Exception) -> Response:
+    """A browser asking for a path that is nowhere gets the not-found page; an API
+    client (and any answer a route gave) the JSON error."""
+    assert isinstance(exc, StarletteHTTPException)
+    unmatched = exc.status_code == 404 and request.scope.get("route") is None
+    if unmatched and "text/html" in request.headers.get("accept", ""):
+        return pages.message_page(request, "error.no_page", 404)
+    return handlers.http_error(request, exc)
 
 
 def create_app(config: ServerConfig) -> FastAPI:
@@ -99,6 +111,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         version=__version__,
         summary="Identify the dental implant system in a radiograph.",
         lifespan=lifespan,
+        docs_url=None,  # server/docs.py serves them without CDNs
+        redoc_url=None,
         # operationId = the handler's name (upload, get_analysis, ...): what generated
         # clients call their functions.
         generate_unique_id_function=lambda route: route.name,
@@ -119,7 +133,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         pages.CsrfFailed, lambda req, _exc: pages.message_page(req, "error.csrf", 403)
     )
     handlers.install(app)
+    app.add_exception_handler(StarletteHTTPException, _not_found_page)
     app.include_router(api.router)
     app.include_router(ops.router)
+    docs.install(app)
     openapi.install(app)
     return app

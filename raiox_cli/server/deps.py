@@ -31,6 +31,7 @@ from raiox_cli.config import Settings
 from raiox_cli.embedding import Embedder
 from raiox_cli.errors import DatabaseUnavailable, RaioxError
 from raiox_cli.server import auth, jotform
+from raiox_cli.server.results import Links
 from raiox_cli.server.worker import BATCH
 from raiox_cli.store.objects import Store
 
@@ -57,6 +58,23 @@ class TooLarge(RaioxError):
 
 def server_config(request: Request) -> ServerConfig:
     return request.app.state.config
+
+
+def base_url(request: Request) -> str:
+    """The server's address as this client reached it, without the /v1 prefix."""
+    base = str(request.base_url).rstrip("/")
+    return base[: -len("/v1")] if base.endswith("/v1") else base
+
+
+def links_for(request: Request) -> Links:
+    config = server_config(request)
+    return Links(config.store, config.settings, base_url(request))
+
+
+def analysis_url(request: Request, public_id: uuid.UUID | str) -> str:
+    """Where the API answers for this analysis: always the versioned path (/v1), the
+    one the documentation names, whichever path the request came by."""
+    return f"{base_url(request)}/v1/analyses/{public_id}"
 
 
 # --- the database -------------------------------------------------------------------

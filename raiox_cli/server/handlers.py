@@ -46,7 +46,7 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse(schemas.error_body(status, message), status_code=status, headers=headers)
 
 
-def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+def http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
@@ -90,20 +90,24 @@ def install(app: FastAPI) -> None:
             error_class, lambda _req, exc, status=status: error(status, str(exc))
         )
     app.add_exception_handler(psycopg.DataError, _refused_value)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _crashed)
     app.add_exception_handler(auth.TooManyFailures, _too_many_failures)
 
 
+SIGNED_PATHS = ("/r/", "/images/", "/v1/images/")  # the token in them is a credential
+
+
 def logged_path(request: Request) -> str:
-    """The path for the access log: a result page's signed token is a credential
-    for that result, so it is left out like the query string."""
+    """The path for the access log: the signed token of a result page or a stored
+    image opens what it names, so it is left out like the query string."""
     path = request.url.path
-    if not path.startswith("/r/"):
-        return path
-    _token, slash, rest = path[len("/r/") :].partition("/")
-    return "/r/<token>" + slash + rest
+    for prefix in SIGNED_PATHS:
+        if path.startswith(prefix):
+            _token, slash, rest = path[len(prefix) :].partition("/")
+            return prefix + "<token>" + slash + rest
+    return path
 
 
 async def access_log(request: Request, call_next: Callable) -> Any:

@@ -81,6 +81,13 @@ class Translator:
         pattern = "%d/%m/%Y %H:%M UTC" if self.lang == "pt-BR" else "%Y-%m-%d %H:%M UTC"
         return utc.strftime(pattern)
 
+    def vocabulary(self, kind: str, value: str | None) -> str | None:
+        """A catalogue value of a known vocabulary (a connection: "conical"), in this
+        language; free text, and any value not in the vocabulary, as it is."""
+        if not value:
+            return value
+        return catalogue(self.lang).get(f"vocab.{kind}.{value.strip().lower()}", value)
+
     def seconds(self, value: float) -> str:
         return self("unit.seconds", n=self.number(value, 1))
 

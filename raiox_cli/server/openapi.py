@@ -13,7 +13,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from raiox_cli.server.inputs import MAX_ID, MAX_TEXT, MAX_URL
 
 VERSION_PREFIX = "/v1"
-PUBLIC = {"/healthcheck"}  # no authentication (and /docs, /openapi.json, not in the schema)
+# No authentication: the health check, and stored images (their signed link is the
+# credential, as an S3 presigned link's is); /docs and /openapi.json are not in the schema.
+PUBLIC = {"/healthcheck", "/images/{token}"}
 NOT_VERSIONED = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 
 _JSON_DELIVERY = {

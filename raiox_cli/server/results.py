@@ -1,61 +1,87 @@
 """What the API answers: analyses and implants as JSON-ready dicts, with
-short-lived presigned links instead of public object URLs, and contact sheets."""
+short-lived links instead of public object URLs, and contact sheets.
+
+Links to stored images are an S3 store's presigned URLs; a local store's objects
+are served by the server itself under a signed, expiring path (`/v1/images/<token>`,
+routes/api.py), never as the server's `file://` paths."""
 
 from __future__ import annotations
 
 import io
 import logging
+import time
 import uuid
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from PIL import Image
 
 from raiox_cli import images
-from raiox_cli.clinics import feedback
+from raiox_cli.clinics import feedback, links
+from raiox_cli.config import Settings
 from raiox_cli.db import queries
 from raiox_cli.search import sheet
 from raiox_cli.search.result import Trust
 from raiox_cli.server import logs
+from raiox_cli.store.objects import KEY, Store
+
+IMAGES_PATH = "/v1/images/"
 
 
-class LinkStore(Protocol):
-    def url(self, key: str, expires_s: int = 3600) -> str: ...
+@dataclass(frozen=True)
+class Links:
+    """How an answer links what it shows: stored images and the result page."""
+
+    store: Store
+    settings: Settings
+    base: str | None  # the server's address, without /v1; None: no address to link to
+
+    @classmethod
+    def for_worker(cls, store: Store, settings: Settings) -> Links:
+        """Outside a request (notifications): the address people use, if configured."""
+        return cls(store, settings, (settings.public_url or "").rstrip("/") or None)
+
+    def image(self, key: str | None) -> str | None:
+        if not key:
+            return None
+        expires_s = self.settings.link_expires_s
+        try:
+            url = self.store.url(key, expires_s=expires_s)
+        except Exception as exc:  # a missing object must not break the whole answer
+            logs.event("link failed", logging.WARNING, key=key, error=type(exc).__name__)
+            return None
+        if url.startswith(("https://", "http://")):
+            return url  # presigned by the store itself
+        match = KEY.match(key)
+        if self.base is None or match is None:
+            return None  # a server path would mean nothing to the client: no link at all
+        token = links.sign_image(
+            links.image_key(self.settings), key.rsplit("/", 1)[-1], int(time.time() + expires_s)
+        )
+        return f"{self.base}{IMAGES_PATH}{token}"
+
+    def result(self, public_id: uuid.UUID | str) -> str | None:
+        """The dentist's result page, when RAIOX_PUBLIC_URL says where people reach it."""
+        found = links.result_link(self.settings, uuid.UUID(str(public_id)))
+        return found[0] if found else None
 
 
-def link(store: LinkStore, key: str | None, expires_s: int) -> str | None:
-    if not key:
-        return None
-    try:
-        return store.url(key, expires_s=expires_s)
-    except Exception as exc:  # a missing object must not break the whole answer
-        logs.event("link failed", logging.WARNING, key=key, error=type(exc).__name__)
-        return None
-
-
-def analysis(
-    conn: psycopg.Connection, store: LinkStore, analysis_id: int, expires_s: int
-) -> dict[str, Any] | None:
+def analysis(conn: psycopg.Connection, to: Links, analysis_id: int) -> dict[str, Any] | None:
     """By internal id, unscoped: for the worker and for a request's own new analysis."""
     row = queries.get_analysis(conn, analysis_id)
-    return None if row is None else view_of(conn, store, row, expires_s)
+    return None if row is None else view_of(conn, to, row)
 
 
 def analysis_for(
-    conn: psycopg.Connection,
-    store: LinkStore,
-    public_id: uuid.UUID,
-    clinic_id: int | None,
-    expires_s: int,
+    conn: psycopg.Connection, to: Links, public_id: uuid.UUID, clinic_id: int | None
 ) -> dict[str, Any] | None:
     """By public id, as the caller may see it (clinic_id None: the operator)."""
     row = queries.find_analysis(conn, public_id, clinic_id=clinic_id)
-    return None if row is None else view_of(conn, store, row, expires_s)
+    return None if row is None else view_of(conn, to, row)
 
 
-def view_of(
-    conn: psycopg.Connection, store: LinkStore, row: dict[str, Any], expires_s: int
-) -> dict[str, Any]:
+def view_of(conn: psycopg.Connection, to: Links, row: dict[str, Any]) -> dict[str, Any]:
     """The answer for one analysis row: its public id, never the internal one."""
     analysis_id = row["id"]
     matches = queries.analysis_matches(conn, analysis_id) if row["status"] == "done" else []
@@ -74,9 +100,10 @@ def view_of(
         "crop": row["crop"],
         "created_at": row["created_at"],
         "finished_at": row["finished_at"],
+        "result_url": to.result(row["public_id"]),
         "image": {
             "sha256": row["image_sha256"],
-            "url": link(store, row["storage_key"], expires_s),
+            "url": to.image(row["storage_key"]),
         },
         "matches": [
             {
@@ -91,7 +118,7 @@ def view_of(
                 "connection": m["connection"],
                 "score": m["score"],
                 "image_id": m["image_id"],
-                "image_url": link(store, m["storage_key"], expires_s),
+                "image_url": to.image(m["storage_key"]),
             }
             for m in matches
         ],
@@ -129,15 +156,13 @@ def trust_words(t: Any, trust: dict[str, Any] | None, names: dict[str, str]) -> 
     return {"calibrated": True, "lines": lines, "set": trust["prediction_set"]}
 
 
-def implant(
-    conn: psycopg.Connection, store: LinkStore, implant_id: int, expires_s: int
-) -> dict[str, Any] | None:
+def implant(conn: psycopg.Connection, to: Links, implant_id: int) -> dict[str, Any] | None:
     row = queries.get_implant(conn, implant_id)
     if row is None:
         return None
     pictures = queries.implant_images_of(conn, implant_id)
     for picture in pictures:
-        picture["url"] = link(store, picture.pop("storage_key"), expires_s)
+        picture["url"] = to.image(picture.pop("storage_key"))
     return {**row, "images": pictures}
 
 

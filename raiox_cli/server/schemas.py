@@ -36,9 +36,16 @@ class ErrorResponse(BaseModel):
     detail: Any = Field(description="the message again (or validation details), as before v1")
 
 
+IMAGE_LINK = (
+    "a link that expires after RAIOX_LINK_EXPIRES_S: presigned by S3, or the server's own "
+    "signed `/v1/images/<token>` for a local store (with RAIOX_PUBLIC_URL in notifications); "
+    "null when there is none"
+)
+
+
 class AnalysisImage(BaseModel):
     sha256: str | None
-    url: str | None = Field(description="presigned link, expires after RAIOX_LINK_EXPIRES_S")
+    url: str | None = Field(description=IMAGE_LINK)
 
 
 class Match(BaseModel):
@@ -48,9 +55,12 @@ class Match(BaseModel):
     name: str | None
     manufacturer: str | None
     system: str | None
+    diameter_mm: float | None
+    length_mm: float | None
+    connection: str | None
     score: float
     image_id: int | None
-    image_url: str | None
+    image_url: str | None = Field(description=IMAGE_LINK)
 
 
 class Trust(BaseModel):
@@ -85,8 +95,6 @@ class Notification(BaseModel):
 
 
 class ConfirmedImplant(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
     id: int
     key: str
     name: str | None = None
@@ -96,8 +104,6 @@ class ConfirmedImplant(BaseModel):
 
 class Confirmation(BaseModel):
     """The dentist's answer for an analysis (the latest one counts)."""
-
-    model_config = ConfigDict(extra="allow")
 
     id: int
     analysis_id: str = Field(description="the analysis's public id")
@@ -114,7 +120,6 @@ class Analysis(BaseModel):
     """One submitted X-ray and its result."""
 
     model_config = ConfigDict(
-        extra="allow",  # additions (result_url, e-mail state) never break clients
         json_schema_extra={
             "examples": [
                 {
@@ -127,8 +132,12 @@ class Analysis(BaseModel):
                     "model_id": "ViT-B-32:laion2b_s34b_b79k",
                     "attempts": 1,
                     "error": None,
+                    "error_kind": None,
+                    "lang": "pt-BR",
+                    "crop": None,
                     "created_at": "2026-11-27T22:12:26.123456+00:00",
                     "finished_at": "2026-11-27T22:12:27.654321+00:00",
+                    "result_url": "https://raiox.example/r/AQ...",
                     "image": {"sha256": "ab12...", "url": "https://..."},
                     "matches": [
                         {
@@ -138,6 +147,9 @@ class Analysis(BaseModel):
                             "name": "Acme Active 4.1x10",
                             "manufacturer": "Acme Dental",
                             "system": "Acme Active",
+                            "diameter_mm": 4.1,
+                            "length_mm": 10.0,
+                            "connection": "conical",
                             "score": 0.934,
                             "image_id": 301,
                             "image_url": "https://...",
@@ -157,16 +169,32 @@ class Analysis(BaseModel):
     metadata: dict[str, Any]
     model_id: str | None
     attempts: int
-    error: str | None
+    error: str | None = Field(description="why it failed, for the operator (technical)")
+    error_kind: Literal["image", "download", "catalogue", "internal"] | None = Field(
+        description="why it failed, in a few words a page can explain"
+    )
+    lang: str | None = Field(description="the language its e-mail and page are written in")
+    crop: list[int] | None = Field(
+        description="the region searched, in pixels of the X-ray: [x, y, width, height]"
+    )
     created_at: dt.datetime
     finished_at: dt.datetime | None
+    result_url: str | None = Field(
+        description="the dentist's result page (signed, expiring: RAIOX_RESULT_LINK_EXPIRES_S); "
+        "null unless RAIOX_PUBLIC_URL is set"
+    )
     image: AnalysisImage
     matches: list[Match]
     trust: Trust | None = Field(
         default=None, description="how far to trust the answer; null for analyses made before"
     )
     confirmation: Confirmation | None
-    notification: Notification | None = None
+    notifications: dict[Literal["webhook", "email"], Notification] | None = Field(
+        None, description="each channel's delivery of the finished analysis, once queued"
+    )
+    confidence: Literal["strong", "possible", "none"] | None = Field(
+        None, description="in notifications of a finished analysis: the page's wording"
+    )
 
 
 class UploadResult(Analysis):
@@ -177,13 +205,13 @@ class Accepted(BaseModel):
     """202: recorded, a worker will process it."""
 
     model_config = ConfigDict(
-        extra="allow",
         json_schema_extra={
             "examples": [
                 {
                     "id": "6f1c2a4e-3b5d-4c8e-9a0b-1d2e3f405162",
                     "status": "pending",
                     "url": "https://raiox.example/v1/analyses/6f1c2a4e-3b5d-4c8e-9a0b-1d2e3f405162",
+                    "result_url": "https://raiox.example/r/AQ...",
                     "replayed": False,
                 }
             ]
@@ -192,7 +220,10 @@ class Accepted(BaseModel):
 
     id: str
     status: Status
-    url: str
+    url: str = Field(description="where the API answers for it (GET, under /v1)")
+    result_url: str | None = Field(
+        description="the dentist's result page; null unless RAIOX_PUBLIC_URL is set"
+    )
     replayed: bool = Field(description="the same delivery was received before")
 
 
@@ -204,17 +235,17 @@ class AcceptedDone(Analysis):
 
 
 class AnalysisSummary(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
     id: str
     url: str
+    result_url: str | None
     status: Status
     source: Literal["cli", "upload", "webhook"]
     client_id: str | None
     clinic: str | None
     created_at: dt.datetime
     finished_at: dt.datetime | None
-    top_implant: str | None
+    top_implant: str | None = Field(description="the best match's key")
+    top_name: str | None = Field(description="the best match's name")
     top_score: float | None
 
 
@@ -225,8 +256,6 @@ class AnalysisPage(BaseModel):
 
 class _ImplantFields(BaseModel):
     """What the catalogue list and an implant's own page both show."""
-
-    model_config = ConfigDict(extra="allow")
 
     id: int
     key: str
@@ -250,8 +279,6 @@ class ImplantPage(BaseModel):
 
 
 class ImplantImage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
     id: int
     sha256: str
     format: str | None
@@ -269,8 +296,6 @@ class Implant(_ImplantFields):
 
 
 class Health(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
     status: Literal["ok", "stuck", "error"]
     version: str
     model_id: str

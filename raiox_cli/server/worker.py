@@ -73,6 +73,7 @@ def _classify(exc: Exception) -> JobFailed:
 class _Claim:
     analysis_id: int
     attempt: int
+    public_id: str  # what logs say: the id a request's log line and the API show
 
 
 class Worker:
@@ -101,6 +102,7 @@ class Worker:
         self._connect = connect or (lambda: db.connect(settings))
         self.notifiers = notify.notifiers(settings)
         self.channels = analyses.Channels.of(settings)  # what `finished` queues
+        self.links = results.Links.for_worker(store, settings)  # in notifications
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._finished = threading.Condition()
@@ -134,9 +136,8 @@ class Worker:
                 for claim in leftover:
                     if queries.release_job(conn, claim.analysis_id, claim.attempt):
                         released.append(claim.analysis_id)
+                        logs.event("job released", analysis_id=claim.public_id)
                 conn.commit()
-            for analysis_id in released:
-                logs.event("job released", analysis_id=analysis_id)
         return released
 
     def wait(self, analysis_id: int, timeout_s: float, is_final: Callable[[], bool]) -> bool:
@@ -192,7 +193,7 @@ class Worker:
         if len(jobs) < limit and not self._stopping.wait(BATCH_WAIT_S):
             jobs += queries.claim_due_jobs(conn, lease_s=lease, limit=limit - len(jobs))
             conn.commit()
-        claims = [_Claim(job["id"], job["attempts"]) for job in jobs]
+        claims = [_Claim(job["id"], job["attempts"], str(job["public_id"])) for job in jobs]
         with self._lock:
             self._running.update((claim.analysis_id, claim) for claim in claims)
         started = time.monotonic()
@@ -200,7 +201,7 @@ class Worker:
         try:
             loaded = {}
             for job, claim in zip(jobs, claims, strict=True):
-                logs.event("job started", analysis_id=claim.analysis_id, attempt=claim.attempt)
+                logs.event("job started", analysis_id=claim.public_id, attempt=claim.attempt)
                 try:
                     if claim.attempt > self.settings.job_max_attempts:
                         raise JobFailed(
@@ -240,7 +241,7 @@ class Worker:
             self.metrics.job_ended(status, claim.attempt, started)
             logs.event(
                 "job " + status,
-                analysis_id=claim.analysis_id,
+                analysis_id=claim.public_id,
                 attempt=claim.attempt,
                 ms=ms,
                 batch=len(claims),
@@ -326,7 +327,7 @@ class Worker:
             logs.event(
                 "job will retry",
                 logging.WARNING,
-                analysis_id=claim.analysis_id,
+                analysis_id=claim.public_id,
                 attempt=claim.attempt,
                 delay_s=delay,
                 error=message,
@@ -341,7 +342,7 @@ class Worker:
             channels=self.channels,
         )
         conn.commit()
-        logs.event("job error", logging.WARNING, analysis_id=claim.analysis_id, error=message)
+        logs.event("job error", logging.WARNING, analysis_id=claim.public_id, error=message)
         return "failed"
 
     def send_one_notification(self, conn: psycopg.Connection) -> bool:
@@ -352,6 +353,7 @@ class Worker:
         if due is None:
             return False
         analysis_id, channel, attempt = due["analysis_id"], due["channel"], due["attempts"]
+        public_id = str(due["public_id"])
         try:
             finished = self._finished_analysis(conn, analysis_id)
             conn.commit()
@@ -370,7 +372,7 @@ class Worker:
             logs.event(
                 "notify error",
                 logging.WARNING,
-                analysis_id=analysis_id,
+                analysis_id=public_id,
                 channel=channel,
                 attempt=attempt,
                 error=str(exc),
@@ -379,11 +381,11 @@ class Worker:
         queries.notification_sent(conn, analysis_id, channel)
         conn.commit()
         self.metrics.notifications.labels(channel, "sent").inc()
-        logs.event("notify sent", analysis_id=analysis_id, channel=channel, attempt=attempt)
+        logs.event("notify sent", analysis_id=public_id, channel=channel, attempt=attempt)
         return True
 
     def _finished_analysis(self, conn: psycopg.Connection, analysis_id: int) -> notify.Finished:
-        view = results.analysis(conn, self.store, analysis_id, self.settings.link_expires_s)
+        view = results.analysis(conn, self.links, analysis_id)
         if view is None:  # deleted since it was queued
             raise notify.NotifyFailed("the analysis no longer exists", transient=False)
         if view["status"] == "done" and view.get("trust"):

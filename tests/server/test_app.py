@@ -63,7 +63,7 @@ def test_jotform_and_json_deliveries_complete_once_and_notify(
         )
         assert first.status_code == 202, first.text
         jot = first.json()
-        assert jot["url"] == f"{base}/analyses/{jot['id']}" and not jot["replayed"]
+        assert jot["url"] == f"{base}/v1/analyses/{jot['id']}" and not jot["replayed"]
         again = httpx.post(
             f"{base}/webhook?token={TOKEN}", files=jotform_fields(image_url, submission)
         )

@@ -110,7 +110,7 @@ def test_a_clinic_sees_only_its_own_analyses(
         bad = httpx.get(f"{base}/analyses", params={"status": "x"}, headers=bearer(key_a))
         assert bad.status_code == 422
         item = httpx.get(f"{base}/analyses", headers=bearer(key_b)).json()["items"][0]
-        assert item["url"] == f"{base}/analyses/{theirs['id']}" and item["status"] == "done"
+        assert item["url"] == f"{base}/v1/analyses/{theirs['id']}" and item["status"] == "done"
         assert "id" in item and item["top_implant"] and "public_id" not in item
 
         # The catalogue stays readable with any clinic's key.

@@ -161,10 +161,11 @@ def find_analysis(
 _LIST_ANALYSES = """
     SELECT a.public_id, a.status, a.source, a.client_id, c.name AS clinic,
            a.created_at, a.finished_at,
-           m.implant_key AS top_implant, m.score AS top_score
+           m.implant_key AS top_implant, i.name AS top_name, m.score AS top_score
     FROM analyses a
     LEFT JOIN clinics c ON c.id = a.clinic_id
     LEFT JOIN analysis_matches m ON m.analysis_id = a.id AND m.rank = 1
+    LEFT JOIN implants i ON i.id = m.implant_id
     WHERE {scope}
       AND (%(status)s::text IS NULL OR a.status = %(status)s)
       AND (%(since)s::timestamptz IS NULL OR a.created_at >= %(since)s)

@@ -47,7 +47,8 @@ def claim_next_notification(
                      ORDER BY next_attempt_at, analysis_id
                      LIMIT 1 FOR UPDATE SKIP LOCKED) due
                WHERE n.analysis_id = due.analysis_id AND n.channel = due.channel
-               RETURNING n.analysis_id, n.channel, n.recipient, n.attempts""",
+               RETURNING n.analysis_id, n.channel, n.recipient, n.attempts,
+                         (SELECT public_id FROM analyses WHERE id = n.analysis_id) AS public_id""",
             {"lease": lease_s, "channels": channels},
         )
         return cur.fetchone()

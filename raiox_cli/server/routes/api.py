@@ -21,24 +21,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from raiox_cli import analyses
-from raiox_cli.clinics import feedback, retention
+from raiox_cli import analyses, images
+from raiox_cli.clinics import feedback, links, retention
 from raiox_cli.db import queries
 from raiox_cli.server import auth, inputs, jotform, logs, openapi, results, schemas
 from raiox_cli.server.deps import (
     ConnDep,
     CurrentCaller,
     PublicId,
+    analysis_url,
     authenticate,
     current_caller,
     is_form,
     json_ready,
+    links_for,
     parse_form,
     parse_public_id,
     read_body,
     server_config,
     with_db,
 )
+from raiox_cli.store import objects as storage
 
 MAX_WAIT_S = 60
 MAX_PAGE = 100
@@ -163,7 +166,8 @@ async def webhook(request: Request, wait: int = Query(0, ge=0, le=MAX_WAIT_S)) -
     answer: dict[str, Any] = {
         "id": str(public_id),
         "status": "pending",
-        "url": str(request.url_for("get_analysis", analysis_id=str(public_id))),
+        "url": analysis_url(request, public_id),
+        "result_url": links_for(request).result(public_id),
         "replayed": not created,
     }
     request.app.state.metrics.webhook_accept_seconds.observe(time.monotonic() - accept_started)
@@ -176,14 +180,11 @@ async def webhook(request: Request, wait: int = Query(0, ge=0, le=MAX_WAIT_S)) -
 
 
 def _wait_for(request: Request, analysis_id: int, wait_s: float) -> dict[str, Any]:
-    config = server_config(request)
-    expires = config.settings.link_expires_s
+    to = links_for(request)
     latest: dict[str, Any] = {}
 
     def ended() -> bool:
-        view = with_db(
-            request, lambda conn: results.analysis(conn, config.store, analysis_id, expires)
-        )
+        view = with_db(request, lambda conn: results.analysis(conn, to, analysis_id))
         latest.update(view or {})
         return latest.get("status") in ("done", "failed")
 
@@ -232,7 +233,7 @@ def _analyse_upload(request: Request, caller: auth.Caller, data: bytes, k: int) 
             clinic_id=caller.clinic_id,
             k=k,
         )
-        view = results.analysis(conn, config.store, analysis_id, settings.link_expires_s)
+        view = results.analysis(conn, links_for(request), analysis_id)
         assert view is not None
         return {**view, "confident": result.confident}
 
@@ -262,11 +263,13 @@ def list_analyses(
     rows = queries.list_analyses(
         conn, clinic_id=caller.clinic_id, status=status, since=since, limit=limit
     )
+    to = links_for(request)
     items = [
         {
             **{k: v for k, v in row.items() if k != "public_id"},
             "id": str(row["public_id"]),
-            "url": str(request.url_for("get_analysis", analysis_id=str(row["public_id"]))),
+            "url": analysis_url(request, row["public_id"]),
+            "result_url": to.result(row["public_id"]),
         }
         for row in rows
     ]
@@ -285,14 +288,11 @@ def get_analysis(
     request: Request, analysis_id: PublicId, caller: CurrentCaller, conn: ConnDep
 ) -> JSONResponse:
     """Another clinic's analysis answers 404, exactly like one that does not exist."""
-    config = server_config(request)
     public_id = parse_public_id(analysis_id)
     view = None
     if public_id is not None:
         request.state.analysis_id = public_id
-        view = results.analysis_for(
-            conn, config.store, public_id, caller.clinic_id, config.settings.link_expires_s
-        )
+        view = results.analysis_for(conn, links_for(request), public_id, caller.clinic_id)
     if view is None:
         raise HTTPException(404, "no such analysis")
     logs.audit("read", client=caller.name, analysis=public_id)
@@ -402,6 +402,51 @@ def get_sheet(
     return Response(drawn, media_type="image/png", headers={"cache-control": "private"})
 
 
+# --- stored images, for a local store (an S3 store's links are presigned) -----------
+
+IMAGE_TYPES = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "TIFF": "image/tiff",
+    "BMP": "image/bmp",
+    "WEBP": "image/webp",
+    "DICOM": "application/dicom",
+}
+
+
+@router.get(
+    "/images/{token}",
+    name="stored_image",
+    summary="A stored image (an X-ray or a reference image) by its signed, expiring link",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/octet-stream": {"schema": {"type": "string"}}}},
+        **schemas.errors(404, 410, 422),
+    },
+)
+def stored_image(
+    request: Request,
+    token: str = Path(min_length=1, max_length=100, description="from an answer's url"),
+) -> Response:
+    """The links that answers (`image.url`, `matches[].image_url`, implant images) and
+    notifications carry when images are kept in a local folder: like an S3 presigned
+    link, the link itself is the credential, and it stops working after
+    RAIOX_LINK_EXPIRES_S (410). Anything else is 404."""
+    config = server_config(request)
+    try:
+        digest = links.verify_image(links.image_key(config.settings), token)
+    except links.LinkExpired:
+        raise HTTPException(410, "this image link has expired") from None
+    except links.LinkInvalid:
+        raise HTTPException(404, "no such image") from None
+    try:
+        data = config.store.get(storage.object_key(digest))
+    except storage.ObjectNotFound:
+        raise HTTPException(404, "no such image") from None
+    kind = IMAGE_TYPES.get(images.sniff_format(data[:256]) or "", "application/octet-stream")
+    return Response(data, media_type=kind, headers={"cache-control": "private, max-age=300"})
+
+
 # --- the catalogue: not patient data, any authenticated caller may browse it ----------
 
 
@@ -432,8 +477,7 @@ def list_implants(
 def get_implant(
     request: Request, conn: ConnDep, implant_id: int = Path(ge=1, le=MAX_ID)
 ) -> JSONResponse:
-    config = server_config(request)
-    view = results.implant(conn, config.store, implant_id, config.settings.link_expires_s)
+    view = results.implant(conn, links_for(request), implant_id)
     if view is None:
         raise HTTPException(404, f"no implant {implant_id}")
     return JSONResponse(json_ready(view))

@@ -31,13 +31,14 @@ from raiox_cli.db import queries
 from raiox_cli.errors import EmptyCatalogue, ModelMismatch, RaioxError
 from raiox_cli.search import query as search
 from raiox_cli.server import i18n, logs, results
-from raiox_cli.server.deps import read_form, server_config, with_db
+from raiox_cli.server.deps import TooLarge, read_form, server_config, with_db
 
 KEY_COOKIE = "raiox_key"
 CSRF_COOKIE = "raiox_csrf"
 LANG_COOKIE = "raiox_lang"
 KEY_COOKIE_MAX_AGE = 180 * 24 * 3600  # "signed in once": half a year, then the key again
 FORM_LIMIT = 64 * 1024  # sign-in, sign-out and confirm forms are tiny
+DRAIN_FACTOR = 4  # an oversized upload is read to this many times the limit, then cut
 REFRESH_S = 3  # the pending page reloads itself this often
 HISTORY = 20
 FOUND = 20
@@ -198,7 +199,7 @@ def _upload_page(
         {
             "when": t.when(row["created_at"]),
             "status": row["status"],
-            "top": row.get("top_implant"),
+            "top": row.get("top_name") or row.get("top_implant"),
             "url": links.result_path(settings, row["public_id"]),
         }
         for row in rows
@@ -269,11 +270,19 @@ async def submit(request: Request) -> Response:
     """The upload form: store the X-ray, queue it, answer with its result page."""
     config = server_config(request)
     settings: Settings = config.settings
-    form = await read_form(request, settings.server_max_bytes)
+    try:
+        form = await read_form(request, settings.server_max_bytes)
+    except TooLarge:
+        # Read (and drop) the rest first: a browser still sending shows no answer.
+        await _drain(request, DRAIN_FACTOR * settings.server_max_bytes)
+        return await run_in_threadpool(
+            with_db, request, lambda conn: _refused(request, conn, "error.image.too_large", 413)
+        )
     check_csrf(request, form)
     t = i18n.Translator(page_lang(request))
     part = form.get("file")
     data = await part.read() if isinstance(part, UploadFile) else b""
+    chosen = isinstance(part, UploadFile) and bool(part.filename)
 
     def record(conn: psycopg.Connection) -> Response:
         clinic = _clinic(request, conn)
@@ -284,8 +293,8 @@ async def submit(request: Request) -> Response:
             rows = queries.list_analyses(conn, clinic_id=clinic.id, limit=HISTORY)
             return _upload_page(request, settings, clinic, rows, error=t(key), status=422)
 
-        if not data:
-            return refuse("error.no_file")
+        if not data:  # a file chosen but empty says so, not "choose a file"
+            return refuse("error.image.empty" if chosen else "error.no_file")
         try:
             loaded = analyses.load_upload(settings, data, crop=_crop(form))
             search.catalogue_model(conn, config.embedder.model_id)
@@ -316,6 +325,29 @@ async def submit(request: Request) -> Response:
     if request.state.analysis_id is not None:
         request.app.state.worker.wake()
     return response
+
+
+def _refused(request: Request, conn: psycopg.Connection, key: str, status: int) -> Response:
+    """The upload page again with this refusal (or the sign-in page, signed out)."""
+    clinic = _clinic(request, conn)
+    if clinic is None:
+        return RedirectResponse("/", status_code=303)
+    rows = queries.list_analyses(conn, clinic_id=clinic.id, limit=HISTORY)
+    t = i18n.Translator(page_lang(request))
+    settings = server_config(request).settings
+    return _upload_page(request, settings, clinic, rows, error=t(key), status=status)
+
+
+async def _drain(request: Request, limit: int) -> None:
+    """Receive what is left of a refused body, up to `limit` bytes, unkept."""
+    seen = 0
+    while seen < limit:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 # --- the result page ---------------------------------------------------------------
@@ -387,7 +419,11 @@ def result_view(
     trust = row.get("trust")  # as the answer carried it; older analyses have none
     names = {m["implant_key"]: m["name"] or m["implant_key"] for m in matches}
     words = results.trust_words(t, trust, names)
+    confirmed = feedback.latest(conn, row["id"])
+    confirmed_key = confirmed.implant["key"] if confirmed and confirmed.implant else None
     view.update(
+        # Random weights (a test model): the scores mean nothing; a banner says so.
+        meaningless=str(row["model_id"] or "").endswith(":none"),
         confidence=trust["verdict"]
         if trust
         else search.confidence(scores, settings.min_score, settings.min_margin),
@@ -404,15 +440,16 @@ def result_view(
                 "manufacturer": m["manufacturer"] or "",
                 "system": m["system"],
                 "size": t.size(m["diameter_mm"], m["length_mm"]),
-                "connection": m["connection"],
+                "connection": t.vocabulary("connection", m["connection"]),
                 "score": t.number(float(m["score"])),
                 # coloured only by a calibrated set: a raw score is no verdict
                 "above": m["implant_key"] in words["set"] if words["calibrated"] else None,
+                "confirmed": confirmed_key is not None and m["implant_key"] == confirmed_key,
                 "image_src": f"{base}/image/{m['rank']}" if m["storage_key"] else None,
             }
             for m in matches
         ],
-        confirmation=_confirmation_view(t, feedback.latest(conn, row["id"])),
+        confirmation=_confirmation_view(t, confirmed),
         found=queries.find_implants_by_name(conn, q, limit=FOUND) if q else [],
     )
     return view
@@ -455,12 +492,16 @@ async def confirm(request: Request, token: str) -> Response:
     implant = form.get("implant")
     implant_key = implant.strip() if isinstance(implant, str) and implant.strip() else None
     not_listed = form.get("not_in_catalogue") == "1"
+    note = form.get("note")
+    note = note.strip() or None if isinstance(note, str) else None
 
     def record(conn: psycopg.Connection) -> Response | dict[str, Any]:
         row = _analysis_for_token(request, conn, token)
         if isinstance(row, Response):
             return row
         clinic = _clinic(request, conn)
+        # The signed link belongs to the analysis's clinic: its answer is the clinic's.
+        who = clinic.name if clinic else row.get("clinic")
         try:
             if implant_key is None and not not_listed:
                 raise feedback.BadConfirmation("choose an implant")
@@ -468,7 +509,8 @@ async def confirm(request: Request, token: str) -> Response:
                 conn,
                 row["id"],
                 None if not_listed else implant_key,
-                client_id=clinic.name if clinic else None,
+                note=note if not_listed else None,
+                client_id=who,
             )
             conn.commit()
         except RaioxError as exc:
@@ -476,9 +518,7 @@ async def confirm(request: Request, token: str) -> Response:
             view = result_view(conn, settings, row, t, f"/r/{token}")
             view["confirm_error"] = t("confirm.failed", reason=str(exc))
             return view
-        logs.audit(
-            "feedback", client=clinic.name if clinic else "result link", analysis=row["public_id"]
-        )
+        logs.audit("feedback", client=who or "result link", analysis=row["public_id"])
         return RedirectResponse(f"/r/{token}#confirm", status_code=303)
 
     answer = await run_in_threadpool(with_db, request, record)

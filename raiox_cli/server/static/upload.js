@@ -1,10 +1,10 @@
 // Upload page: drop a file on the box, preview it, drag a crop box over it.
-// Without JavaScript the form still works (file input, crop fields in percent).
+// Without JavaScript the form still works: the file input, and the crop fields (in
+// percent) stay visible; only the preview to drag a box over needs a script.
 (function () {
   "use strict";
   var input = document.getElementById("file");
   var drop = document.getElementById("drop");
-  var crop = document.getElementById("crop");
   var stage = document.getElementById("stage");
   var preview = document.getElementById("preview");
   var box = document.getElementById("box");
@@ -16,10 +16,10 @@
   function show(file) {
     if (url) URL.revokeObjectURL(url);
     clearBox();
-    if (!file) { crop.hidden = true; noPreview.hidden = true; return; }
+    if (!file) { stage.hidden = true; noPreview.hidden = true; return; }
     url = URL.createObjectURL(file);
-    preview.onload = function () { crop.hidden = false; noPreview.hidden = true; };
-    preview.onerror = function () { crop.hidden = true; noPreview.hidden = false; };
+    preview.onload = function () { stage.hidden = false; noPreview.hidden = true; };
+    preview.onerror = function () { stage.hidden = true; noPreview.hidden = false; };
     preview.src = url;
   }
   input.addEventListener("change", function () { show(input.files[0]); });
