@@ -103,7 +103,9 @@ def test_api_page_and_email_show_the_stored_numbers(catalogue: Catalogue, tiny_e
             (plain, "pt-BR", ["Não calibrado:"]),
         ):
             row = queries.find_analysis(conn, uuid.UUID(public_id), clinic_id=None)
-            view = results.analysis(conn, catalogue.store, row["id"], 60)
+            view = results.analysis(
+                conn, results.Links.for_worker(catalogue.store, settings), row["id"]
+            )
             view["confidence"] = view["trust"]["verdict"]
             _, text, html = notify.render_email(notify.Finished(view, lang))
             for word in words:

@@ -422,8 +422,9 @@ def result_view(
     confirmed = feedback.latest(conn, row["id"])
     confirmed_key = confirmed.implant["key"] if confirmed and confirmed.implant else None
     view.update(
-        # Random weights (a test model): the scores mean nothing; a banner says so.
-        meaningless=str(row["model_id"] or "").endswith(":none"),
+        # Random weights (a test model) and nothing calibrated: the scores mean
+        # nothing, so a banner says so instead of a verdict.
+        meaningless=str(row["model_id"] or "").endswith(":none") and not words["calibrated"],
         confidence=trust["verdict"]
         if trust
         else search.confidence(scores, settings.min_score, settings.min_margin),
