@@ -15,6 +15,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from raiox_cli import images
 from raiox_cli.clinics import feedback, keys
@@ -46,9 +47,34 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse(schemas.error_body(status, message), status_code=status, headers=headers)
 
 
-def http_error(_request: Request, exc: Exception) -> JSONResponse:
+def http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": allowed_methods(request)}
+    return error(exc.status_code, str(exc.detail), headers)
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route takes at this path (RFC 9110 15.5.6): Starlette names
+    only the first route whose path matched (GET, not DELETE, on /analyses/{id})."""
+    scope = {**request.scope, "method": "GET"}
+    methods: set[str] = set()
+    for route in _leaf_routes(request.app.routes):
+        if route.matches(scope)[0] != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
+def _leaf_routes(routes: Any) -> Any:
+    for route in routes:
+        inner = getattr(route, "routes", None)
+        if inner is None and getattr(route, "original_router", None) is not None:
+            inner = route.original_router.routes  # an included router (FastAPI's wrapper)
+        if inner is not None and getattr(route, "methods", None) is None:
+            yield from _leaf_routes(inner)
+        else:
+            yield route
 
 
 def _validation_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -78,9 +78,9 @@ def parse_json(body: bytes, delivery_id: str | None) -> Submission:
     if not isinstance(image_url, str) or not image_url.strip():
         raise BadSubmission('"image_url" (a string) is required')
     inputs.text(image_url, "image_url", max_len=MAX_URL)
-    metadata = data.get("metadata") or {}
-    if not isinstance(metadata, dict):
-        raise BadSubmission('"metadata" must be an object')
+    metadata = data.get("metadata", {})
+    if not isinstance(metadata, dict):  # null, false and 0 too: the schema says object
+        raise BadSubmission('"metadata" must be an object (or left out)')
     inputs.json_value(metadata, "metadata")
     client_id = data.get("client_id")
     if isinstance(client_id, (int, float)) and not isinstance(client_id, bool):

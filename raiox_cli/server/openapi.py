@@ -23,7 +23,8 @@ _JSON_DELIVERY = {
     "required": ["image_url"],
     "properties": {
         "image_url": {"type": "string", "minLength": 1, "maxLength": MAX_URL},
-        "client_id": {"type": ["string", "null"], "maxLength": MAX_ID},
+        # A number is taken as its text (senders that number their clinics).
+        "client_id": {"type": ["string", "number", "null"], "maxLength": MAX_ID},
         "metadata": {
             "type": "object",
             "description": "kept with the analysis; at most 64 KiB as JSON, 32 levels deep",
@@ -35,12 +36,19 @@ _JSON_DELIVERY = {
         "metadata": {"tooth": "36"},
     },
 }
+# An id with something besides blanks in it, and no NUL (PostgreSQL cannot store one).
+_ID = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$"
 _JOTFORM_DELIVERY = {
     "type": "object",
     "required": ["formID", "submissionID", "rawRequest"],
     "properties": {
-        "formID": {"type": "string", "maxLength": MAX_ID},
-        "submissionID": {"type": "string", "maxLength": MAX_ID},
+        "formID": {"type": "string", "minLength": 1, "maxLength": MAX_ID, "pattern": _ID},
+        "submissionID": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_ID,
+            "pattern": _ID,
+        },
         "formTitle": {"type": "string", "maxLength": MAX_TEXT},
         "rawRequest": {
             "type": "string",
@@ -48,12 +56,19 @@ _JOTFORM_DELIVERY = {
         },
     },
 }
+# The longest value each delivery header may have; the webhook refuses longer ones.
+SIGNATURE_HEADER_MAX = {
+    "webhook-id": MAX_ID,
+    "webhook-timestamp": MAX_ID,
+    "webhook-signature": 1000,
+    "Idempotency-Key": MAX_ID,
+}
 _SIGNATURE_HEADERS = [
     {
         "name": name,
         "in": "header",
         "required": False,
-        "schema": {"type": "string", "maxLength": MAX_ID if name != "webhook-signature" else 1000},
+        "schema": {"type": "string", "maxLength": SIGNATURE_HEADER_MAX[name]},
         "description": description,
     }
     for name, description in (

@@ -59,10 +59,22 @@ class FeedbackIn(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
+            # The rule one_answer enforces, stated: an implant, or "not in the catalogue".
+            # if/then/else rather than oneOf: openapi-python-client writes invalid Python
+            # for a boolean const inside oneOf branches.
+            "if": {
+                "properties": {"not_in_catalogue": {"const": True}},
+                "required": ["not_in_catalogue"],
+            },
+            "then": {"properties": {"implant_key": {"type": "null"}}},
+            "else": {
+                "required": ["implant_key"],
+                "properties": {"implant_key": {"type": "string"}},
+            },
             "examples": [
                 {"implant_key": "straumann/bone level/blx 4.0", "note": "surgical report"},
                 {"not_in_catalogue": True, "note": "Neodent Helix GM"},
-            ]
+            ],
         },
     )
 
@@ -83,6 +95,23 @@ class FeedbackIn(BaseModel):
         if (self.implant_key is None) == (not self.not_in_catalogue):
             raise ValueError("give implant_key or not_in_catalogue: true, one of them")
         return self
+
+
+ISO_DATE_TIME = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:?\d{2})?)?$"
+
+
+def _date_time(value: str, name: str) -> dt.datetime:
+    """An ISO 8601 date or date-time (UTC when it names no offset); 422 otherwise."""
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        problem = {
+            "loc": ("query", name),
+            "msg": "not a valid date or date-time",
+            "type": "value_error",
+        }
+        raise RequestValidationError([problem]) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
 # --- submitting ---------------------------------------------------------------------
@@ -110,6 +139,8 @@ async def webhook(request: Request, wait: int = Query(0, ge=0, le=MAX_WAIT_S)) -
     caller, delivery_id = await run_in_threadpool(
         authenticate, request, body, signed_delivery=not form_post
     )
+    for name, limit in openapi.SIGNATURE_HEADER_MAX.items():  # what the schema declares
+        inputs.header(request.headers.get(name), name, max_len=limit)
     allowed_forms = frozenset(
         f.strip() for f in (settings.jotform_form_ids or "").split(",") if f.strip()
     )
@@ -254,14 +285,19 @@ def list_analyses(
     caller: CurrentCaller,
     conn: ConnDep,
     status: Literal["pending", "running", "done", "failed"] | None = None,
-    since: dt.datetime | None = Query(None, description="created at or after (ISO 8601)"),
+    since: str | None = Query(
+        None,
+        pattern=ISO_DATE_TIME,
+        description="created at or after: an ISO 8601 date or date-time "
+        "(2026-11-27, 2026-11-27T08:00:00Z; no offset means UTC), not Unix seconds",
+        examples=["2026-11-27T08:00:00Z"],
+    ),
     limit: int = Query(20, ge=1, le=MAX_PAGE),
 ) -> JSONResponse:
     """A clinic sees its own analyses; the operator every clinic's."""
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=dt.timezone.utc)
+    since_at = _date_time(since, "since") if since is not None else None
     rows = queries.list_analyses(
-        conn, clinic_id=caller.clinic_id, status=status, since=since, limit=limit
+        conn, clinic_id=caller.clinic_id, status=status, since=since_at, limit=limit
     )
     to = links_for(request)
     items = [
