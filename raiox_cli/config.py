@@ -493,6 +493,15 @@ class Settings:
             "language of e-mails and pages when none was chosen: `pt-BR` or `en`",
         ),
     )
+    timezone: str = field(
+        default="UTC",
+        metadata=setting(
+            "RAIOX_TIMEZONE",
+            PAGES,
+            "IANA time zone of the times on pages and in e-mails, for clinics without "
+            "their own (`raiox clinics update NAME --timezone`); the API stays UTC",
+        ),
+    )
     # "strong match" needs the best score >= min_score AND this lead over the next implant.
     min_margin: float = field(
         default=0.02,

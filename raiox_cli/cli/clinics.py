@@ -35,6 +35,16 @@ def database(settings: config.Settings) -> Iterator[Any]:
         yield conn
 
 
+Timezone = Annotated[
+    str | None,
+    typer.Option(
+        help="IANA time zone of its pages and e-mails, e.g. America/Sao_Paulo "
+        "[default: RAIOX_TIMEZONE]",
+        show_default=False,
+    ),
+]
+
+
 def _clinic_json(row: dict[str, Any], key: str | None = None) -> dict[str, Any]:
     data = {k: v for k, v in row.items() if k != "id"}
     return {**data, "key": key} if key else data
@@ -61,6 +71,7 @@ def add(
         str | None, typer.Option(help="POST finished analyses of this clinic here")
     ] = None,
     email: Annotated[str | None, typer.Option(help="the clinic's contact for results")] = None,
+    timezone: Timezone = None,
     json_out: JsonOut = False,
     *,
     settings: config.Settings,
@@ -73,8 +84,32 @@ def add(
     from raiox_cli.clinics import keys
 
     with database(settings) as conn:
-        row, key = keys.add(conn, name, notify_url=notify_url, email=email)
+        row, key = keys.add(conn, name, notify_url=notify_url, email=email, timezone=timezone)
     _print_new_key(row, key, json_out, "new API key")
+
+
+@command(app, "update")
+@settings("database_url")
+def update(
+    name: Annotated[str, typer.Argument(help="the clinic")],
+    timezone: Timezone = None,
+    json_out: JsonOut = False,
+    *,
+    settings: config.Settings,
+) -> None:
+    """Change a clinic's settings: its time zone (pages and e-mails; the API stays UTC).
+
+    Example: raiox clinics update sorriso-sp --timezone America/Sao_Paulo
+    """
+    # lazy: start-up time
+    from raiox_cli.clinics import keys
+
+    with database(settings) as conn:
+        row = keys.set_timezone(conn, name, timezone)
+    if json_out:
+        print_json(_clinic_json(row))
+    else:
+        out.print(f"{row['name']}: time zone {row['timezone'] or 'of the server (RAIOX_TIMEZONE)'}")
 
 
 @command(app, "list")

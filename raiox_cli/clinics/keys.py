@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import re
 import secrets
+import zoneinfo
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ class Clinic:
 
     id: int
     name: str
+    timezone: str | None = None  # IANA name; None: the server's RAIOX_TIMEZONE
 
 
 def new_key() -> str:
@@ -78,13 +80,20 @@ def add(
     *,
     notify_url: str | None = None,
     email: str | None = None,
+    timezone: str | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Create a clinic; returns (its row, its key). The key is not stored."""
     name = check_name(name)
     _check_contact(notify_url, email)
+    timezone = check_timezone(timezone, "--timezone")
     key = new_key()
     row = queries.create_clinic(
-        conn, name=name, key_hash=key_hash(key), notify_url=notify_url, email=email
+        conn,
+        name=name,
+        key_hash=key_hash(key),
+        notify_url=notify_url,
+        email=email,
+        timezone=timezone,
     )
     if row is None:
         raise ClinicExists(
@@ -92,6 +101,31 @@ def add(
         )
     conn.commit()
     return row, key
+
+
+def check_timezone(name: str | None, what: str) -> str | None:
+    """An IANA time zone name (America/Sao_Paulo), checked; None stays None."""
+    if name is None:
+        return None
+    cleaned = name.strip()
+    try:
+        if not cleaned or len(cleaned) > 64:
+            raise ValueError(cleaned)
+        zoneinfo.ZoneInfo(cleaned)
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        raise UsageError(
+            f"{what} {name!r} is not an IANA time zone; use a name such as America/Sao_Paulo"
+        ) from None
+    return cleaned
+
+
+def set_timezone(conn: psycopg.Connection, name: str, timezone: str | None) -> dict[str, Any]:
+    """`clinics update --timezone`: the clinic's pages and e-mails show times in it."""
+    row = queries.set_clinic_timezone(conn, name, check_timezone(timezone, "--timezone"))
+    if row is None:
+        raise _missing(conn, name)
+    conn.commit()
+    return row
 
 
 def rotate(
@@ -140,7 +174,7 @@ def authenticate(conn: psycopg.Connection, key: str) -> Clinic | None:
     conn.commit()
     if row is None:
         return None
-    return Clinic(id=int(row["id"]), name=row["name"])
+    return Clinic(id=int(row["id"]), name=row["name"], timezone=row["timezone"])
 
 
 def state(row: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from raiox_cli import __version__, db
+from raiox_cli.clinics import keys
 from raiox_cli.config import Settings
 from raiox_cli.errors import UsageError
 from raiox_cli.server import auth, docs, handlers, logs, notify, openapi
@@ -45,6 +46,7 @@ def check_auth_configured(settings: Settings, insecure_no_auth: bool) -> None:
     if settings.webhook_secret:
         auth.secret_key(settings.webhook_secret)  # a malformed whsec_ fails now, not per request
     notify.notifiers(settings)  # a malformed RAIOX_SMTP_URL (or no sender) fails now too
+    keys.check_timezone(settings.timezone, "RAIOX_TIMEZONE")
     if settings.jotform_clinic_from_answer and not settings.jotform_form_ids:
         raise UsageError(
             "RAIOX_JOTFORM_CLINIC_FROM_ANSWER needs RAIOX_JOTFORM_FORM_IDS: a form answer "

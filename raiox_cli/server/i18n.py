@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timezone, tzinfo
 from functools import cache
 from importlib import resources
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jinja2
 
@@ -59,6 +60,7 @@ def negotiate(accept_language: str | None, default: str) -> str:
 @dataclass(frozen=True)
 class Translator:
     lang: str
+    timezone: str = "UTC"  # IANA name: the clinic's, else RAIOX_TIMEZONE
 
     def __call__(self, key: str, **params: Any) -> str:
         message = catalogue(self.lang)[key]
@@ -77,9 +79,9 @@ class Translator:
     def when(self, moment: datetime | None) -> str:
         if moment is None:
             return ""
-        utc = moment.astimezone(timezone.utc)
-        pattern = "%d/%m/%Y %H:%M UTC" if self.lang == "pt-BR" else "%Y-%m-%d %H:%M UTC"
-        return utc.strftime(pattern)
+        local = moment.astimezone(zone(self.timezone))
+        pattern = "%d/%m/%Y %H:%M" if self.lang == "pt-BR" else "%Y-%m-%d %H:%M"
+        return f"{local.strftime(pattern)} {_zone_label(local)}"
 
     def vocabulary(self, kind: str, value: str | None) -> str | None:
         """A catalogue value of a known vocabulary (a connection: "conical"), in this
@@ -98,6 +100,25 @@ class Translator:
         if kind not in ("image", "download", "catalogue"):
             return self("result.failed.internal", attempts=analysis.get("attempts") or 1)
         return self(f"result.failed.{kind}")
+
+
+@cache
+def zone(name: str | None) -> tzinfo:
+    """The time zone of this IANA name; UTC for None or a name this system lacks."""
+    try:
+        return ZoneInfo(name) if name and name != "UTC" else timezone.utc
+    except (ValueError, ZoneInfoNotFoundError):
+        return timezone.utc
+
+
+def _zone_label(moment: datetime) -> str:
+    """UTC, or the zone's abbreviation when it has a real one (CET), else its offset
+    (-03:00, as São Paulo's zone names it only "-03")."""
+    label = moment.strftime("%Z")
+    if label in ("UTC", "") or label.isalpha():
+        return label or "UTC"
+    offset = moment.strftime("%z")
+    return f"UTC{offset[:3]}:{offset[3:]}"
 
 
 @cache

@@ -49,6 +49,7 @@ class Finished:
     view: dict[str, Any]  # the GET /analyses/{id} answer, with result_url and confidence
     lang: str  # pt-BR or en: the language e-mails are written in
     link_expires_at: dt.datetime | None = None  # when view["result_url"] stops working
+    timezone: str = "UTC"  # the times in e-mails: the clinic's, else RAIOX_TIMEZONE
 
 
 class Notifier(Protocol):
@@ -198,7 +199,7 @@ class SmtpServer:
 def render_email(finished: Finished) -> tuple[str, str, str]:
     """(subject, plain text, HTML) telling that an analysis finished, in its language.
     The subject names no patient and no implant: only "ready" or "could not"."""
-    view, t = finished.view, i18n.Translator(finished.lang)
+    view, t = finished.view, i18n.Translator(finished.lang, finished.timezone)
     done = view["status"] == "done"
     top = None
     if done and view.get("matches"):

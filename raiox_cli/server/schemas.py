@@ -192,7 +192,7 @@ class Analysis(BaseModel):
     notifications: dict[Literal["webhook", "email"], Notification] | None = Field(
         None, description="each channel's delivery of the finished analysis, once queued"
     )
-    confidence: Literal["strong", "possible", "none"] | None = Field(
+    confidence: Literal["strong", "possible", "none", "not_in_catalogue"] | None = Field(
         None, description="in notifications of a finished analysis: the page's wording"
     )
 

@@ -399,4 +399,6 @@ class Worker:
         lang = i18n.preferred(view.get("lang"), self.settings.default_lang)
         link = links.result_link(self.settings, uuid.UUID(view["id"]))
         view["result_url"] = link[0] if link else None
-        return notify.Finished(view, lang, link[1] if link else None)
+        row = queries.get_analysis(conn, analysis_id)
+        zone = (row or {}).get("clinic_timezone") or self.settings.timezone
+        return notify.Finished(view, lang, link[1] if link else None, zone)

@@ -111,7 +111,7 @@ def get_analysis(conn: psycopg.Connection, analysis_id: int) -> dict[str, Any] |
     queries.find_analysis, which is scoped to the caller's clinic."""
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
-            """SELECT a.*, c.name AS clinic FROM analyses a
+            """SELECT a.*, c.name AS clinic, c.timezone AS clinic_timezone FROM analyses a
                LEFT JOIN clinics c ON c.id = a.clinic_id WHERE a.id = %(a)s""",
             {"a": analysis_id},
         )

@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 
 # --- clinics ---------------------------------------------------------------------
 
-_CLINIC_COLUMNS = """c.id, c.name, c.notify_url, c.email, c.created_at, c.rotated_at,
+_CLINIC_COLUMNS = """c.id, c.name, c.notify_url, c.email, c.timezone, c.created_at, c.rotated_at,
                      c.last_used_at, c.revoked_at, c.previous_expires_at"""
 
 
@@ -27,15 +27,16 @@ def create_clinic(
     key_hash: bytes,
     notify_url: str | None,
     email: str | None,
+    timezone: str | None = None,
 ) -> dict[str, Any] | None:
     """Insert a clinic; None when the name is taken."""
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
-            f"""INSERT INTO clinics AS c (name, key_hash, notify_url, email)
-                VALUES (%(name)s, %(hash)s, %(url)s, %(email)s)
+            f"""INSERT INTO clinics AS c (name, key_hash, notify_url, email, timezone)
+                VALUES (%(name)s, %(hash)s, %(url)s, %(email)s, %(tz)s)
                 ON CONFLICT (name) DO NOTHING
                 RETURNING {_CLINIC_COLUMNS}""",
-            {"name": name, "hash": key_hash, "url": notify_url, "email": email},
+            {"name": name, "hash": key_hash, "url": notify_url, "email": email, "tz": timezone},
         )
         return cur.fetchone()
 
@@ -85,6 +86,19 @@ def rotate_clinic_key(
         return cur.fetchone()
 
 
+def set_clinic_timezone(
+    conn: psycopg.Connection, name: str, timezone: str | None
+) -> dict[str, Any] | None:
+    """The clinic's time zone (None: the server's); None: no such active clinic."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            f"""UPDATE clinics AS c SET timezone = %(tz)s
+                WHERE c.name = %(name)s AND c.revoked_at IS NULL RETURNING {_CLINIC_COLUMNS}""",
+            {"name": name, "tz": timezone},
+        )
+        return cur.fetchone()
+
+
 def revoke_clinic(conn: psycopg.Connection, name: str) -> dict[str, Any] | None:
     """Revoke every key of the clinic at once; None: no such clinic."""
     with conn.cursor(row_factory=dict_row) as cur:
@@ -103,7 +117,7 @@ def clinic_for_key_hash(conn: psycopg.Connection, key_hash: bytes) -> dict[str, 
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             """WITH hit AS (
-                   SELECT id, name, key_hash FROM clinics
+                   SELECT id, name, timezone, key_hash FROM clinics
                    WHERE revoked_at IS NULL
                      AND (key_hash = %(h)s
                           OR (previous_key_hash = %(h)s AND previous_expires_at > now()))),
@@ -112,7 +126,7 @@ def clinic_for_key_hash(conn: psycopg.Connection, key_hash: bytes) -> dict[str, 
                    WHERE c.id = hit.id
                      AND (c.last_used_at IS NULL
                           OR c.last_used_at < now() - interval '1 minute'))
-               SELECT id, name, key_hash = %(h)s AS current FROM hit""",
+               SELECT id, name, timezone, key_hash = %(h)s AS current FROM hit""",
             {"h": key_hash},
         )
         return cur.fetchone()
@@ -138,7 +152,7 @@ def clinic_by_name(conn: psycopg.Connection, name: str) -> int | None:
 
 # --- analyses, scoped to a clinic ---------------------------------------------------
 
-ANALYSIS_SELECT = """SELECT a.*, c.name AS clinic FROM analyses a
+ANALYSIS_SELECT = """SELECT a.*, c.name AS clinic, c.timezone AS clinic_timezone FROM analyses a
                      LEFT JOIN clinics c ON c.id = a.clinic_id"""
 
 

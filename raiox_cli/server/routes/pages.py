@@ -194,7 +194,7 @@ def _upload_page(
     error: str | None = None,
     status: int = 200,
 ) -> HTMLResponse:
-    t = i18n.Translator(page_lang(request))
+    t = i18n.Translator(page_lang(request), clinic.timezone or settings.timezone)
     history = [
         {
             "when": t.when(row["created_at"]),
@@ -403,6 +403,7 @@ def result_view(
     q: str | None = None,
 ) -> dict[str, Any]:
     """Everything the result template shows, from the analysis row."""
+    t = i18n.Translator(t.lang, row.get("clinic_timezone") or settings.timezone)
     view: dict[str, Any] = {
         "status": row["status"],
         "base": base,
