@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from raiox_cli import config
 from raiox_cli.cli import app as cli_app
-from raiox_cli.server import i18n
+from raiox_cli.server import i18n, notify
 from raiox_cli.server.routes import pages
 from tests.helpers.catalogue import Catalogue
 from tests.helpers.server import TOKEN, running
@@ -70,3 +70,23 @@ def test_pages_show_the_clinics_zone_and_the_api_utc(
         assert "UTC-03:00" in home.text or "UTC-02:00" in home.text
         listed = httpx.get(f"{base}/v1/analyses", headers={"authorization": f"Bearer {TOKEN}"})
         assert listed.json()["items"][0]["created_at"].endswith("+00:00")
+
+
+def test_emails_say_times_in_the_clinics_zone() -> None:
+    created = dt.datetime(2026, 12, 6, 1, 18, tzinfo=dt.timezone.utc)
+    view = {
+        "id": "6f1c2a4e-3b5d-4c8e-9a0b-1d2e3f405162",
+        "status": "done",
+        "created_at": created,
+        "matches": [],
+        "result_url": "https://raiox.example/r/x",
+        "confidence": "none",
+    }
+    expires = created + dt.timedelta(days=7)
+    _, text, html = notify.render_email(
+        notify.Finished(view, "pt-BR", expires, "America/Sao_Paulo")
+    )
+    assert "05/12/2026 22:18 UTC-03:00" in text and "12/12/2026 22:18 UTC-03:00" in text
+    assert "22:18 UTC-03:00" in html and "01:18 UTC" not in text
+    _, plain, _ = notify.render_email(notify.Finished(view, "en", expires))
+    assert "2026-12-06 01:18 UTC" in plain  # no zone set: the server's default, UTC
