@@ -97,7 +97,12 @@ class FeedbackIn(BaseModel):
         return self
 
 
-ISO_DATE_TIME = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:?\d{2})?)?$"
+# Months, days and clock fields in range; only a day past its month's end (02-30)
+# passes the pattern and is refused by the parser.
+ISO_DATE_TIME = (
+    r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+    r"([T ]([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d{1,6})?)?(Z|[+-]([01]\d|2[0-3]):?[0-5]\d)?)?$"
+)
 
 
 def _date_time(value: str, name: str) -> dt.datetime:
