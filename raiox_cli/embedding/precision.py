@@ -17,9 +17,10 @@ GATE_COSINE or above. Random weights (`--pretrained none`) rank implants by nois
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,37 @@ def parity(
 def quantise(src: Path, dst: Path, calibration: np.ndarray) -> dict[str, Any]:
     """Write the int8 graph of the fp32 graph `src` (weights inline) to `dst`,
     calibrated on `calibration` (N, 3, S, S) float32; returns what was done."""
+    started = time.perf_counter()
+    excluded = activation_products(src) if METHOD["weights_only"] else []
+    with _quiet_quantiser():
+        _run_quantiser(src, dst, calibration, excluded)
+    return {
+        **METHOD,
+        "calibration_images": len(calibration),
+        "kept_fp32_products": len(excluded),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+class _FromQuantiser(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_quantiser() -> Iterator[None]:
+    """ONNX Runtime's quantiser logs advice for its own developers on the root logger
+    (pre-processing, links): not the operator's to act on."""
+    quiet = _FromQuantiser()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
+def _run_quantiser(src: Path, dst: Path, calibration: np.ndarray, excluded: list[str]) -> None:
     # start-up time: ONNX Runtime's quantisation tools import onnx and sympy
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -163,8 +195,6 @@ def quantise(src: Path, dst: Path, calibration: np.ndarray) -> dict[str, Any]:
         quantize_static,
     )
 
-    started = time.perf_counter()
-    excluded = activation_products(src) if METHOD["weights_only"] else []
     if METHOD["mode"] == "dynamic":
         quantize_dynamic(
             str(src),
@@ -196,12 +226,6 @@ def quantise(src: Path, dst: Path, calibration: np.ndarray) -> dict[str, Any]:
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
         )
-    return {
-        **METHOD,
-        "calibration_images": len(calibration),
-        "kept_fp32_products": len(excluded),
-        "seconds": time.perf_counter() - started,
-    }
 
 
 def activation_products(path: Path) -> list[str]:
