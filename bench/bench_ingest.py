@@ -175,8 +175,11 @@ def child_breakdown(args: argparse.Namespace) -> dict[str, Any]:
         steps[name] = (_cpu_s() - cpu) * 1000 / len(items)
         return out
 
-    data = timed("read_and_hash", lambda p: (p.read_bytes(),), files)
-    data = [(d, hashlib.sha256(d).hexdigest()) for (d,) in data]
+    def read_and_hash(path: Path) -> tuple[bytes, str]:
+        data = path.read_bytes()
+        return data, hashlib.sha256(data).hexdigest()
+
+    data = timed("read_and_hash", read_and_hash, files)
     loaded = timed(
         "decode",
         lambda d: images.load_image(d[0], sha256=d[1], decode_to=embedder.preprocessor.decode_to),
