@@ -2,7 +2,8 @@
 
   model_only     ViT-B-32 throughput on pre-decoded tensors (batch 32): the ceiling
   breakdown      CPU ms per image outside the model, by step (read+hash, decode,
-                 preprocess, de-identified copy, database), on the --size PNGs
+                 preprocess, de-identified copy, database), on the --size PNGs;
+                 decode through Pillow alone beside it (before the fast-png extra)
   ingest         end-to-end `ingest` throughput on the same PNGs (model preloaded)
   batch_search   `raiox search` over the same PNGs as X-rays, TTA off and on
   accuracy       synthetic eval (top-1, MRR) in fp32, then int8 after reindex --precision int8
@@ -155,10 +156,19 @@ def child_breakdown(args: argparse.Namespace) -> dict[str, Any]:
     """CPU ms per image of each step ingest runs outside the model, one after another
     on the same files: the bytes read and hashed, decoded (with the preprocessing's
     decode_to), preprocessed, the de-identified copy stored. The database and the
-    rest are what is left of ingest's CPU outside the model (main() subtracts)."""
+    rest are what is left of ingest's CPU outside the model (main() subtracts).
+
+    Before and after in one run: `decode` is the path ingest takes (Wuffs for a plain
+    PNG when the fast-png extra is installed), `decode_pillow` the same files through
+    Pillow alone (every PNG before the extra); `inflate_only` is zlib alone on the
+    files' IDAT data (what any decoder pays before unfiltering the rows). Each step
+    runs --breakdown-rounds times, interleaved; the fastest round counts (the least
+    disturbed by the other processes on the machine)."""
     import hashlib
+    import zlib
 
     from raiox_cli.clinics import privacy
+    from raiox_cli.images import png
     from raiox_cli.store import objects as storage
 
     root = _catalogue(args.work / f"png-{args.images}", args.images, _parse_size(args.size))
@@ -167,35 +177,78 @@ def child_breakdown(args: argparse.Namespace) -> dict[str, Any]:
     db.migrate(settings)
     embedder = embedding.load_embedder(embedding.ModelSpec.from_settings(settings))
     store = storage.open_store(settings)
+    decode_to = embedder.preprocessor.decode_to
+    fast_png = png.available()
     steps: dict[str, float] = {}
 
     def timed(name: str, fn: Any, items: list[Any]) -> list[Any]:
         cpu = _cpu_s()
         out = [fn(item) for item in items]
-        steps[name] = (_cpu_s() - cpu) * 1000 / len(items)
+        ms = (_cpu_s() - cpu) * 1000 / len(items)
+        steps[name] = min(steps.get(name, ms), ms)
         return out
 
     def read_and_hash(path: Path) -> tuple[bytes, str]:
         data = path.read_bytes()
         return data, hashlib.sha256(data).hexdigest()
 
-    data = timed("read_and_hash", read_and_hash, files)
-    loaded = timed(
-        "decode",
-        lambda d: images.load_image(d[0], sha256=d[1], decode_to=embedder.preprocessor.decode_to),
-        data,
-    )
-    timed("preprocess", lambda li: embedder.preprocessor(li.image), loaded)
-    timed(
-        "deidentified_copy",
-        lambda d: privacy.store_image(store, d[0], "PNG", settings, sha256=d[1]),
-        data,
-    )
+    def decode_with(enabled: bool) -> Any:
+        def decode(d: tuple[bytes, str]) -> images.LoadedImage:
+            png.ENABLED = enabled and fast_png
+            try:
+                return images.load_image(d[0], sha256=d[1], decode_to=decode_to)
+            finally:
+                png.ENABLED = fast_png
+
+        return decode
+
+    idat = [_idat(path.read_bytes()) for path in files]
+    for _ in range(args.breakdown_rounds):
+        data = timed("read_and_hash", read_and_hash, files)
+        timed("decode_pillow", decode_with(False), data)
+        loaded = timed("decode", decode_with(True), data)
+        timed("inflate_only", zlib.decompress, idat)
+        timed("preprocess", lambda li: embedder.preprocessor(li.image), loaded)
+        timed(
+            "deidentified_copy",
+            lambda d: privacy.store_image(store, d[0], "PNG", settings, sha256=d[1]),
+            data,
+        )
+    rows = [
+        _row_filters(zlib.decompress(block), li.image)
+        for block, li in zip(idat, loaded, strict=True)
+    ]
     steps["images"] = len(files)
-    steps["outside_model_ms"] = sum(
-        steps[k] for k in ("read_and_hash", "decode", "preprocess", "deidentified_copy")
+    steps["decoder"] = "wuffs" if fast_png else "pillow"
+    steps["paeth_row_share"] = sum(r[4] for r in rows) / max(1, sum(sum(r) for r in rows))
+    outside = ("read_and_hash", "decode", "preprocess", "deidentified_copy")
+    steps["outside_model_ms"] = sum(steps[k] for k in outside)
+    steps["outside_model_pillow_ms"] = (
+        steps["outside_model_ms"] - steps["decode"] + steps["decode_pillow"]
     )
     return steps
+
+
+def _idat(data: bytes) -> bytes:
+    """A PNG's compressed pixel data (its IDAT chunks joined)."""
+    at, blocks = 8, []
+    while at + 8 <= len(data):
+        length = int.from_bytes(data[at : at + 4], "big")
+        if data[at + 4 : at + 8] == b"IDAT":
+            blocks.append(data[at + 8 : at + 8 + length])
+        at += 12 + length
+    return b"".join(blocks)
+
+
+def _row_filters(raw: bytes, image: Any) -> list[int]:
+    """How many rows use each PNG filter (None, Sub, Up, Average, Paeth): Paeth on an
+    8-bit grey image is one serial chain per row, the dearest to undo."""
+    width, height = image.size
+    stride = width * len(image.getbands()) + 1
+    counts = [0] * 5
+    for row in range(height):
+        counts[raw[row * stride] % 5] += 1
+    return counts
 
 
 def child_tta_drift(args: argparse.Namespace) -> dict[str, Any]:
@@ -498,6 +551,9 @@ def main() -> None:
     parser.add_argument("--rss-model", default="raiox-tiny", help="model for unchanged/rss runs")
     parser.add_argument("--only", default="", help="comma list of sections to run")
     parser.add_argument(
+        "--breakdown-rounds", type=int, default=3, help="breakdown: rounds, the fastest counts"
+    )
+    parser.add_argument(
         "--repeat", type=int, default=1, help="model_only/ingest pairs, side by side, N times"
     )
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "raiox-bench")
@@ -672,6 +728,18 @@ def _table(r: dict[str, Any]) -> None:
                 f"{r['search_tta_images_per_xray']:.2f}; {r['search_tta_cpu_images_per_xray']:.2f}",
             )
         )
+    if "breakdown" in r:
+        b = r["breakdown"]
+        rows.append(
+            (
+                f"CPU ms/image outside the model ({b['decoder']}; Pillow alone)",
+                f"{b['outside_model_ms']:.1f} ({b['outside_model_pillow_ms']:.1f})",
+            )
+        )
+        for step in ("read_and_hash", "decode", "decode_pillow", "inflate_only", "preprocess"):
+            rows.append((f"  {step}", f"{b[step]:.2f}"))
+        rows.append(("  deidentified_copy", f"{b['deidentified_copy']:.2f}"))
+        rows.append(("  rows filtered with Paeth", f"{b['paeth_row_share']:.0%}"))
     if "loop" in r:
         rows.append(("one-at-a-time loop (img/s)", f"{r['loop']['images_per_s']:.1f}"))
     if "ingest_over_loop" in r:
