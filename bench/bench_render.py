@@ -15,6 +15,17 @@ object on stdout and a table on stderr.
 
   OMP_NUM_THREADS=1 python bench/bench_render.py                 # 24 implants, 300 steps
   python bench/bench_render.py --systems 8 --steps 30 --views 4x1  # a quick look
+
+`--speed` measures render speed alone instead: `raiox render MODEL --views 12x3
+--size 512 --force --jobs J` through the real CLI, per mesh and worker count, CPU
+seconds (the process and its workers) first, then wall time with the load average,
+and one view's projection alone in this process. Meshes: a CAD-style cylinder (r 2
+x 10 mm, 25,008 sections, 100,032 faces, its sides 50k slivers as long as the
+cylinder: `cylinder-sliver`) and synth.py's first two designs as threaded meshes
+(`threaded`, 92,544 and 121,728 faces).
+
+  python bench/bench_render.py --speed                           # both, 1 and 2 workers
+  python bench/bench_render.py --speed --mesh cylinder-sliver --jobs 1
 """
 
 from __future__ import annotations
@@ -134,19 +145,124 @@ def _run_catalogue(
     }
 
 
+def _speed_meshes(which: str, folder: Path) -> list[Path]:
+    import trimesh
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if which in ("cylinder-sliver", "all"):
+        path = folder / "cylinder_sliver.stl"
+        trimesh.creation.cylinder(radius=2.0, height=10.0, sections=25008).export(path)
+        paths.append(path)
+    if which in ("threaded", "all"):
+        paths += synth3d.write_models(folder / "threaded", synth.design_systems(2))
+    return paths
+
+
+def _projection_cpu(model: Path, size: int) -> dict[str, float]:
+    """CPU seconds of one view's path lengths (supersampled as `raiox render` does)."""
+    mesh = render.load_mesh(model)
+    settings = render.RenderSettings(size=size)
+    out = {}
+    for turn, tilt in ((0, 0), (30, 20)):
+        started = time.process_time()
+        render.lengths_view(mesh, turn, tilt, size, settings.supersample)
+        out[f"rot{turn:03d}_tilt{tilt:02d}"] = round(time.process_time() - started, 3)
+    return out
+
+
+def _timed_cli(args: list[str]) -> dict[str, Any]:
+    """Run `raiox ARGS` as a child; its CPU (with its workers), peak memory and wall."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAIOX_")}
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raiox_cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr.read().decode() if proc.stderr else "")
+        raise SystemExit(f"raiox {args[0]} exited {proc.returncode}")
+    return {
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "user_s": round(usage.ru_utime, 2),
+        "sys_s": round(usage.ru_stime, 2),
+        "max_rss_mb": round(usage.ru_maxrss / 1024),
+        "wall_s": round(wall, 2),
+        "load_average": [load_before, os.getloadavg()],
+    }
+
+
+def speed(args: argparse.Namespace) -> None:
+    work = args.work or Path(tempfile.mkdtemp(prefix="raiox-bench-render-speed-"))
+    views = args.views or "12x3"
+    render.parse_views(views)  # a usage error before any work
+    results = []
+    import trimesh
+
+    for model in _speed_meshes(args.mesh, work / "models"):
+        faces = len(trimesh.load(model, force="mesh").faces)
+        entry: dict[str, Any] = {
+            "model": model.stem,
+            "faces": faces,
+            "projection_cpu_s": _projection_cpu(model, args.size),
+        }
+        for jobs in [int(j) for j in args.jobs.split(",")]:
+            out = work / f"out-{model.stem}-{jobs}"
+            cli = ["render", str(model), "--out", str(out), "--views", views]
+            cli += ["--size", str(args.size), "--force", "--jobs", str(jobs)]
+            run = _timed_cli(cli)
+            run["images"] = len(list(out.rglob("*.png")))
+            entry[f"jobs_{jobs}"] = run
+        results.append(entry)
+        sys.stderr.write(json.dumps(entry) + "\n")
+    out = {
+        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count()},
+        "setup": {"views": f"{views} (+ mirrors)", "size": args.size, "supersample": 2},
+        "results": results,
+    }
+    print(json.dumps(out, indent=1))
+    err = sys.stderr
+    err.write(f"\n{views} views + mirrors at {args.size} px, CPU s (wall s, load average)\n")
+    for r in results:
+        runs = [
+            f"{k}: {v['cpu_s']} CPU s ({v['wall_s']} s, load {v['load_average'][0][0]:.1f})"
+            for k, v in r.items()
+            if k.startswith("jobs_")
+        ]
+        err.write(f"{r['model']:>20} {r['faces']:7d} faces | " + " | ".join(runs) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--speed", action="store_true", help="render speed alone (see above)")
+    parser.add_argument(
+        "--mesh", choices=("cylinder-sliver", "threaded", "all"), default="all", help="--speed"
+    )
+    parser.add_argument("--jobs", default="1,2", help="--speed: worker counts, e.g. 1,2")
     parser.add_argument("--systems", type=int, default=24)
-    parser.add_argument("--views", default="8x2", help="catalogue B: TURNSxTILTS (mirrored)")
+    parser.add_argument(
+        "--views", default=None, help="catalogue B: TURNSxTILTS (mirrored) [8x2; --speed 12x3]"
+    )
     parser.add_argument("--queries", type=int, default=4, help="test queries per implant")
     parser.add_argument("--val", type=int, default=2, help="validation queries per implant")
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--size", type=int, default=None, help="[256; --speed 512]")
     parser.add_argument("--model", default="raiox-small")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="keep data and runs here")
     args = parser.parse_args()
+    if args.speed:
+        args.size = args.size or 512
+        speed(args)
+        return
+    args.views, args.size = args.views or "8x2", args.size or 256
 
     work = args.work or Path(tempfile.mkdtemp(prefix="raiox-bench-render-"))
     designs = synth.design_systems(args.systems, args.seed)

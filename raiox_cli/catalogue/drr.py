@@ -5,10 +5,14 @@ triangles the ray crosses, of each crossing's depth signed by whether the ray
 leaves (+) or enters (-) the solid there (the divergence theorem along a line).
 So one pass that scan-converts every triangle and adds its signed depth plane
 into the pixels it covers gives every pixel's exact path length at once: no
-ray-triangle tests and no voxels. Pixel centres on an edge shared by two
-triangles go to exactly one of them (half-open rows and columns, each edge's
-crossing computed from its endpoints in one fixed order), so a watertight mesh
-leaves no seams. The radiograph is then Beer-Lambert attenuation, detector blur
+ray-triangle tests and no voxels. Which centres a triangle covers is decided
+with exact integer edge tests on fixed-point vertices (1/65536 px), and a centre
+on an edge shared by two triangles goes to exactly one of them, so a watertight
+mesh leaves no seams. Each triangle is scanned across its narrower extent, along
+rows or along columns: a CAD mesh's long slivers (a cylinder's side, 10 mm long
+and 0.001 mm wide) cost a line or two each, not one per pixel row they span, so
+a view costs about faces x their narrower extent in pixels, plus the pixels
+covered. The radiograph is then Beer-Lambert attenuation, detector blur
 and quantum noise from a seeded generator, over a plain or bone-like background.
 Parallel rays by default; a cone beam (point source) projects the vertices first
 and sums distances from the source per pixel instead of with running sums.
@@ -76,58 +80,164 @@ def path_lengths(
             raise ValueError(f"a source {source_mm:g} mm away is inside the model")
         xy = vertices[:, :2] * (source_mm / distance)[:, None]
         depth = 1 / distance  # affine across a projected triangle, unlike the distance
-    spans = _spans(xy, depth, faces, size, px_per_mm)
+    along_rows, along_columns = _spans(xy, depth, faces, size, px_per_mm)
     if source_mm is None:
-        return _sum_parallel(spans, size)
-    return _sum_cone(spans, size, px_per_mm, source_mm)
+        frame = _sum_parallel(along_rows, size) + _sum_parallel(along_columns, size).T
+        return np.maximum(frame, 0.0)
+    frame = _sum_cone(along_rows, size) + _sum_cone(along_columns, size).T
+    centre = (np.arange(size) + 0.5 - size / 2) / px_per_mm
+    secant = np.sqrt(1 + (centre[:, None] ** 2 + centre[None, :] ** 2) / source_mm**2)
+    return np.maximum(frame * secant, 0.0)
 
 
 _Spans = tuple[np.ndarray, ...]
 
+# Which pixel centres a triangle covers is decided in fixed point (1/65536 px in a
+# frame up to 8192 px, coarser beyond), with exact integer edge tests: a centre on an
+# edge belongs to the triangle it would fall in if nudged right (then down), so the two
+# triangles of a shared edge split its centres exactly, whichever way each of them is
+# scanned. Coordinates up to 2**29 units keep every product below 2**62.
+_UNITS = 2**29
+_FINEST = 2**16
+# Candidate (triangle, row) pairs per batch: bounds the temporaries (~50 MB).
+_BATCH = 1 << 19
+
 
 def _spans(
     xy: np.ndarray, depth: np.ndarray, faces: np.ndarray, size: int, px_per_mm: float
-) -> _Spans:
-    """Every (triangle, row) that covers pixel centres: row, first and stop column,
-    the span's ends (column) and the depth there, and the crossing's sign."""
+) -> tuple[_Spans, _Spans]:
+    """Every (triangle, row) that covers pixel centres, as row, first and stop column,
+    the span's ends (column) and the depth there, and the crossing's sign. A triangle
+    taller than wide (in pixel centres) is scanned along columns instead: the second
+    set is in the transposed frame. So a long sliver costs the few lines across it, not
+    the many along it: the work is bounded by the faces times their narrower extent."""
     px = xy[:, 0] * px_per_mm + size / 2
     py = size / 2 - xy[:, 1] * px_per_mm  # rows go down
-    z = depth
+    reach = max(float(np.abs(px).max()), float(np.abs(py).max())) if len(px) else 0.0
+    sub = min(_FINEST, 2 ** math.floor(math.log2(_UNITS / max(reach, size, 1.0))))
+    if sub < 16:
+        raise ValueError("the model projects too far outside the frame")
+    fx = np.round(px * sub).astype(np.int64)
+    fy = np.round(py * sub).astype(np.int64)
     tri = faces.astype(np.int64)
-    ax, ay = xy[tri[:, 0], 0], xy[tri[:, 0], 1]
-    cross = (xy[tri[:, 1], 0] - ax) * (xy[tri[:, 2], 1] - ay) - (xy[tri[:, 2], 0] - ax) * (
-        xy[tri[:, 1], 1] - ay
+    ax, ay = fx[tri[:, 0]], fy[tri[:, 0]]
+    area = (fx[tri[:, 1]] - ax) * (fy[tri[:, 2]] - ay) - (fx[tri[:, 2]] - ax) * (fy[tri[:, 1]] - ay)
+    keep = area != 0  # edge-on triangles cover nothing
+    tri, area = tri[keep], area[keep]
+    sign = -np.sign(area).astype(np.float64)  # +: the ray leaves the solid (y up in the model)
+    tri = np.where((area < 0)[:, None], tri[:, [0, 2, 1]], tri)  # interior left of each edge
+    rows = _centres(fy[tri].min(axis=1), fy[tri].max(axis=1), size, sub)
+    columns = _centres(fx[tri].min(axis=1), fx[tri].max(axis=1), size, sub)
+    across = columns < rows
+    # Transposing the frame flips the winding: swap two corners to keep it.
+    return (
+        _scan(fx, fy, sub, depth, tri[~across], sign[~across], size, transposed=False),
+        _scan(fy, fx, sub, depth, tri[across][:, [0, 2, 1]], sign[across], size, True),
     )
-    keep = cross != 0  # edge-on triangles cover nothing
-    tri, sign = tri[keep], np.sign(cross[keep])
-    # Each triangle's corners by (row, vertex index): a shared edge is always walked
-    # from the same end, so both its triangles compute bitwise the same crossings.
+
+
+def _centres(low: np.ndarray, high: np.ndarray, size: int, sub: int) -> np.ndarray:
+    """How many pixel-centre lines (fixed point, `sub` units a pixel) lie in
+    [low, high], within the frame."""
+    first = np.clip((low + sub // 2 - 1) // sub, 0, size)
+    stop = np.clip((high + sub // 2) // sub, 0, size)
+    return np.maximum(stop - first, 0)
+
+
+def _scan(
+    fx: np.ndarray,
+    fy: np.ndarray,
+    sub: int,
+    z: np.ndarray,
+    tri: np.ndarray,
+    sign: np.ndarray,
+    size: int,
+    transposed: bool,
+) -> _Spans:
+    """Spans along rows of triangles `tri` (interior left of each edge, y down): which
+    centres by exact fixed-point tests on (fx, fy), depths by interpolation across the
+    same fixed-point triangle (the float one may miss a centre the fixed-point one
+    covers by a hair, and a sliver's depth changes fast across it).
+    `transposed`: x and y were swapped, so ties go to the triangle below, then right."""
+    half = sub // 2
+    px, py = fx / sub, fy / sub
+    corners_y = fy[tri]
+    top, bottom = corners_y.min(axis=1), corners_y.max(axis=1)
+    flat_bottom = (corners_y == bottom[:, None]).sum(axis=1) == 2  # its centres go below
+    first = np.clip((top + half - 1) // sub, 0, size)
+    stop = np.clip((bottom + half - flat_bottom) // sub, 0, size)
+    count = np.maximum(stop - first, 0)
+    # Each edge a->b bounds the row's centres X = (2c + 1) * half on one side:
+    # E = B (Y - Ya) - A (X - Xa) > 0 inside, A = Yb - Ya, B = Xb - Xa. A < 0: from
+    # the left (c >= bound); A > 0: from the right (c < bound); A = 0: a flat top
+    # (whole rows, kept) or bottom (its row left out above). The bound on c is
+    # floor((P Y + Q) / R) with per-edge integers, rounding chosen by the tie rule.
+    edges = []
+    for k in range(3):
+        a, b = tri[:, k], tri[:, (k + 1) % 3]
+        big_a, big_b = fy[b] - fy[a], fx[b] - fx[a]
+        direction = np.sign(big_a)
+        p = direction * big_b
+        tie = (p > 0) if transposed else np.zeros(len(tri), bool)
+        q = direction * (big_a * fx[a] - big_b * fy[a]) + half * np.abs(big_a) - 1 + tie
+        r = sub * np.abs(big_a)
+        flat = big_a == 0
+        edges.append(
+            (np.where(flat, 0, p), np.where(flat, -1, q), np.where(flat, 1, r), big_a <= 0)
+        )
+    left = np.stack([e[3] for e in edges], axis=1)
+    # Slots: 0 a left bound, 1 a right bound, 2 the third edge (left or right).
+    slot0, slot1 = left.argmax(axis=1), left.argmin(axis=1)
+    slot2 = 3 - slot0 - slot1
+    pick = np.arange(len(tri))
+    stacked = [np.stack([e[i] for e in edges], axis=1) for i in range(4)]
+    coeffs = [[stacked[i][pick, slot] for i in range(3)] for slot in (slot0, slot1, slot2)]
+    third_left = stacked[3][pick, slot2]
+    # Corners by (row, index) for the depths, as floats: long edge and two short ones.
     order = np.lexsort((tri, py[tri]), axis=-1)
-    tri = np.take_along_axis(tri, order, axis=1)
-    v0, v1, v2 = tri[:, 0], tri[:, 1], tri[:, 2]
-    first = np.clip(np.ceil(py[v0] - 0.5), 0, size).astype(np.int64)
-    stop = np.clip(np.ceil(py[v2] - 0.5), 0, size).astype(np.int64)
-    rows = np.maximum(stop - first, 0)
-    which = np.repeat(np.arange(len(tri)), rows)
-    starts = np.cumsum(rows) - rows
-    row = first[which] + np.arange(len(which)) - starts[which]
-    yc = row + 0.5
-    a, b, c = v0[which], v1[which], v2[which]
-    lower = yc >= py[b]
-    s0, s1 = np.where(lower, b, a), np.where(lower, c, b)
-    x_long, z_long = _along(px, py, z, a, c, yc)
-    x_short, z_short = _along(px, py, z, s0, s1, yc)
-    left = x_long <= x_short
-    xl, xr = np.where(left, x_long, x_short), np.where(left, x_short, x_long)
-    zl, zr = np.where(left, z_long, z_short), np.where(left, z_short, z_long)
-    col0 = np.clip(np.ceil(xl - 0.5), 0, size).astype(np.int64)
-    col1 = np.clip(np.ceil(xr - 0.5), 0, size).astype(np.int64)
-    hit = col1 > col0
-    return (row[hit], col0[hit], col1[hit], xl[hit], xr[hit], zl[hit], zr[hit], sign[which[hit]])
+    ordered = np.take_along_axis(tri, order, axis=1)
+    out: list[_Spans] = []
+    ends = np.cumsum(count)
+    cut = np.searchsorted(ends, np.arange(_BATCH, int(ends[-1]) if len(ends) else 0, _BATCH))
+    for lo_t, hi_t in zip(np.r_[0, cut], np.r_[cut, len(tri)], strict=True):
+        if hi_t <= lo_t:
+            continue
+        n = count[lo_t:hi_t]
+        which = np.repeat(np.arange(lo_t, hi_t), n)
+        if len(which) == 0:
+            continue
+        starts = np.cumsum(n) - n
+        row = np.repeat(first[lo_t:hi_t] - starts, n) + np.arange(len(which))
+        yc = (2 * row + 1) * half
+        bounds = [
+            (np.repeat(p[lo_t:hi_t], n) * yc + np.repeat(q[lo_t:hi_t], n))
+            // np.repeat(r[lo_t:hi_t], n)
+            for p, q, r in coeffs
+        ]
+        third = np.repeat(third_left[lo_t:hi_t], n)
+        col0 = np.clip(np.maximum(bounds[0], np.where(third, bounds[2], -1)), 0, size)
+        col1 = np.clip(np.minimum(bounds[1], np.where(third, size, bounds[2])), 0, size)
+        hit = col1 > col0
+        which, row, col0, col1 = which[hit], row[hit], col0[hit], col1[hit]
+        a, b, c = (ordered[which, i] for i in range(3))
+        centre = row + 0.5
+        lower = centre >= py[b]
+        s0, s1 = np.where(lower, b, a), np.where(lower, c, b)
+        x_long, z_long = _along(px, py, z, a, c, centre)
+        x_short, z_short = _along(px, py, z, s0, s1, centre)
+        to_left = x_long <= x_short
+        xl, xr = np.where(to_left, x_long, x_short), np.where(to_left, x_short, x_long)
+        zl, zr = np.where(to_left, z_long, z_short), np.where(to_left, z_short, z_long)
+        out.append((row, col0, col1, xl, xr, zl, zr, sign[which]))
+    if not out:
+        empty = np.zeros(0)
+        return (empty.astype(np.int64),) * 3 + (empty,) * 5
+    return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))
 
 
 def _sum_parallel(spans: _Spans, size: int) -> np.ndarray:
-    """Signed depths summed per pixel with running sums: linear along each span."""
+    """Signed depths summed per pixel with running sums: linear along each span.
+    Not clipped: a part of the mesh may sum below zero."""
     row, col0, col1, xl, xr, zl, zr, s = spans
     # Depth along the row: z = slope * col + offset, added from col0 on, removed at col1.
     # A span narrower than a pixel covers one centre: its depth there, no slope (a
@@ -149,32 +259,32 @@ def _sum_parallel(spans: _Spans, size: int) -> np.ndarray:
     offsets = np.bincount(index, np.concatenate([s * offset, -s * offset]), n)
     slopes = np.cumsum(slopes.reshape(height, width), axis=1)[:, :-1]
     offsets = np.cumsum(offsets.reshape(height, width), axis=1)[:, :-1]
-    frame[r0:r1, c0:c1] = np.maximum(slopes * np.arange(c0, c1) + offsets, 0.0)
+    frame[r0:r1, c0:c1] = slopes * np.arange(c0, c1) + offsets
     return frame
 
 
-def _sum_cone(spans: _Spans, size: int, px_per_mm: float, source_mm: float) -> np.ndarray:
+def _sum_cone(spans: _Spans, size: int) -> np.ndarray:
     """Cone beam: 1/distance is what is linear along a span, so each covered pixel gets
-    its crossing's distance from the source (no running sums), and the sum along the
-    slanted ray is the difference of distances along the central one times its secant."""
+    its crossing's distance from the source (no running sums); the sum along the
+    slanted ray is this difference of distances along the central one times its secant
+    (path_lengths). Not clipped."""
     row, col0, col1, xl, xr, zl, zr, s = spans
     count = col1 - col0
     which = np.repeat(np.arange(len(row)), count)
     col = col0[which] + np.arange(len(which)) - (np.cumsum(count) - count)[which]
-    at = np.clip((col + 0.5 - xl[which]) / (xr - xl)[which], 0.0, 1.0)
+    at = np.clip((col + 0.5 - xl[which]) / np.maximum(xr - xl, 1e-300)[which], 0.0, 1.0)
     inverse = zl[which] + at * (zr - zl)[which]
     frame = np.bincount(row[which] * size + col, -s[which] / inverse, size * size)
-    centre = (np.arange(size) + 0.5 - size / 2) / px_per_mm
-    secant = np.sqrt(1 + (centre[:, None] ** 2 + centre[None, :] ** 2) / source_mm**2)
-    return np.maximum(frame.reshape(size, size) * secant, 0.0)
+    return frame.reshape(size, size)
 
 
 def _along(
     px: np.ndarray, py: np.ndarray, z: np.ndarray, a: np.ndarray, b: np.ndarray, yc: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """x and depth where the edge a->b (a above b) crosses row centre yc."""
+    """x and depth where the edge a->b (a above b) crosses row centre yc (held to the
+    edge: fixed point may take a centre a hair past a corner)."""
     dy = py[b] - py[a]
-    t = (yc - py[a]) / np.where(dy == 0, 1.0, dy)
+    t = np.clip((yc - py[a]) / np.where(dy == 0, 1.0, dy), 0.0, 1.0)
     return px[a] + t * (px[b] - px[a]), z[a] + t * (z[b] - z[a])
 
 

@@ -50,6 +50,70 @@ def test_cylinder_path_lengths_follow_the_analytic_chord_within_1_percent(tmp_pa
     assert lengths.sum() / scale**2 == pytest.approx(math.pi * 4 * 10, rel=2e-3)
 
 
+def _tilted_cylinder_chords(
+    size: int, scale: float, axis: np.ndarray, radius: float, height: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Analytic path lengths of parallel rays (camera z) through a cylinder centred on
+    the origin along unit `axis`, and where each ray leaves through the side only."""
+    centres = (np.arange(size) + 0.5 - size / 2) / scale
+    x, y = np.meshgrid(centres, -centres)  # rows go down
+    p = np.stack([x, y, np.zeros_like(x)], axis=-1)
+    d = np.array([0.0, 0.0, 1.0])
+    across = np.cross(axis, d)
+    sine = np.linalg.norm(across)
+    h = p @ (across / sine)  # distance from the ray to the axis
+    half = np.sqrt(np.clip(radius**2 - h**2, 0, None)) / sine  # half chord along the ray
+    # Along the ray p + s d, the foot of the perpendicular to the axis:
+    d_perp = d - (d @ axis) * axis
+    p_perp = p - (p @ axis)[..., None] * axis
+    s_mid = -(p_perp @ d_perp) / (d_perp @ d_perp)
+    ends = [(p @ axis) + (s_mid + k * half) * (d @ axis) for k in (-1, 1)]
+    margin = 2 / scale
+    side_only = (np.abs(ends[0]) < height / 2 - margin) & (np.abs(ends[1]) < height / 2 - margin)
+    return 2 * half, side_only & (np.abs(h) < radius - margin)
+
+
+@pytest.mark.parametrize(("tilt", "roll"), [(0, 0), (20, 0), (20, 45)])
+def test_sliver_cylinder_matches_the_analytic_chord_in_any_pose(tilt, roll) -> None:
+    """A CAD-style cylinder: 100,032 faces, 50k side slivers as long as the cylinder.
+    Slivers run down the frame (tilted), and diagonally (rolled): pixel centres on
+    every seam, between triangles scanned along rows and along columns."""
+    mesh = trimesh.creation.cylinder(radius=2.0, height=10.0, sections=25008)
+    assert mesh.is_watertight and len(mesh.faces) == 100_032
+    rotation = drr.rotation(0, tilt, roll)
+    # trimesh's cylinder runs along z; the model frame's long axis is y.
+    to_model = np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]])
+    camera = mesh.vertices @ to_model.T @ rotation.T
+    size, scale = 512, 40.0
+    lengths = drr.path_lengths(camera, mesh.faces, size, scale)
+    axis = rotation @ np.array([0.0, 1.0, 0.0])
+    chord, inside = _tilted_cylinder_chords(size, scale, axis, 2.0, 10.0)
+    assert inside.sum() > 10_000
+    error = np.abs(lengths[inside] - chord[inside]) / chord[inside]
+    assert error.max() < 0.002
+    assert lengths.sum() / scale**2 == pytest.approx(math.pi * 4 * 10, rel=1e-3)
+
+
+@pytest.mark.parametrize("width", [2.0, 0.2])
+def test_pixel_centres_exactly_on_edges_count_once(width) -> None:
+    """A box whose edges and face diagonals pass exactly through pixel centres: wide
+    (scanned along rows) or tall and narrow (along columns), each centre is counted
+    once (half-open: a centre on the left or top edge is in, right or bottom out)."""
+    box = trimesh.creation.box(extents=(width, 2.0, 1.0))
+    box.apply_translation((0.05, 0.05, 0))  # corners at half-pixel positions
+    size, scale = 64, 10.0
+    for turn in (0, 180):
+        camera = box.vertices @ drr.rotation(turn, 0).T
+        lengths = drr.path_lengths(camera, box.faces, size, scale)
+        columns = np.flatnonzero(lengths.max(axis=0) > 0)
+        rows = np.flatnonzero(lengths.max(axis=1) > 0)
+        left = size / 2 + (0.05 - width / 2 if turn == 0 else -0.05 - width / 2) * scale
+        assert columns[0] + 0.5 == pytest.approx(left) and len(columns) == round(width * 10)
+        assert rows[0] + 0.5 == pytest.approx(size / 2 - 1.05 * scale) and len(rows) == 20
+        block = lengths[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
+        assert np.allclose(block, 1.0) and lengths.sum() == pytest.approx(block.sum())
+
+
 def test_stepped_cylinder_shows_both_widths_in_the_right_ratio(tmp_path) -> None:
     model = _revolved(
         [(0, 0), (1.5, 0), (1.5, 6), (3.0, 6), (3.0, 12), (0, 12)], tmp_path / "step.stl"
