@@ -82,6 +82,7 @@ def _settings(home: Path, args: argparse.Namespace, model: str | None = None) ->
     from raiox_cli.embedding import precision
 
     precision.GATE_COSINE = args.int8_gate_cosine  # random weights: speed only (docstring)
+    precision.GATE_AGREEMENT = args.int8_gate_agreement  # to measure what the gate refuses
     if args.backend == "onnx" and not (home / "onnx").exists():
         home.mkdir(parents=True, exist_ok=True)
         (home / "onnx").symlink_to(_onnx_cache(args), target_is_directory=True)
@@ -292,26 +293,40 @@ def child_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     from raiox_cli.catalogue.ingest import ingest_catalogue
     from raiox_cli.search import evaluate
 
-    info = synth.make_catalogue(
-        Path(tempfile.mkdtemp(dir=args.work)),
-        systems=args.accuracy_systems,
-        views=4,
-        queries=3,
-        size=(256, 320),
-    )
+    if args.accuracy_data:  # a synthetic set made before (the one a model was adapted on)
+        catalogue, queries_dir = args.accuracy_data / "catalogue", args.accuracy_data / "queries"
+    else:
+        info = synth.make_catalogue(
+            Path(tempfile.mkdtemp(dir=args.work)),
+            systems=args.accuracy_systems,
+            views=4,
+            queries=3,
+            size=(256, 320),
+        )
+        catalogue, queries_dir = info.catalogue, info.queries_dir
     args.backend = "onnx"
     settings = _settings(
         Path(tempfile.mkdtemp(dir=args.work)), args, model=args.accuracy_model
-    ).replace(precision="fp32", tta=False)
+    ).replace(precision="fp32", tta=False, weights=args.accuracy_weights)
     db.migrate(settings)
-    ingest_catalogue(settings, info.catalogue)
-    result: dict[str, Any] = {"model": args.accuracy_model, "implants": args.accuracy_systems}
+    ingest_catalogue(settings, catalogue)
+    result: dict[str, Any] = {
+        "model": args.accuracy_model,
+        "weights": str(args.accuracy_weights) if args.accuracy_weights else None,
+        "implants": len({p.parent for p in catalogue.rglob("*.png")}),
+        "gate_cosine": args.int8_gate_cosine,
+        "gate_agreement": args.int8_gate_agreement,
+    }
     for precision_ in ("fp32", "int8"):
         if precision_ == "int8":
             settings = settings.replace(precision="int8")
-            report = reindex.reindex(settings, switch=True)
+            try:
+                report = reindex.reindex(settings, switch=True)
+            except Exception as exc:  # the parity gate refusing int8 is a result too
+                result["int8"] = {"refused": str(exc)}
+                break
             assert report.ok and report.switched, report.to_dict()
-        found = evaluate.evaluate_source(settings, info.queries_dir)
+        found = evaluate.evaluate_source(settings, queries_dir)
         result[precision_] = {
             "model_id": found.model_id,
             "queries": found.queries,
@@ -324,9 +339,11 @@ def child_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     gate = embedding.onnx.cached_export(
         embedding.onnx.cache_dir(settings.home, row.model_id), row.model_id
     )
-    result["gate"] = gate.meta["parity"] if gate else None
-    result["top1_drop_points"] = 100 * (result["fp32"]["top1"] - result["int8"]["top1"])
-    result["mrr_drop_points"] = 100 * (result["fp32"]["mrr"] - result["int8"]["mrr"])
+    result["gate"] = gate.meta.get("parity") if gate else None
+    if "refused" not in result["int8"]:
+        for metric in ("top1", "top3", "mrr"):
+            drop = result["fp32"][metric] - result["int8"][metric]
+            result[f"{metric}_drop_points"] = 100 * drop
     return result
 
 
@@ -484,9 +501,14 @@ def _child(
 def _forward(args: argparse.Namespace) -> list[str]:
     out = []
     keys = ("images", "size", "model", "batch_size", "workers", "device", "backend", "work")
-    for key in (*keys, "precision", "int8_gate_cosine", "accuracy_model", "accuracy_systems"):
+    more = ("precision", "int8_gate_cosine", "int8_gate_agreement", "accuracy_model")
+    for key in (*keys, *more, "accuracy_systems"):
         out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     out += ["--loop-images", str(args.loop_images), "--rss-model", args.rss_model]
+    out += ["--breakdown-rounds", str(args.breakdown_rounds)]
+    for key in ("accuracy_weights", "accuracy_data"):
+        if getattr(args, key) is not None:
+            out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     return out
 
 
@@ -543,8 +565,23 @@ def main() -> None:
         default=0.98,
         help="the parity gate's cosine for this speed-only export (random weights)",
     )
+    parser.add_argument(
+        "--int8-gate-agreement",
+        type=float,
+        default=0.99,
+        help="the parity gate's top-3 agreement (lower it to measure a model it refuses)",
+    )
     parser.add_argument("--accuracy-model", default="raiox-tiny", help="model for accuracy")
     parser.add_argument("--accuracy-systems", type=int, default=40, help="implants for accuracy")
+    parser.add_argument(
+        "--accuracy-weights", type=Path, default=None, help="accuracy: a checkpoint (raiox adapt's)"
+    )
+    parser.add_argument(
+        "--accuracy-data",
+        type=Path,
+        default=None,
+        help="accuracy: a synthetic set (catalogue/, queries/) instead of a fresh one",
+    )
     parser.add_argument("--loop-images", type=int, default=128, help="images for the loop")
     parser.add_argument("--unchanged-images", type=int, default=2000)
     parser.add_argument("--rss-images", default="200,2000")
