@@ -22,6 +22,9 @@ MAX_TEXT = 2000  # a free-text answer or note
 MAX_DEPTH = 32  # JSON nesting; real deliveries use 3 or 4 levels
 MAX_ITEMS = 1000  # keys + list items in one JSON document
 MAX_METADATA_BYTES = 64 * 1024  # metadata kept with an analysis, as JSON
+# What the schema says of every client string `text` checks: no NUL anywhere. (The
+# lone surrogates `text` also refuses cannot be in a JSON Schema string at all.)
+NO_NUL = "^[^\\u0000]*$"
 
 
 class BadInput(RaioxError):

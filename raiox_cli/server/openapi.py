@@ -10,7 +10,15 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from raiox_cli.server.inputs import MAX_ID, MAX_TEXT, MAX_URL
+from raiox_cli.server.inputs import (
+    MAX_DEPTH,
+    MAX_ID,
+    MAX_ITEMS,
+    MAX_METADATA_BYTES,
+    MAX_TEXT,
+    MAX_URL,
+    NO_NUL,
+)
 
 VERSION_PREFIX = "/v1"
 # No authentication: the health check, and stored images (their signed link is the
@@ -18,17 +26,38 @@ VERSION_PREFIX = "/v1"
 PUBLIC = {"/healthcheck", "/images/{token}"}
 NOT_VERSIONED = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 
+# An id with something besides blanks in it, and no NUL (PostgreSQL cannot store one).
+_ID = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$"
+_METADATA = "#/components/schemas/Metadata"
+_METADATA_VALUE = "#/components/schemas/MetadataValue"
+# Any JSON a client keeps with an analysis, as inputs.json_value checks it: keys and
+# strings without NUL, keys up to MAX_ID characters. The totals (items, depth, bytes)
+# are not JSON Schema's to state; the description says them.
+COMPONENT_SCHEMAS: dict[str, Any] = {
+    "Metadata": {
+        "type": "object",
+        "propertyNames": {"maxLength": MAX_ID, "pattern": NO_NUL},
+        "additionalProperties": {"$ref": _METADATA_VALUE},
+        "description": f"kept with the analysis; at most {MAX_METADATA_BYTES // 1024} KiB as "
+        f"JSON, {MAX_DEPTH} levels deep and {MAX_ITEMS} keys and items in all",
+    },
+    "MetadataValue": {
+        "anyOf": [
+            {"type": "string", "pattern": NO_NUL},
+            {"type": ["number", "boolean", "null"]},
+            {"type": "array", "items": {"$ref": _METADATA_VALUE}},
+            {"$ref": _METADATA},
+        ]
+    },
+}
 _JSON_DELIVERY = {
     "type": "object",
     "required": ["image_url"],
     "properties": {
-        "image_url": {"type": "string", "minLength": 1, "maxLength": MAX_URL},
+        "image_url": {"type": "string", "minLength": 1, "maxLength": MAX_URL, "pattern": _ID},
         # A number is taken as its text (senders that number their clinics).
-        "client_id": {"type": ["string", "number", "null"], "maxLength": MAX_ID},
-        "metadata": {
-            "type": "object",
-            "description": "kept with the analysis; at most 64 KiB as JSON, 32 levels deep",
-        },
+        "client_id": {"type": ["string", "number", "null"], "maxLength": MAX_ID, "pattern": NO_NUL},
+        "metadata": {"$ref": _METADATA},
     },
     "example": {
         "image_url": "https://www.jotform.com/uploads/clinic/241234567890123/57123/pano.jpg",
@@ -36,8 +65,6 @@ _JSON_DELIVERY = {
         "metadata": {"tooth": "36"},
     },
 }
-# An id with something besides blanks in it, and no NUL (PostgreSQL cannot store one).
-_ID = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$"
 _JOTFORM_DELIVERY = {
     "type": "object",
     "required": ["formID", "submissionID", "rawRequest"],
@@ -49,7 +76,7 @@ _JOTFORM_DELIVERY = {
             "maxLength": MAX_ID,
             "pattern": _ID,
         },
-        "formTitle": {"type": "string", "maxLength": MAX_TEXT},
+        "formTitle": {"type": "string", "maxLength": MAX_TEXT, "pattern": NO_NUL},
         "rawRequest": {
             "type": "string",
             "description": "the form's answers as a JSON string (uploads under temp_upload)",
@@ -177,7 +204,9 @@ def install(app: FastAPI) -> None:
             description=DESCRIPTION,
             routes=app.routes,
         )
-        document.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+        components = document.setdefault("components", {})
+        components["securitySchemes"] = SECURITY_SCHEMES
+        components.setdefault("schemas", {}).update(COMPONENT_SCHEMAS)
         paths = {}
         for path, operations in document.get("paths", {}).items():
             for operation in operations.values():

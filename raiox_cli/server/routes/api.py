@@ -8,7 +8,9 @@ connection from Jotform open, and nothing accepted is lost when the process is.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -81,13 +83,14 @@ class FeedbackIn(BaseModel):
     implant_key: str | None = Field(
         None,
         min_length=1,
+        pattern=inputs.NO_NUL,
         max_length=feedback.MAX_KEY,
         description="manufacturer/system/name (or manufacturer/name), any case",
     )
     not_in_catalogue: bool = False
-    note: str | None = Field(None, max_length=feedback.MAX_NOTE)
+    note: str | None = Field(None, max_length=feedback.MAX_NOTE, pattern=inputs.NO_NUL)
     client_id: str | None = Field(
-        None, max_length=feedback.MAX_CLIENT_ID, description="who confirms"
+        None, max_length=feedback.MAX_CLIENT_ID, pattern=inputs.NO_NUL, description="who confirms"
     )
 
     @model_validator(mode="after")
@@ -97,26 +100,36 @@ class FeedbackIn(BaseModel):
         return self
 
 
-# Months, days and clock fields in range; only a day past its month's end (02-30)
-# passes the pattern and is refused by the parser.
-ISO_DATE_TIME = (
-    r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
-    r"([T ]([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d{1,6})?)?(Z|[+-]([01]\d|2[0-3]):?[0-5]\d)?)?$"
+# An ISO 8601 date or date-time that exists: days within their month, February 29th
+# in leap years only, years 0001-9999 (what Python's datetime holds). The pattern is
+# the whole rule, so a value the schema allows is one the server takes. `$(?!\n)`:
+# Python's `$` also matches before a final newline, ECMA 262's does not.
+_YEAR = r"(?:[1-9]\d{3}|0[1-9]\d{2}|00[1-9]\d|000[1-9])"
+_LEAP_YEAR = r"(?:\d{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_DATE = (
+    rf"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])"
+    r"|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)|02-(?:0[1-9]|1\d|2[0-8]))"
+    rf"|{_LEAP_YEAR}-02-29)"
 )
+_TIME = (
+    r"(?:[T ](?:[01]\d|2[0-3]):[0-5]\d(?::[0-5]\d(?:\.\d{1,6})?)?"
+    r"(?:Z|[+-](?:[01]\d|2[0-3]):?[0-5]\d)?)?"
+)
+ISO_DATE_TIME = rf"^{_DATE}{_TIME}$(?!\n)"
 
 
 def _date_time(value: str, name: str) -> dt.datetime:
     """An ISO 8601 date or date-time (UTC when it names no offset); 422 otherwise."""
-    try:
-        parsed = dt.datetime.fromisoformat(value)
-    except ValueError:
-        problem = {
-            "loc": ("query", name),
-            "msg": "not a valid date or date-time",
-            "type": "value_error",
-        }
-        raise RequestValidationError([problem]) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    if re.match(ISO_DATE_TIME, value):
+        with contextlib.suppress(ValueError):  # the pattern is meant to rule this out
+            parsed = dt.datetime.fromisoformat(value)
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    problem = {
+        "loc": ("query", name),
+        "msg": "not an ISO 8601 date or date-time (2026-11-27 or 2026-11-27T08:00:00Z)",
+        "type": "value_error",
+    }
+    raise RequestValidationError([problem])
 
 
 # --- submitting ---------------------------------------------------------------------
@@ -292,7 +305,9 @@ def list_analyses(
     status: Literal["pending", "running", "done", "failed"] | None = None,
     since: str | None = Query(
         None,
-        pattern=ISO_DATE_TIME,
+        max_length=40,
+        # Checked by _date_time (Python's re): pydantic's regex engine has no lookahead.
+        json_schema_extra={"pattern": ISO_DATE_TIME},
         description="created at or after: an ISO 8601 date or date-time "
         "(2026-11-27, 2026-11-27T08:00:00Z; no offset means UTC), not Unix seconds",
         examples=["2026-11-27T08:00:00Z"],
@@ -461,7 +476,12 @@ IMAGE_TYPES = {
     summary="A stored image (an X-ray or a reference image) by its signed, expiring link",
     response_class=Response,
     responses={
-        200: {"content": {"application/octet-stream": {"schema": {"type": "string"}}}},
+        200: {
+            "content": {
+                kind: {"schema": {"type": "string", "format": "binary"}}
+                for kind in (*IMAGE_TYPES.values(), "application/octet-stream")
+            }
+        },
         **schemas.errors(404, 410, 422),
     },
 )
