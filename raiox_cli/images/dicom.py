@@ -146,8 +146,7 @@ def _dicom_grey(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
         grey = _grey_levels(arr, ds, None)
     else:
         # Every step is per pixel: run pydicom's transforms once per stored value.
-        domain, index, counts = distinct
-        grey = _grey_levels(domain, ds, counts)[index]
+        grey = distinct.map(_grey_levels(distinct.domain, ds, distinct.counts))
     # MONOCHROME1 shows low values bright; Presentation LUT Shape INVERSE asks the same.
     # Either (or both, as DX files often say) means one inversion, never two.
     shape = str(ds.get("PresentationLUTShape", "")).strip().upper()

@@ -3,6 +3,8 @@ wrapping; shared by 16-bit PNG/TIFF and DICOM."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image
 
@@ -16,10 +18,9 @@ def window(arr: np.ndarray, lo: float | None = None, hi: float | None = None) ->
     """Scale to uint8 between lo and hi (default: robust percentiles); never wraps."""
     distinct = distinct_levels(arr)
     if distinct is not None:
-        domain, index, counts = distinct
         if lo is None or hi is None:
-            lo, hi = robust_range(domain, counts)
-        return window(domain.astype(np.float64), lo, hi)[index]
+            lo, hi = robust_range(distinct.domain, distinct.counts)
+        return distinct.map(window(distinct.domain.astype(np.float64), lo, hi))
     if lo is None or hi is None:
         lo, hi = robust_range(arr)
     if hi <= lo:
@@ -29,16 +30,38 @@ def window(arr: np.ndarray, lo: float | None = None, hi: float | None = None) ->
     return np.nan_to_num(scaled, nan=0.0).round().astype(np.uint8)
 
 
-def distinct_levels(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """For <=16-bit integers: (every value from min to max, each pixel's index into it,
-    how often each occurs). Per-pixel maps then run once per value, not per pixel."""
+@dataclass(frozen=True)
+class Levels:
+    """The distinct values of an integer image: every value from its min to its max
+    (`domain`) and how often each occurs (`counts`). Per-pixel maps then run once per
+    value, and `map` puts the results back on the pixels."""
+
+    domain: np.ndarray
+    counts: np.ndarray
+    index: np.ndarray  # each pixel's position in `domain`, less `offset`
+    offset: int
+
+    def map(self, table: np.ndarray) -> np.ndarray:
+        """`table[i]` (the value for `domain[i]`) at every pixel."""
+        if self.offset:
+            padded = np.zeros((self.offset + len(table), *table.shape[1:]), dtype=table.dtype)
+            padded[self.offset :] = table
+            table = padded
+        return np.take(table, self.index, axis=0)
+
+
+def distinct_levels(arr: np.ndarray) -> Levels | None:
+    """For <=16-bit integers: their Levels (None for other images)."""
     if arr.dtype.kind not in "iu" or arr.dtype.itemsize > 2 or arr.size == 0:
         return None
-    low = int(arr.min())
+    low, high = int(arr.min()), int(arr.max())
+    domain = np.arange(low, high + 1, dtype=np.int64)
+    if arr.dtype.kind == "u":  # the pixels index a table padded below `low`: no copy
+        counts = np.bincount(arr.ravel(), minlength=high + 1)[low:]
+        return Levels(domain, counts, arr, low)
     index = arr.astype(np.int32)
     index -= low
-    domain = np.arange(low, int(arr.max()) + 1, dtype=np.int64)
-    return domain, index, np.bincount(index.ravel(), minlength=domain.size)
+    return Levels(domain, np.bincount(index.ravel(), minlength=domain.size), index, 0)
 
 
 def robust_range(values: np.ndarray, counts: np.ndarray | None = None) -> tuple[float, float]:

@@ -1,6 +1,6 @@
 """JPEG, PNG, TIFF, WebP and BMP through Pillow: only the sniffed format's plugin runs, the
 pixel cap is checked from the header, EXIF orientation applied once. The common PNG
-(8-bit grey or RGB, nothing but pixels) may go through Wuffs instead (images/png.py)."""
+(8/16-bit grey or 8-bit RGB, nothing but pixels) may go through Wuffs (images/png.py)."""
 
 from __future__ import annotations
 
@@ -51,8 +51,10 @@ def decode_pil(data: bytes, fmt: str, max_pixels: int, decode_to: int | None = N
         width, height = img.size
         if width * height > max_pixels:
             raise ImageTooLarge(pixels_message(width, height, max_pixels))
-        if fmt == "PNG" and (fast := png.decode(data, img)) is not None:
-            return Decoded(fast, img.mode, 8)  # no EXIF, one frame: nothing else to apply
+        if fmt == "PNG" and (pixels := png.decode(data, img)) is not None:
+            # No EXIF, one frame: nothing else to apply. 16-bit grey windowed as below.
+            grey_or_rgb = Image.fromarray(pixels if pixels.dtype == np.uint8 else window(pixels))
+            return Decoded(grey_or_rgb, img.mode, _BIT_DEPTH.get(img.mode, 8))
         if decode_to and fmt == "JPEG" and min(width, height) >= 2 * decode_to:
             scale = min(width, height) / decode_to
             img.draft(img.mode, (math.ceil(width / scale), math.ceil(height / scale)))

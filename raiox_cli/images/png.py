@@ -1,7 +1,7 @@
-"""The common PNG radiograph (8-bit grey or RGB, one frame, no transparency, no EXIF)
-decoded by Wuffs when the optional `pywuffs` is installed (`pip install
+"""The common PNG radiograph (8- or 16-bit grey or 8-bit RGB, one frame, no
+transparency, no EXIF) decoded by Wuffs when the optional `pywuffs` is installed (`pip install
 'raiox[fast-png]'`): the same pixels as Pillow for about 0.7 of its CPU on a 1000x800
-grey X-ray (bench/README.md, "Where the CPU outside the model goes").
+grey X-ray (8-bit; 16-bit likewise) (bench/README.md, "Where the CPU outside the model goes").
 
 Wuffs is Google's decoder library written in a memory-safe language for hostile input.
 Pillow still reads the header first (its chunk checks, the pixel cap), and any PNG this
@@ -12,6 +12,7 @@ bad zlib checksum, and so does this path).
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -35,11 +36,17 @@ def available() -> bool:
     return ENABLED and aux is not None
 
 
-def decode(data: bytes, img: Image.Image) -> Image.Image | None:
-    """`img` (Pillow's opened, not loaded, PNG of `data`) as an "L" or "RGB" image
-    decoded by Wuffs, or None when Pillow should decode it (not installed, another
-    mode, transparency, interlaced, EXIF, animation, or anything Wuffs refuses)."""
-    if not available() or img.mode not in ("L", "RGB") or img.has_transparency_data:
+# Pillow's modes this path decodes to the same numbers, and Wuffs' pixel format for each.
+_FORMATS = {"L": "Y", "RGB": "RGB", "I;16": "Y_16LE"}
+
+
+def decode(data: bytes, img: Image.Image) -> np.ndarray | None:
+    """The pixels of `img` (Pillow's opened, not loaded, PNG of `data`) decoded by
+    Wuffs, as `np.asarray` of Pillow's image would give them (uint8 (h, w) for "L",
+    (h, w, 3) for "RGB", uint16 (h, w) for "I;16"); None when Pillow should decode it
+    (not installed, another mode, transparency, interlaced, EXIF, animation, or
+    anything Wuffs refuses)."""
+    if not available() or img.mode not in _FORMATS or img.has_transparency_data:
         return None
     if img.info.get("interlace") or not _plain_chunks(data):
         return None
@@ -47,11 +54,13 @@ def decode(data: bytes, img: Image.Image) -> Image.Image | None:
     result = _decoder(img.mode).decode(data)
     if result.error_message or result.pixcfg.width() != width or result.pixcfg.height() != height:
         return None
-    shape = (height, width) if img.mode == "L" else (height, width, 3)
     pixels = np.asarray(result.pixbuf)
-    if pixels.size != height * width * (1 if img.mode == "L" else 3):
+    if img.mode == "I;16":
+        pixels = pixels.view("<u2")
+    shape = (height, width, 3) if img.mode == "RGB" else (height, width)
+    if pixels.size != math.prod(shape):
         return None
-    return Image.fromarray(pixels.reshape(shape), img.mode)
+    return pixels.reshape(shape)
 
 
 def _decoder(mode: str) -> Any:
@@ -63,7 +72,7 @@ def _decoder(mode: str) -> Any:
     if mode not in decoders:
         config = aux.ImageDecoderConfig()
         config.enabled_decoders = [ImageDecoderType.PNG]
-        config.pixel_format = PixelFormat.Y if mode == "L" else PixelFormat.RGB
+        config.pixel_format = getattr(PixelFormat, _FORMATS[mode])
         config.quirks = {ImageDecoderQuirks.IGNORE_CHECKSUM: 0}
         decoders[mode] = aux.ImageDecoder(config)
     return decoders[mode]

@@ -73,8 +73,10 @@ def _radiographs() -> list[bytes]:
         synth.render_view(d, seed=i, query=False, size=(1000, 800)) for i, d in enumerate(designs)
     ]
     noise = rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)
+    twelve_bits = np.asarray(pictures[1]).astype(np.uint16) * 16 + rng.integers(0, 16, (800, 1000))
     return [
         *(_save(p, compress_level=1) for p in pictures),  # Paeth on almost every row
+        _save(Image.fromarray(twelve_bits.astype(np.uint16))),  # 16-bit grey, windowed
         _save(pictures[0], optimize=True),
         _save(Image.fromarray(noise), compress_level=9),
         _save(Image.fromarray(noise).convert("L")),
@@ -83,12 +85,16 @@ def _radiographs() -> list[bytes]:
 
 
 def test_wuffs_gives_pillows_pixels_for_grey_and_colour_radiographs() -> None:
+    """8-bit grey (Paeth-filtered, optimised), 16-bit grey (windowed the same way
+    after), RGB, one pixel: each decoded by Wuffs, each equal to Pillow's path."""
     for data in _radiographs():
         img = Image.open(io.BytesIO(data))
         assert png.decode(data, img) is not None  # the fast path took it
         fast, pillow = _both_ways(data)
         _same(fast, pillow)
         assert fast.format == "PNG" and fast.image.mode in ("L", "RGB")
+    sixteen = images.load_image(_radiographs()[2])
+    assert (sixteen.mode, sixteen.bit_depth, sixteen.image.mode) == ("I;16", 16, "L")
 
 
 def test_pngs_beyond_plain_pixels_go_through_pillow() -> None:
@@ -100,7 +106,9 @@ def test_pngs_beyond_plain_pixels_go_through_pillow() -> None:
         "transparency": _save(grey, transparency=0),
         "exif": _save(grey, exif=exif),
         "animation": _save(grey, save_all=True, append_images=[grey.rotate(90)]),
-        "16-bit": _save(Image.fromarray(np.full((40, 60), 4000, np.uint16))),
+        "16-bit with transparency": _save(
+            Image.fromarray(np.full((40, 60), 4000, np.uint16)), transparency=4000
+        ),
         "palette": _save(grey.convert("P")),
         "grey+alpha": _save(grey.convert("LA")),
         "interlaced": adam7,
