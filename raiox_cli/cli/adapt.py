@@ -13,7 +13,7 @@ from rich.table import Table
 from raiox_cli import config
 from raiox_cli.cli.command import command, group
 from raiox_cli.cli.options import JsonOut, ShowProgress, settings
-from raiox_cli.cli.render import err, note, out, print_json
+from raiox_cli.cli.render import err, note, out, print_json, warn
 
 app = group()
 
@@ -194,6 +194,13 @@ def adapt(
         report = core.adapt(settings, options, progress=bar)
     for skipped in report.skipped:
         note(f"skipped {skipped}")
+    if report.data and not sum(report.data.get("validation_queries", {}).values()):
+        warn(
+            [
+                "nothing to validate on: the last weights are kept and nothing measures "
+                "them (give --val-labels, or --holdout-implants above 0)"
+            ]
+        )
     if json_out:
         print_json(report.to_dict())
     else:

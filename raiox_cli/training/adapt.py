@@ -233,6 +233,13 @@ def _compare_and_apply(
     report.current = current
     if current is not None:
         report.better = (after["all"]["mrr"] or 0) > (current["all"]["mrr"] or 0)
+    if current is not None and not after["all"]["n"] and not options.force:
+        report.refused = (
+            "nothing to validate on, so nothing shows the adapted model beats the "
+            f"catalogue's {active.model_id if active else 'model'}: give --val-labels, or "
+            "--holdout-implants above 0; not applied (--force applies it anyway)"
+        )
+        return report
     if current is not None and not report.better and not options.force:
         report.refused = (
             f"the adapted model does not beat the catalogue's {active.model_id} on the "

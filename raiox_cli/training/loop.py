@@ -226,6 +226,11 @@ def evaluate_step(
             "metrics": metrics,
         }
     )
+    if mrr is None:
+        # Nothing to validate on (no held-out implant, catalogue view or X-ray): no
+        # score can prefer earlier weights, so the latest are kept and patience holds.
+        state.best_step, state.bad_evals = state.step, 0
+        return {k: v.detach().cpu().clone() for k, v in tower.visual.state_dict().items()}
     if mrr > state.best_mrr or best is None:
         state.best_mrr, state.best_step, state.bad_evals = mrr, state.step, 0
         return {k: v.detach().cpu().clone() for k, v in tower.visual.state_dict().items()}

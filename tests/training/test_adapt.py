@@ -495,3 +495,40 @@ def test_confirmed_xrays_in_the_database_are_training_data(
     assert data["train_images"] + data["validation_queries"]["xrays"] == 6 * 3 + 1
     result = runner.invoke(app, [*args, "--no-confirmed", "--json"], env=env)
     assert json.loads(result.stdout)["data"]["xrays"] == 0
+
+
+@pytest.mark.training
+def test_no_validation_queries_at_all_still_trains(
+    pg_server_url: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """--holdout-implants 0, no --val-labels and implants of two images each (too few
+    to spare one): nothing to validate on. The run trains every step, keeps the last
+    weights and says nothing measured them (it crashed on `None > float`); --apply is
+    refused, since nothing shows the model is better, unless --force."""
+    info = synth.make_catalogue(
+        tmp_path_factory.mktemp("two-views"), systems=4, views=2, queries=1, size=SIZE, seed=7
+    )
+    env = _env(_new_database(pg_server_url), tmp_path / "home")
+    _ingested(env, info)
+    args = ["adapt", "--holdout-implants", "0", "--steps", "4", "--batch-size", "8"]
+    args += ["--eval-every", "2", "--out", str(tmp_path / "run")]
+    result = runner.invoke(app, [*args, "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "warning: nothing to validate on: the last weights are kept" in result.stderr
+    report = json.loads(result.stdout)
+    assert set(report["data"]["validation_queries"].values()) == {0}
+    assert report["data"]["held_out_implants"] == []
+    card = json.loads((tmp_path / "run" / "model-card.json").read_text())
+    assert card["training"]["steps"] == 4 and card["training"]["best_step"] == 4
+    assert card["metrics"]["after"]["all"] == {
+        "n": 0, "top1": None, "top3": None, "top5": None, "mrr": None
+    }  # fmt: skip
+    assert Path(report["weights"]).is_file()
+
+    refused = runner.invoke(app, [*args, "--apply"], env=env)
+    assert refused.exit_code == 1, refused.output
+    assert "nothing to validate on, so nothing shows the adapted model beats" in refused.stderr
+    assert "Traceback" not in refused.output
+    forced = runner.invoke(app, [*args, "--apply", "--force", "--json"], env=env)
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.stdout)["applied"] is True
