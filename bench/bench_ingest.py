@@ -5,6 +5,8 @@
                  preprocess, de-identified copy, database), on the --size PNGs;
                  decode through Pillow alone beside it (before the fast-png extra)
   ingest         end-to-end `ingest` throughput on the same PNGs (model preloaded)
+  ingest_split   ingest's CPU per image by stage (thread CPU): decode side, model,
+                 database, the rest; with the fast-png extra and with Pillow alone
   batch_search   `raiox search` over the same PNGs as X-rays, TTA off and on
   accuracy       synthetic eval (top-1, MRR) in fp32, then int8 after reindex --precision int8
   tta_drift      TTA views as flips of the preprocessed array vs flipped pictures
@@ -252,6 +254,62 @@ def _row_filters(raw: bytes, image: Any) -> list[int]:
     return counts
 
 
+def child_ingest_split(args: argparse.Namespace) -> dict[str, Any]:
+    """ingest's CPU per image split by where it runs (each stage's own thread CPU),
+    end to end: the decode side (read+hash, decode+preprocess, de-identified copy),
+    the model's batches, the writer's transactions, and the rest of the process
+    (scan, queues, the main thread). --count 1: every PNG through Pillow alone."""
+    import collections
+    import threading
+
+    from raiox_cli.catalogue import ingest, pipeline
+    from raiox_cli.clinics import privacy
+    from raiox_cli.images import png
+
+    png.ENABLED = png.available() and args.count != 1
+    spent: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+
+    def clocked(owner: Any, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+
+        def timed(*a: Any, **k: Any) -> Any:
+            start = time.thread_time()
+            try:
+                return inner(*a, **k)
+            finally:
+                with lock:
+                    spent[label] += time.thread_time() - start
+
+        setattr(owner, name, timed)
+
+    clocked(ingest.FilePrep, "__call__", "decode_side")
+    clocked(pipeline, "read", "read_and_hash")
+    clocked(pipeline, "decode", "decode_and_preprocess")
+    clocked(privacy, "store_image", "deidentified_copy")
+    clocked(ingest, "embed_batch", "model")
+    clocked(ingest.RootIngest, "_write", "database")
+    root = _catalogue(args.work / f"png-{args.images}", args.images, _parse_size(args.size))
+    settings = _settings(Path(tempfile.mkdtemp(dir=args.work)), args)
+    db.migrate(settings)
+    embedder = embedding.load_embedder(embedding.ModelSpec.from_settings(settings))
+    shape = embedder.preprocessor(images.load_image(next(root.rglob("*.png"))).image).shape
+    embedder.embed_tensors(np.zeros((args.batch_size, *shape), np.float32))  # warm-up
+    cpu = _cpu_s()
+    report = ingest.ingest_catalogue(settings, root)
+    per_image = {k: v * 1000 / report.embedded for k, v in spent.items()}
+    total = (_cpu_s() - cpu) * 1000 / report.embedded
+    named = per_image["decode_side"] + per_image["model"] + per_image["database"]
+    return {
+        "images": report.embedded,
+        "decoder": "wuffs" if png.ENABLED else "pillow",
+        "cpu_ms_per_image": total,
+        "outside_model_ms": total - per_image["model"],
+        **{f"{k}_ms": v for k, v in per_image.items()},
+        "rest_ms": total - named,
+    }
+
+
 def child_tta_drift(args: argparse.Namespace) -> dict[str, Any]:
     """TTA's mirrored and upside-down views as flips of the preprocessed array (what
     search does) against preprocessing flipped pictures (what it did): cosine of the
@@ -475,6 +533,7 @@ CHILDREN = {
     "model_only": child_model_only,
     "ingest": child_ingest,
     "breakdown": child_breakdown,
+    "ingest_split": child_ingest_split,
     "tta_drift": child_tta_drift,
     "accuracy": child_accuracy,
     "batch_search": child_batch_search,
@@ -626,6 +685,11 @@ def main() -> None:
             _keep(result, "ingest_passive", _child("ingest", args, env=passive))
     if want("breakdown"):
         result["breakdown"] = _child("breakdown", args)
+    if want("ingest_split"):
+        result["ingest_split"] = {
+            "fast_png": _child("ingest_split", args),
+            "pillow": _child("ingest_split", args, "--count", "1"),
+        }
     if want("accuracy"):
         result["accuracy"] = _child("accuracy", args)
     if want("tta_drift"):
@@ -777,6 +841,15 @@ def _table(r: dict[str, Any]) -> None:
             rows.append((f"  {step}", f"{b[step]:.2f}"))
         rows.append(("  deidentified_copy", f"{b['deidentified_copy']:.2f}"))
         rows.append(("  rows filtered with Paeth", f"{b['paeth_row_share']:.0%}"))
+    for label, split in r.get("ingest_split", {}).items():
+        rows.append(
+            (
+                f"ingest CPU ms/image outside the model ({label}: {split['decoder']})",
+                f"{split['outside_model_ms']:.1f}: decode side {split['decode_side_ms']:.1f} "
+                f"(decode+preprocess {split['decode_and_preprocess_ms']:.1f}), "
+                f"database {split['database_ms']:.2f}, rest {split['rest_ms']:.2f}",
+            )
+        )
     if "loop" in r:
         rows.append(("one-at-a-time loop (img/s)", f"{r['loop']['images_per_s']:.1f}"))
     if "ingest_over_loop" in r:
