@@ -125,14 +125,13 @@ def _spans(
     keep = area != 0  # edge-on triangles cover nothing
     tri, area = tri[keep], area[keep]
     sign = -np.sign(area).astype(np.float64)  # +: the ray leaves the solid (y up in the model)
-    tri = np.where((area < 0)[:, None], tri[:, [0, 2, 1]], tri)  # interior left of each edge
-    rows = _centres(fy[tri].min(axis=1), fy[tri].max(axis=1), size, sub)
-    columns = _centres(fx[tri].min(axis=1), fx[tri].max(axis=1), size, sub)
+    corners_x, corners_y = fx[tri].T, fy[tri].T
+    rows = _centres(np.minimum.reduce(corners_y), np.maximum.reduce(corners_y), size, sub)
+    columns = _centres(np.minimum.reduce(corners_x), np.maximum.reduce(corners_x), size, sub)
     across = columns < rows
-    # Transposing the frame flips the winding: swap two corners to keep it.
     return (
         _scan(fx, fy, sub, depth, tri[~across], sign[~across], size, transposed=False),
-        _scan(fy, fx, sub, depth, tri[across][:, [0, 2, 1]], sign[across], size, True),
+        _scan(fy, fx, sub, depth, tri[across], sign[across], size, transposed=True),
     )
 
 
@@ -154,85 +153,106 @@ def _scan(
     size: int,
     transposed: bool,
 ) -> _Spans:
-    """Spans along rows of triangles `tri` (interior left of each edge, y down): which
-    centres by exact fixed-point tests on (fx, fy), depths by interpolation across the
-    same fixed-point triangle (the float one may miss a centre the fixed-point one
-    covers by a hair, and a sliver's depth changes fast across it).
-    `transposed`: x and y were swapped, so ties go to the triangle below, then right."""
+    """Spans along rows of triangles `tri` (y down): which centres by exact fixed-point
+    tests on (fx, fy), depths by interpolation across the same fixed-point triangle
+    (the float one may miss a centre the fixed-point one covers by a hair, and a
+    sliver's depth changes fast across it). `transposed`: x and y were swapped, so
+    ties go to the triangle below, then right."""
     half = sub // 2
     px, py = fx / sub, fy / sub
-    corners_y = fy[tri]
-    top, bottom = corners_y.min(axis=1), corners_y.max(axis=1)
-    flat_bottom = (corners_y == bottom[:, None]).sum(axis=1) == 2  # its centres go below
-    first = np.clip((top + half - 1) // sub, 0, size)
-    stop = np.clip((bottom + half - flat_bottom) // sub, 0, size)
-    count = np.maximum(stop - first, 0)
-    # Each edge a->b bounds the row's centres X = (2c + 1) * half on one side:
-    # E = B (Y - Ya) - A (X - Xa) > 0 inside, A = Yb - Ya, B = Xb - Xa. A < 0: from
-    # the left (c >= bound); A > 0: from the right (c < bound); A = 0: a flat top
-    # (whole rows, kept) or bottom (its row left out above). The bound on c is
-    # floor((P Y + Q) / R) with per-edge integers, rounding chosen by the tie rule.
-    edges = []
-    for k in range(3):
-        a, b = tri[:, k], tri[:, (k + 1) % 3]
-        big_a, big_b = fy[b] - fy[a], fx[b] - fx[a]
-        direction = np.sign(big_a)
-        p = direction * big_b
-        tie = (p > 0) if transposed else np.zeros(len(tri), bool)
-        q = direction * (big_a * fx[a] - big_b * fy[a]) + half * np.abs(big_a) - 1 + tie
-        r = sub * np.abs(big_a)
-        flat = big_a == 0
-        edges.append(
-            (np.where(flat, 0, p), np.where(flat, -1, q), np.where(flat, 1, r), big_a <= 0)
-        )
-    left = np.stack([e[3] for e in edges], axis=1)
-    # Slots: 0 a left bound, 1 a right bound, 2 the third edge (left or right).
-    slot0, slot1 = left.argmax(axis=1), left.argmin(axis=1)
-    slot2 = 3 - slot0 - slot1
-    pick = np.arange(len(tri))
-    stacked = [np.stack([e[i] for e in edges], axis=1) for i in range(4)]
-    coeffs = [[stacked[i][pick, slot] for i in range(3)] for slot in (slot0, slot1, slot2)]
-    third_left = stacked[3][pick, slot2]
-    # Corners by (row, index) for the depths, as floats: long edge and two short ones.
-    order = np.lexsort((tri, py[tri]), axis=-1)
-    ordered = np.take_along_axis(tri, order, axis=1)
+    # Corners by (row, index): top, middle, bottom. Rows above the middle corner lie
+    # between the long edge (top-bottom) and the upper short one, rows below it
+    # between the long edge and the lower one; a row through the middle corner
+    # itself (a centre exactly there) is bounded by all three.
+    order = np.lexsort((tri, fy[tri]), axis=-1)
+    top, mid, bottom = np.take_along_axis(tri, order, axis=1).T
+    y_top, y_mid, y_bottom = fy[top], fy[mid], fy[bottom]
+    first = np.clip((y_top + half - 1) // sub, 0, size)  # centres at or below the top
+    # ... and at or above the bottom; a flat bottom's centres go to the triangle below.
+    stop = np.clip((y_bottom + half - (y_mid == y_bottom)) // sub, 0, size)
+    mid_first = np.clip((y_mid + half - 1) // sub, 0, size)
+    mid_stop = np.clip((y_mid + half) // sub, 0, size)
+    # The middle corner right of the long edge: the long edge bounds rows on the left.
+    long_left = (fx[mid] - fx[top]) * (y_bottom - y_top) - (y_mid - y_top) * (
+        fx[bottom] - fx[top]
+    ) > 0
+    long_edge = _edge(fx, fy, top, bottom, sub, transposed)
+    upper = _edge(fx, fy, top, mid, sub, transposed)
+    lower = _edge(fx, fy, mid, bottom, sub, transposed)
+    flat_top = y_top == y_mid  # no rows above the middle corner; no bound there
+    upper_or_lower = tuple(
+        np.where(flat_top, low, up) for up, low in zip(upper, lower, strict=True)
+    )
+
+    def sides(short: tuple[np.ndarray, ...]) -> tuple[tuple[np.ndarray, ...], ...]:
+        left = tuple(np.where(long_left, a, b) for a, b in zip(long_edge, short, strict=True))
+        right = tuple(np.where(long_left, b, a) for a, b in zip(long_edge, short, strict=True))
+        return left, right
+
+    above, below, through = sides(upper), sides(lower), sides(upper_or_lower)
+    parts = [
+        (first, np.minimum(mid_first, stop), [above[0]], [above[1]], above),
+        (np.maximum(first, mid_stop), stop, [below[0]], [below[1]], below),
+        (
+            np.maximum(first, mid_first),
+            np.minimum(mid_stop, stop),
+            [through[0], below[0]],
+            [through[1], below[1]],
+            below,
+        ),
+    ]
     out: list[_Spans] = []
-    ends = np.cumsum(count)
-    cut = np.searchsorted(ends, np.arange(_BATCH, int(ends[-1]) if len(ends) else 0, _BATCH))
-    for lo_t, hi_t in zip(np.r_[0, cut], np.r_[cut, len(tri)], strict=True):
-        if hi_t <= lo_t:
-            continue
-        n = count[lo_t:hi_t]
-        which = np.repeat(np.arange(lo_t, hi_t), n)
-        if len(which) == 0:
-            continue
-        starts = np.cumsum(n) - n
-        row = np.repeat(first[lo_t:hi_t] - starts, n) + np.arange(len(which))
-        yc = (2 * row + 1) * half
-        bounds = [
-            (np.repeat(p[lo_t:hi_t], n) * yc + np.repeat(q[lo_t:hi_t], n))
-            // np.repeat(r[lo_t:hi_t], n)
-            for p, q, r in coeffs
-        ]
-        third = np.repeat(third_left[lo_t:hi_t], n)
-        col0 = np.clip(np.maximum(bounds[0], np.where(third, bounds[2], -1)), 0, size)
-        col1 = np.clip(np.minimum(bounds[1], np.where(third, size, bounds[2])), 0, size)
-        hit = col1 > col0
-        which, row, col0, col1 = which[hit], row[hit], col0[hit], col1[hit]
-        a, b, c = (ordered[which, i] for i in range(3))
-        centre = row + 0.5
-        lower = centre >= py[b]
-        s0, s1 = np.where(lower, b, a), np.where(lower, c, b)
-        x_long, z_long = _along(px, py, z, a, c, centre)
-        x_short, z_short = _along(px, py, z, s0, s1, centre)
-        to_left = x_long <= x_short
-        xl, xr = np.where(to_left, x_long, x_short), np.where(to_left, x_short, x_long)
-        zl, zr = np.where(to_left, z_long, z_short), np.where(to_left, z_short, z_long)
-        out.append((row, col0, col1, xl, xr, zl, zr, sign[which]))
+    for row_first, row_stop, lefts, rights, depth_edges in parts:
+        count = np.maximum(row_stop - row_first, 0)
+        busy = np.flatnonzero(count)
+        ends = np.cumsum(count[busy])
+        cut = np.searchsorted(ends, np.arange(_BATCH, int(ends[-1]) if len(ends) else 0, _BATCH))
+        for lo_t, hi_t in zip(np.r_[0, cut], np.r_[cut, len(busy)], strict=True):
+            if hi_t <= lo_t:
+                continue
+            tris = busy[lo_t:hi_t]
+            n = count[tris]
+            row = np.repeat(row_first[tris] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))
+            yc = (2 * row + 1) * half
+
+            def bound(edge: tuple[np.ndarray, ...], tris=tris, n=n, yc=yc) -> np.ndarray:
+                p, q, r = (np.repeat(e[tris], n) for e in edge[:3])
+                return (p * yc + q) // r
+
+            col0 = bound(lefts[0])
+            for edge in lefts[1:]:
+                col0 = np.maximum(col0, bound(edge))
+            col1 = bound(rights[0])
+            for edge in rights[1:]:
+                col1 = np.minimum(col1, bound(edge))
+            col0, col1 = np.clip(col0, 0, size), np.clip(col1, 0, size)
+            hit = col1 > col0
+            which = np.repeat(tris, n)[hit]
+            row, col0, col1 = row[hit], col0[hit], col1[hit]
+            centre = row + 0.5
+            left, right = depth_edges
+            xl, zl = _along(px, py, z, left[3][which], left[4][which], centre)
+            xr, zr = _along(px, py, z, right[3][which], right[4][which], centre)
+            out.append((row, col0, col1, xl, xr, zl, zr, sign[which]))
     if not out:
         empty = np.zeros(0)
         return (empty.astype(np.int64),) * 3 + (empty,) * 5
     return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))
+
+
+def _edge(
+    fx: np.ndarray, fy: np.ndarray, u: np.ndarray, v: np.ndarray, sub: int, transposed: bool
+) -> tuple[np.ndarray, ...]:
+    """The edge u->v (u above v) as a bound on the columns c of the centres
+    X = (2c + 1) sub/2 in a row at Y: c >= floor((P Y + Q) / R) when it bounds the row
+    on the left, c < floor((P Y + Q) / R) on the right, with the rounding of a centre
+    exactly on the edge set by the tie rule (normal frame: the centre goes right; the
+    transposed one: down, which is right unless the edge runs down-right). Then u, v.
+    A flat edge gets R = 1: it bounds no row that uses it."""
+    rise, run = fy[v] - fy[u], fx[v] - fx[u]
+    tie = (run > 0) if transposed else 0
+    q = fx[u] * rise - fy[u] * run + (sub // 2) * rise - 1 + tie
+    return run, q, np.maximum(sub * rise, 1), u, v
 
 
 def _sum_parallel(spans: _Spans, size: int) -> np.ndarray:
