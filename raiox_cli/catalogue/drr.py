@@ -82,8 +82,10 @@ def path_lengths(
         depth = 1 / distance  # affine across a projected triangle, unlike the distance
     along_rows, along_columns = _spans(xy, depth, faces, size, px_per_mm)
     if source_mm is None:
-        frame = _sum_parallel(along_rows, size) + _sum_parallel(along_columns, size).T
-        return np.maximum(frame, 0.0)
+        frame = np.zeros((size, size))
+        _sum_parallel(along_rows, frame)
+        _sum_parallel(along_columns, frame.T)  # a view: written in place
+        return np.maximum(frame, 0.0, out=frame)
     frame = _sum_cone(along_rows, size) + _sum_cone(along_columns, size).T
     centre = (np.arange(size) + 0.5 - size / 2) / px_per_mm
     secant = np.sqrt(1 + (centre[:, None] ** 2 + centre[None, :] ** 2) / source_mm**2)
@@ -119,19 +121,20 @@ def _spans(
         raise ValueError("the model projects too far outside the frame")
     fx = np.round(px * sub).astype(np.int64)
     fy = np.round(py * sub).astype(np.int64)
-    tri = faces.astype(np.int64)
-    ax, ay = fx[tri[:, 0]], fy[tri[:, 0]]
-    area = (fx[tri[:, 1]] - ax) * (fy[tri[:, 2]] - ay) - (fx[tri[:, 2]] - ax) * (fy[tri[:, 1]] - ay)
-    keep = area != 0  # edge-on triangles cover nothing
-    tri, area = tri[keep], area[keep]
-    sign = -np.sign(area).astype(np.float64)  # +: the ray leaves the solid (y up in the model)
-    corners_x, corners_y = fx[tri].T, fy[tri].T
-    rows = _centres(np.minimum.reduce(corners_y), np.maximum.reduce(corners_y), size, sub)
-    columns = _centres(np.minimum.reduce(corners_x), np.maximum.reduce(corners_x), size, sub)
-    across = columns < rows
+    corners = tuple(np.ascontiguousarray(faces.T, dtype=np.int64))
+    x0, x1, x2 = (fx[c] for c in corners)
+    y0, y1, y2 = (fy[c] for c in corners)
+    area = (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)
+    keep = np.flatnonzero(area)  # edge-on triangles cover nothing
+    sign = -np.sign(area[keep]).astype(np.float64)  # +: the ray leaves (y up in the model)
+    y_low, y_high = np.minimum(np.minimum(y0, y1), y2), np.maximum(np.maximum(y0, y1), y2)
+    x_low, x_high = np.minimum(np.minimum(x0, x1), x2), np.maximum(np.maximum(x0, x1), x2)
+    rows, columns = _centres(y_low, y_high, size, sub), _centres(x_low, x_high, size, sub)
+    across = (columns < rows)[keep]
+    along, down = keep[~across], keep[across]
     return (
-        _scan(fx, fy, sub, depth, tri[~across], sign[~across], size, transposed=False),
-        _scan(fy, fx, sub, depth, tri[across], sign[across], size, transposed=True),
+        _scan(fx, fy, sub, depth, tuple(c[along] for c in corners), sign[~across], size, False),
+        _scan(fy, fx, sub, depth, tuple(c[down] for c in corners), sign[across], size, True),
     )
 
 
@@ -148,92 +151,87 @@ def _scan(
     fy: np.ndarray,
     sub: int,
     z: np.ndarray,
-    tri: np.ndarray,
+    corners: tuple[np.ndarray, np.ndarray, np.ndarray],
     sign: np.ndarray,
     size: int,
     transposed: bool,
 ) -> _Spans:
-    """Spans along rows of triangles `tri` (y down): which centres by exact fixed-point
-    tests on (fx, fy), depths by interpolation across the same fixed-point triangle
-    (the float one may miss a centre the fixed-point one covers by a hair, and a
-    sliver's depth changes fast across it). `transposed`: x and y were swapped, so
-    ties go to the triangle below, then right."""
+    """Spans along rows of the triangles with vertex ids `corners` (y down): which
+    centres by exact fixed-point tests on (fx, fy), depths by interpolation across the
+    same fixed-point triangle (the float one may miss a centre the fixed-point one
+    covers by a hair, and a sliver's depth changes fast across it). `transposed`: x
+    and y were swapped, so ties go to the triangle below, then right."""
     half = sub // 2
     px, py = fx / sub, fy / sub
-    # Corners by (row, index): top, middle, bottom. Rows above the middle corner lie
-    # between the long edge (top-bottom) and the upper short one, rows below it
+    # Corners by (row, vertex id): top, middle, bottom. Rows above the middle corner
+    # lie between the long edge (top-bottom) and the upper short one, rows below it
     # between the long edge and the lower one; a row through the middle corner
     # itself (a centre exactly there) is bounded by all three.
-    order = np.lexsort((tri, fy[tri]), axis=-1)
-    top, mid, bottom = np.take_along_axis(tri, order, axis=1).T
-    y_top, y_mid, y_bottom = fy[top], fy[mid], fy[bottom]
+    shift = max(1, len(fx).bit_length())  # |fy| < 2**30: the keys fit 62 bits
+    keys = [(fy[c] << shift) | c for c in corners]
+    for i, j in ((0, 1), (1, 2), (0, 1)):
+        keys[i], keys[j] = np.minimum(keys[i], keys[j]), np.maximum(keys[i], keys[j])
+    top, mid, bottom = (k & ((1 << shift) - 1) for k in keys)
+    y_top, y_mid, y_bottom = (k >> shift for k in keys)
     first = np.clip((y_top + half - 1) // sub, 0, size)  # centres at or below the top
     # ... and at or above the bottom; a flat bottom's centres go to the triangle below.
     stop = np.clip((y_bottom + half - (y_mid == y_bottom)) // sub, 0, size)
     mid_first = np.clip((y_mid + half - 1) // sub, 0, size)
     mid_stop = np.clip((y_mid + half) // sub, 0, size)
     # The middle corner right of the long edge: the long edge bounds rows on the left.
-    long_left = (fx[mid] - fx[top]) * (y_bottom - y_top) - (y_mid - y_top) * (
-        fx[bottom] - fx[top]
-    ) > 0
+    x_top = fx[top]
+    long_left = (fx[mid] - x_top) * (y_bottom - y_top) - (y_mid - y_top) * (fx[bottom] - x_top) > 0
     long_edge = _edge(fx, fy, top, bottom, sub, transposed)
     upper = _edge(fx, fy, top, mid, sub, transposed)
     lower = _edge(fx, fy, mid, bottom, sub, transposed)
-    flat_top = y_top == y_mid  # no rows above the middle corner; no bound there
-    upper_or_lower = tuple(
-        np.where(flat_top, low, up) for up, low in zip(upper, lower, strict=True)
-    )
-
-    def sides(short: tuple[np.ndarray, ...]) -> tuple[tuple[np.ndarray, ...], ...]:
-        left = tuple(np.where(long_left, a, b) for a, b in zip(long_edge, short, strict=True))
-        right = tuple(np.where(long_left, b, a) for a, b in zip(long_edge, short, strict=True))
-        return left, right
-
-    above, below, through = sides(upper), sides(lower), sides(upper_or_lower)
-    parts = [
-        (first, np.minimum(mid_first, stop), [above[0]], [above[1]], above),
-        (np.maximum(first, mid_stop), stop, [below[0]], [below[1]], below),
+    flat_top = y_top == y_mid  # no rows above the middle corner; bounds none through it
+    parts = [  # rows, the short edges of triangles `b` (two: the tighter bound holds)
+        (first, np.minimum(mid_first, stop), lambda b: [upper[:, b]]),
+        (np.maximum(first, mid_stop), stop, lambda b: [lower[:, b]]),
         (
             np.maximum(first, mid_first),
             np.minimum(mid_stop, stop),
-            [through[0], below[0]],
-            [through[1], below[1]],
-            below,
+            lambda b: [np.where(flat_top[b], lower[:, b], upper[:, b]), lower[:, b]],
         ),
     ]
     out: list[_Spans] = []
-    for row_first, row_stop, lefts, rights, depth_edges in parts:
+    for row_first, row_stop, shorts in parts:
         count = np.maximum(row_stop - row_first, 0)
         busy = np.flatnonzero(count)
-        ends = np.cumsum(count[busy])
-        cut = np.searchsorted(ends, np.arange(_BATCH, int(ends[-1]) if len(ends) else 0, _BATCH))
+        if len(busy) == 0:
+            continue
+        count, row_first, on_left = count[busy], row_first[busy], long_left[busy]
+        edge = long_edge[:, busy]
+        lefts, rights = [], []
+        for other in shorts(busy):
+            lefts.append(np.where(on_left, edge, other))
+            rights.append(np.where(on_left, other, edge))
+        # Depths between the long edge and the lower short one (the middle corner's
+        # row: the two short edges meet there).
+        depth_left, depth_right = lefts[-1][3:], rights[-1][3:]
+        ends = np.cumsum(count)
+        cut = np.searchsorted(ends, np.arange(_BATCH, int(ends[-1]), _BATCH))
         for lo_t, hi_t in zip(np.r_[0, cut], np.r_[cut, len(busy)], strict=True):
             if hi_t <= lo_t:
                 continue
-            tris = busy[lo_t:hi_t]
-            n = count[tris]
-            row = np.repeat(row_first[tris] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))
+            n = count[lo_t:hi_t]
+            local = np.repeat(np.arange(lo_t, hi_t), n)
+            row = row_first[local] + np.arange(len(local)) - (np.cumsum(n) - n)[local - lo_t]
             yc = (2 * row + 1) * half
-
-            def bound(edge: tuple[np.ndarray, ...], tris=tris, n=n, yc=yc) -> np.ndarray:
-                p, q, r = (np.repeat(e[tris], n) for e in edge[:3])
-                return (p * yc + q) // r
-
-            col0 = bound(lefts[0])
-            for edge in lefts[1:]:
-                col0 = np.maximum(col0, bound(edge))
-            col1 = bound(rights[0])
-            for edge in rights[1:]:
-                col1 = np.minimum(col1, bound(edge))
-            col0, col1 = np.clip(col0, 0, size), np.clip(col1, 0, size)
+            col0 = col1 = None
+            for left, right in zip(lefts, rights, strict=True):
+                p, q, r = left[:3, local]
+                c0 = np.clip((p * yc + q) // r, 0, size)
+                p, q, r = right[:3, local]
+                c1 = np.clip((p * yc + q) // r, 0, size)
+                col0 = c0 if col0 is None else np.maximum(col0, c0)
+                col1 = c1 if col1 is None else np.minimum(col1, c1)
             hit = col1 > col0
-            which = np.repeat(tris, n)[hit]
-            row, col0, col1 = row[hit], col0[hit], col1[hit]
+            local, row, col0, col1 = local[hit], row[hit], col0[hit], col1[hit]
             centre = row + 0.5
-            left, right = depth_edges
-            xl, zl = _along(px, py, z, left[3][which], left[4][which], centre)
-            xr, zr = _along(px, py, z, right[3][which], right[4][which], centre)
-            out.append((row, col0, col1, xl, xr, zl, zr, sign[which]))
+            xl, zl = _along(px, py, z, *depth_left[:, local], centre)
+            xr, zr = _along(px, py, z, *depth_right[:, local], centre)
+            out.append((row, col0, col1, xl, xr, zl, zr, sign[busy[local]]))
     if not out:
         empty = np.zeros(0)
         return (empty.astype(np.int64),) * 3 + (empty,) * 5
@@ -242,22 +240,22 @@ def _scan(
 
 def _edge(
     fx: np.ndarray, fy: np.ndarray, u: np.ndarray, v: np.ndarray, sub: int, transposed: bool
-) -> tuple[np.ndarray, ...]:
-    """The edge u->v (u above v) as a bound on the columns c of the centres
-    X = (2c + 1) sub/2 in a row at Y: c >= floor((P Y + Q) / R) when it bounds the row
-    on the left, c < floor((P Y + Q) / R) on the right, with the rounding of a centre
-    exactly on the edge set by the tie rule (normal frame: the centre goes right; the
-    transposed one: down, which is right unless the edge runs down-right). Then u, v.
-    A flat edge gets R = 1: it bounds no row that uses it."""
+) -> np.ndarray:
+    """The edges u->v (u above v) as bounds on the columns c of the centres
+    X = (2c + 1) sub/2 in a row at Y: c >= floor((P Y + Q) / R) when an edge bounds the
+    row on the left, c < floor((P Y + Q) / R) on the right, with the rounding of a
+    centre exactly on the edge set by the tie rule (normal frame: the centre goes
+    right; transposed: down, which is right unless the edge runs down-right).
+    Rows P, Q, R, u, v. A flat edge gets R = 1: it bounds no row that uses it."""
     rise, run = fy[v] - fy[u], fx[v] - fx[u]
     tie = (run > 0) if transposed else 0
     q = fx[u] * rise - fy[u] * run + (sub // 2) * rise - 1 + tie
-    return run, q, np.maximum(sub * rise, 1), u, v
+    return np.stack([run, q, np.maximum(sub * rise, 1), u, v])
 
 
-def _sum_parallel(spans: _Spans, size: int) -> np.ndarray:
-    """Signed depths summed per pixel with running sums: linear along each span.
-    Not clipped: a part of the mesh may sum below zero."""
+def _sum_parallel(spans: _Spans, frame: np.ndarray) -> None:
+    """Signed depths added into `frame` per pixel with running sums: linear along each
+    span. Not clipped: a part of the mesh may sum below zero."""
     row, col0, col1, xl, xr, zl, zr, s = spans
     # Depth along the row: z = slope * col + offset, added from col0 on, removed at col1.
     # A span narrower than a pixel covers one centre: its depth there, no slope (a
@@ -267,9 +265,8 @@ def _sum_parallel(spans: _Spans, size: int) -> np.ndarray:
     at = np.clip((col0 + 0.5 - xl) / np.maximum(xr - xl, 1e-300), 0.0, 1.0)
     offset = np.where(wide, zl + (0.5 - xl) * slope, zl + at * (zr - zl))
     # Running sums only over the mesh's own box of the frame: most of it is empty.
-    frame = np.zeros((size, size))
     if len(row) == 0:
-        return frame
+        return
     r0, r1 = int(row.min()), int(row.max()) + 1
     c0, c1 = int(col0.min()), int(col1.max())
     height, width = r1 - r0, c1 - c0 + 1
@@ -279,8 +276,7 @@ def _sum_parallel(spans: _Spans, size: int) -> np.ndarray:
     offsets = np.bincount(index, np.concatenate([s * offset, -s * offset]), n)
     slopes = np.cumsum(slopes.reshape(height, width), axis=1)[:, :-1]
     offsets = np.cumsum(offsets.reshape(height, width), axis=1)[:, :-1]
-    frame[r0:r1, c0:c1] = slopes * np.arange(c0, c1) + offsets
-    return frame
+    frame[r0:r1, c0:c1] += slopes * np.arange(c0, c1) + offsets
 
 
 def _sum_cone(spans: _Spans, size: int) -> np.ndarray:
