@@ -179,29 +179,36 @@ def _scan(
     mid_first = np.clip((y_mid + half - 1) // sub, 0, size)
     mid_stop = np.clip((y_mid + half) // sub, 0, size)
     # The middle corner right of the long edge: the long edge bounds rows on the left.
-    x_top = fx[top]
-    long_left = (fx[mid] - x_top) * (y_bottom - y_top) - (y_mid - y_top) * (fx[bottom] - x_top) > 0
-    long_edge = _edge(fx, fy, top, bottom, sub, transposed)
-    upper = _edge(fx, fy, top, mid, sub, transposed)
-    lower = _edge(fx, fy, mid, bottom, sub, transposed)
+    x_top, x_mid, x_bottom = fx[top], fx[mid], fx[bottom]
+    long_left = (x_mid - x_top) * (y_bottom - y_top) - (y_mid - y_top) * (x_bottom - x_top) > 0
+    long_edge = _edge(x_top, y_top, x_bottom, y_bottom, top, bottom, sub, transposed)
+    upper = _edge(x_top, y_top, x_mid, y_mid, top, mid, sub, transposed)
+    lower = _edge(x_mid, y_mid, x_bottom, y_bottom, mid, bottom, sub, transposed)
     flat_top = y_top == y_mid  # no rows above the middle corner; bounds none through it
-    parts = [  # rows, the short edges of triangles `b` (two: the tighter bound holds)
-        (first, np.minimum(mid_first, stop), lambda b: [upper[:, b]]),
-        (np.maximum(first, mid_stop), stop, lambda b: [lower[:, b]]),
+    parts = [  # rows, short edges (two: the tighter bound holds), only the few busy ones?
+        (first, np.minimum(mid_first, stop), lambda b: [upper], False),
+        (np.maximum(first, mid_stop), stop, lambda b: [lower], False),
         (
             np.maximum(first, mid_first),
             np.minimum(mid_stop, stop),
             lambda b: [np.where(flat_top[b], lower[:, b], upper[:, b]), lower[:, b]],
+            True,
         ),
     ]
     out: list[_Spans] = []
-    for row_first, row_stop, shorts in parts:
+    for row_first, row_stop, shorts, sparse in parts:
         count = np.maximum(row_stop - row_first, 0)
-        busy = np.flatnonzero(count)
-        if len(busy) == 0:
+        busy = np.flatnonzero(count) if sparse else np.arange(len(count))
+        if len(busy) == 0 or not count.any():
             continue
-        count, row_first, on_left = count[busy], row_first[busy], long_left[busy]
-        edge = long_edge[:, busy]
+        edge, on_left = long_edge, long_left
+        if sparse:
+            count, row_first, on_left, edge = (
+                count[busy],
+                row_first[busy],
+                on_left[busy],
+                edge[:, busy],
+            )
         lefts, rights = [], []
         for other in shorts(busy):
             lefts.append(np.where(on_left, edge, other))
@@ -239,7 +246,14 @@ def _scan(
 
 
 def _edge(
-    fx: np.ndarray, fy: np.ndarray, u: np.ndarray, v: np.ndarray, sub: int, transposed: bool
+    xu: np.ndarray,
+    yu: np.ndarray,
+    xv: np.ndarray,
+    yv: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    sub: int,
+    transposed: bool,
 ) -> np.ndarray:
     """The edges u->v (u above v) as bounds on the columns c of the centres
     X = (2c + 1) sub/2 in a row at Y: c >= floor((P Y + Q) / R) when an edge bounds the
@@ -247,9 +261,9 @@ def _edge(
     centre exactly on the edge set by the tie rule (normal frame: the centre goes
     right; transposed: down, which is right unless the edge runs down-right).
     Rows P, Q, R, u, v. A flat edge gets R = 1: it bounds no row that uses it."""
-    rise, run = fy[v] - fy[u], fx[v] - fx[u]
+    rise, run = yv - yu, xv - xu
     tie = (run > 0) if transposed else 0
-    q = fx[u] * rise - fy[u] * run + (sub // 2) * rise - 1 + tie
+    q = xu * rise - yu * run + (sub // 2) * rise - 1 + tie
     return np.stack([run, q, np.maximum(sub * rise, 1), u, v])
 
 
