@@ -81,7 +81,21 @@ def _radiographs() -> list[bytes]:
         _save(Image.fromarray(noise), compress_level=9),
         _save(Image.fromarray(noise).convert("L")),
         _save(Image.fromarray(noise[:1, :1])),  # one pixel
+        _with_chunks(_save(Image.fromarray(noise)), b"gAMA", b"sBIT"),  # neither applied
     ]
+
+
+def _with_chunks(data: bytes, *kinds: bytes) -> bytes:
+    """`data` with ancillary chunks (gamma 1/2.2, 5 significant bits) after IHDR."""
+    bodies = {b"gAMA": struct.pack(">I", 45455), b"sBIT": b"\x05\x05\x05"}
+    extra = b"".join(
+        struct.pack(">I", len(bodies[k]))
+        + k
+        + bodies[k]
+        + struct.pack(">I", zlib.crc32(k + bodies[k]))
+        for k in kinds
+    )
+    return data[:33] + extra + data[33:]
 
 
 def test_wuffs_gives_pillows_pixels_for_grey_and_colour_radiographs() -> None:
