@@ -141,6 +141,18 @@ def test_a_closed_mesh_enters_as_often_as_it_leaves_at_every_pixel() -> None:
         assert np.abs(signed).max() < 1e-9, trial
 
 
+def test_a_model_partly_outside_the_frame_is_cut_not_distorted() -> None:
+    mesh = trimesh.creation.icosphere(3, radius=2)
+    turn = trimesh.transformations.random_rotation_matrix(np.random.default_rng(1).random(3))
+    vertices = mesh.vertices @ turn[:3, :3].T + np.array([2.5, -2.0, 0])  # off the corner
+    for source in (None, 40.0):
+        small = drr.path_lengths(vertices, mesh.faces, 64, 10.0, source)
+        large = drr.path_lengths(vertices, mesh.faces, 128, 10.0, source)
+        assert 0 < small.sum() < large.sum()
+        assert np.abs(small - large[32:96, 32:96]).max() < 1e-9
+    assert drr.path_lengths(vertices + np.array([1e3, 0, 0]), mesh.faces, 64, 10.0).max() == 0
+
+
 def test_stepped_cylinder_shows_both_widths_in_the_right_ratio(tmp_path) -> None:
     model = _revolved(
         [(0, 0), (1.5, 0), (1.5, 6), (3.0, 6), (3.0, 12), (0, 12)], tmp_path / "step.stl"
