@@ -222,19 +222,20 @@ def _scan(
             if hi_t <= lo_t:
                 continue
             n = count[lo_t:hi_t]
-            local = np.repeat(np.arange(lo_t, hi_t), n)
-            row = row_first[local] + np.arange(len(local)) - (np.cumsum(n) - n)[local - lo_t]
+            row = np.repeat(row_first[lo_t:hi_t] - (np.cumsum(n) - n), n)
+            row += np.arange(len(row))
             yc = (2 * row + 1) * half
             col0 = col1 = None
             for left, right in zip(lefts, rights, strict=True):
-                p, q, r = left[:3, local]
+                p, q, r = left[:3, lo_t:hi_t].repeat(n, axis=1)
                 c0 = np.clip((p * yc + q) // r, 0, size)
-                p, q, r = right[:3, local]
+                p, q, r = right[:3, lo_t:hi_t].repeat(n, axis=1)
                 c1 = np.clip((p * yc + q) // r, 0, size)
                 col0 = c0 if col0 is None else np.maximum(col0, c0)
                 col1 = c1 if col1 is None else np.minimum(col1, c1)
             hit = col1 > col0
-            local, row, col0, col1 = local[hit], row[hit], col0[hit], col1[hit]
+            local = np.repeat(np.arange(lo_t, hi_t), n)[hit]
+            row, col0, col1 = row[hit], col0[hit], col1[hit]
             centre = row + 0.5
             xl, zl = _along(px, py, z, *depth_left[:, local], centre)
             xr, zr = _along(px, py, z, *depth_right[:, local], centre)
@@ -242,6 +243,8 @@ def _scan(
     if not out:
         empty = np.zeros(0)
         return (empty.astype(np.int64),) * 3 + (empty,) * 5
+    if len(out) == 1:
+        return out[0]
     return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))
 
 
