@@ -140,6 +140,13 @@ def adapt(
         typer.Option(help="peak learning rate [default 1e-4; 1e-3 from scratch or LoRA]"),
     ] = None,
     temperature: Annotated[float, typer.Option(help="contrastive temperature")] = 0.1,
+    augment: Annotated[
+        str,
+        typer.Option(
+            help="radiograph (placement, exposure, neighbours) or xray (also a fresh bone "
+            "texture, wider roots, more blur: closer to synthetic X-ray queries)"
+        ),
+    ] = "radiograph",
     seed: Annotated[int, typer.Option(help="every random choice derives from it")] = 0,
     holdout_implants: Annotated[
         float, typer.Option(help="fraction of implants kept out of training")
@@ -184,7 +191,7 @@ def adapt(
 
     options = core.AdaptOptions(
         train=train, blocks=blocks, epochs=epochs, steps=steps, batch_size=batch_size,
-        views=views, lr=lr, temperature=temperature, seed=seed,
+        views=views, lr=lr, temperature=temperature, seed=seed, augment=augment,
         holdout_implants=holdout_implants, eval_every=eval_every, patience=patience,
         labels=labels, val_labels=val_labels, confirmed=confirmed, max_minutes=max_minutes,
         out=out_dir, checkpoint_every=checkpoint_every,

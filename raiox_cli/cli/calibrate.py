@@ -122,5 +122,15 @@ def print_calibration(fit: Any) -> None:
         f"{_pct(fit.false_alarm)}), AUROC {_num(m.get('ooc_auroc'))}, "
         f"FPR at 95% TPR {_pct(m.get('ooc_fpr_at_95tpr'))}",
     ]
+    ooc = fit.params.get("ooc")
+    if ooc is None:
+        lines.append("  open-set statistic: the top score (fitted before the combined one)")
+    else:
+        cv = ooc.get("cross_validated_auroc") or {}
+        lines.append(
+            f"  open-set statistic: {ooc.get('chosen')} (held-out folds: AUROC logistic "
+            f"{_num(cv.get('logistic'))}, top score {_num(cv.get('top score'))}); p-values "
+            f"against {ooc.get('reference_queries')} queries it never saw"
+        )
     for line in lines:
         say(line)

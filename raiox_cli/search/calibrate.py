@@ -12,9 +12,18 @@ gathers them) and kept as one row of `calibrations`:
   quantile is the finite-sample one, in numpy: mapie and crepes need a classifier
   over a fixed list of classes, and a catalogue's implants are not one (they change
   with every ingest, and a search ranks only the nearest);
-- **out of catalogue**: the conformal p-value of the top score among in-catalogue
-  calibration queries; flagged below the false-alarm rate, so at most that share of
-  X-rays of catalogued implants is ever flagged.
+- **out of catalogue**: an open-set statistic of the query's ranked scores (the top
+  score, the margin to the 2nd implant, and the top score against the rest of the
+  query's nearest implants: their mean, spread and the top's z-score among them),
+  combined by a logistic regression fitted to tell calibration queries of catalogued
+  implants from queries of implants not in it (the source's own, and each labelled
+  query again with its right implant taken out: what the same X-ray would score were
+  its implant not in the catalogue). The answer's flag is the conformal p-value of
+  that statistic among in-catalogue queries the regression never saw (a seeded half,
+  split by query so that no X-ray is in both), flagged below the false-alarm rate: at
+  most that share of X-rays of catalogued implants is ever flagged, whatever the
+  regression learnt. Calibrations stored before this statistic keep the top score as
+  theirs (params without "ooc") and still apply.
 
 A calibration applies to the model it was fitted on, with the same orientations
 (TTA) and the whole catalogue (no --manufacturer); otherwise the answer says it is
@@ -42,6 +51,14 @@ DEPTH = 10  # implants ranked for the prediction set; one more is fetched for ma
 DEFAULT_TARGET = 0.9
 DEFAULT_FALSE_ALARM = 0.05
 FEATURES = ("top score", "margin to the 2nd", "margin to the 3rd")
+OOC_FEATURES = (
+    "top score",
+    "margin to the 2nd",
+    "mean of the next 9",
+    "spread of the next 9",
+    "top score's z among the next 9",
+)
+OOC_STATISTIC = "logistic/1"  # params["ooc"]["statistic"]; none: the top score (before it)
 STRONG = 0.8  # calibrated probability from which an answer is a "strong match"
 POSSIBLE = 0.3  # below it: "no confident match"
 MIN_QUERIES = 20  # in-catalogue queries a fit needs at least
@@ -89,6 +106,18 @@ def features(scores: Sequence[float]) -> np.ndarray:
     return np.array([s[0], s[0] - s[1], s[0] - s[2]], dtype=np.float64)
 
 
+def ooc_features(scores: Sequence[float]) -> np.ndarray:
+    """OOC_FEATURES of one ranked list: where the top score stands among the query's
+    own nearest implants (a per-query scale: some X-rays score high against every
+    implant, and a top score means little without the others)."""
+    s = np.asarray(list(scores)[:DEPTH] or [0.0], dtype=np.float64)
+    rest = s[1:] if len(s) > 1 else s
+    spread = float(rest.std())
+    return np.array(
+        [s[0], s[0] - rest[0], rest.mean(), spread, (s[0] - rest.mean()) / (spread + 1e-3)]
+    )
+
+
 def softmax(scores: Sequence[float], temperature: float) -> np.ndarray:
     z = np.asarray(scores[:DEPTH], dtype=np.float64) / temperature
     z = np.exp(z - z.max()) if len(z) else z
@@ -110,12 +139,23 @@ def conformal_quantile(scores: Sequence[float], coverage: float) -> float:
     return math.inf if rank > len(ordered) else float(ordered[rank - 1])
 
 
-def ooc_p_value(top_score: float, in_catalogue_tops: Sequence[float]) -> float:
-    """Conformal p-value: how plausible a top score this low is for an X-ray of a
-    catalogued implant ((1 + calibration queries scoring as low or lower) / (n + 1))."""
-    tops = np.asarray(in_catalogue_tops, dtype=np.float64)
-    lower = int(np.searchsorted(tops, top_score, side="right"))
-    return (1 + lower) / (len(tops) + 1)
+def ooc_p_value(statistic: float, in_catalogue: Sequence[float]) -> float:
+    """Conformal p-value: how plausible a statistic this low is for an X-ray of a
+    catalogued implant ((1 + reference queries scoring as low or lower) / (n + 1),
+    the reference sorted ascending)."""
+    reference = np.asarray(in_catalogue, dtype=np.float64)
+    lower = int(np.searchsorted(reference, statistic, side="right"))
+    return (1 + lower) / (len(reference) + 1)
+
+
+def without_right_implant(sample: Sample) -> Sample | None:
+    """The same query were its implant not in the catalogue: its ranked scores with
+    the right implant's taken out (None when the right implant is not ranked: its
+    score is unknown)."""
+    if sample.true_rank is None or sample.true_rank > len(sample.scores):
+        return None
+    scores = sample.scores[: sample.true_rank - 1] + sample.scores[sample.true_rank :]
+    return Sample(scores, None, False, sample.identity + "\tsimulated out") if scores else None
 
 
 # --- the fit -------------------------------------------------------------------------
@@ -157,13 +197,31 @@ class Calibration:
             return list(range(len(probs)))
         return [j for j, pj in enumerate(probs) if 1.0 - pj <= threshold]
 
-    def ooc_p(self, top_score: float) -> float:
-        return ooc_p_value(top_score, self.params["ooc_tops"])
+    def ooc_statistic(self, scores: Sequence[float]) -> float:
+        """The open-set statistic of one ranked list: higher looks more like an X-ray
+        of a catalogued implant. A calibration stored before the fitted statistic
+        (no params["ooc"]) keeps the top score it was fitted with."""
+        fitted = self.params.get("ooc")
+        if fitted is None:
+            return float(scores[0]) if len(scores) else -math.inf
+        x = (ooc_features(scores) - np.array(fitted["mean"])) / np.array(fitted["scale"])
+        return float(x @ np.array(fitted["coef"]) + fitted["intercept"])
+
+    def ooc_p(self, scores: Sequence[float]) -> float:
+        """Conformal p-value that a query with these ranked scores shows a catalogued
+        implant (low: probably not in the catalogue)."""
+        fitted = self.params.get("ooc")
+        reference = fitted["reference"] if fitted is not None else self.params["ooc_tops"]
+        return ooc_p_value(self.ooc_statistic(scores), reference)
 
     def to_dict(self, *, full: bool = False) -> dict[str, Any]:
         data = asdict(self)
         if not full:
             data["params"] = {k: v for k, v in self.params.items() if k != "ooc_tops"}
+            if "ooc" in self.params:
+                data["params"]["ooc"] = {
+                    k: v for k, v in self.params["ooc"].items() if k != "reference"
+                }
         return data
 
     @classmethod
@@ -208,10 +266,114 @@ def _fit_temperature(samples: Sequence[Sample]) -> float:
     return float(min(grid, key=nll))
 
 
+def _group(identity: str) -> str:
+    """Samples made from one query (the catalogue's in and out pair) share a group."""
+    for suffix in ("\tin", "\tout"):
+        if identity.endswith(suffix):
+            return identity[: -len(suffix)]
+    return identity
+
+
+def fit_ooc(samples: Sequence[Sample], *, simulate: bool, seed: int = 0) -> dict[str, Any]:
+    """The open-set statistic and its conformal reference (see the module's docstring).
+
+    Queries are split in two by group (seeded): the regression learns from the first
+    half's in-catalogue queries against out-of-catalogue ones (the first half's own,
+    and with `simulate` each of its in-catalogue queries again without its right
+    implant); the second half's in-catalogue queries, never seen by the regression,
+    are the reference its p-values count against."""
+    from sklearn.linear_model import LogisticRegression
+
+    groups = sorted({_group(s.identity) for s in samples})
+    rng = np.random.default_rng([seed, 31])
+    fitting = {groups[i] for i in rng.permutation(len(groups))[: len(groups) // 2]}
+    first = [s for s in samples if _group(s.identity) in fitting]
+    second = [s for s in samples if _group(s.identity) not in fitting and s.in_catalogue]
+    inside = [s for s in first if s.in_catalogue and s.scores]
+    outside = [s for s in first if not s.in_catalogue and s.scores]
+    simulated = [o for o in map(without_right_implant, inside) if o is not None] if simulate else []
+    negatives = outside + simulated
+    top_only = {  # the top score alone (coefficient 1 on it): the statistic before this one
+        "statistic": OOC_STATISTIC,
+        "features": list(OOC_FEATURES),
+        "mean": [0.0] * len(OOC_FEATURES),
+        "scale": [1.0] * len(OOC_FEATURES),
+        "coef": [1.0] + [0.0] * (len(OOC_FEATURES) - 1),
+        "intercept": 0.0,
+        "chosen": "top score",
+    }
+    fitted: dict[str, Any] = top_only
+    cv: dict[str, float | None] = {"logistic": None, "top score": None}
+    if len(inside) >= 5 and len(negatives) >= 5:
+        x = np.stack([ooc_features(s.scores) for s in inside + negatives])
+        y = np.r_[np.ones(len(inside)), np.zeros(len(negatives))]
+        mean, scale = x.mean(axis=0), x.std(axis=0)
+        scale[scale < 1e-9] = 1.0
+        z = (x - mean) / scale
+        # The regression must beat the top score alone where it can be checked: on
+        # 5 folds of the fitting half, grouped by query (a query and its simulated
+        # twin in one fold). Else the top score stays the statistic.
+        group_of = {g: i for i, g in enumerate(sorted({_group(s.identity) for s in first}))}
+        groups = [
+            group_of[_group(s.identity.removesuffix("\tsimulated out"))] for s in inside + negatives
+        ]
+        held = np.empty(len(y))
+        for fold in range(5):
+            test = np.array([g % 5 == fold for g in groups])
+            if test.all() or not test.any() or len(set(y[~test].tolist())) < 2:
+                held[test] = z[test, 0]
+                continue
+            part = LogisticRegression(C=1.0, class_weight="balanced", max_iter=1000)
+            held[test] = part.fit(z[~test], y[~test]).decision_function(z[test])
+        # Judged against real out-of-catalogue queries where there are enough: the
+        # simulated ones come from a catalogue one implant smaller.
+        real = np.r_[np.zeros(len(inside)), np.ones(len(outside)), np.zeros(len(simulated))]
+        judge = (y == 0) & (real == 1) if len(outside) >= MIN_QUERIES else y == 0
+        cv = {
+            "logistic": auroc(held[y == 1], held[judge]),
+            "top score": auroc(x[y == 1, 0], x[judge, 0]),
+        }
+        if (cv["logistic"] or 0) > (cv["top score"] or 0):
+            model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=1000).fit(z, y)
+            fitted = {
+                "statistic": OOC_STATISTIC,
+                "features": list(OOC_FEATURES),
+                "mean": mean.tolist(),
+                "scale": scale.tolist(),
+                "coef": model.coef_[0].tolist(),
+                "intercept": float(model.intercept_[0]),
+                "chosen": "logistic",
+            }
+    probe = Calibration("", 0.5, 0.5, False, "", {}, "", {"ooc": fitted})
+    reference = np.sort([probe.ooc_statistic(s.scores) for s in second if s.scores])
+    if len(reference) > OOC_SCORES_KEPT:  # evenly spaced order statistics keep the p-values
+        reference = reference[
+            np.linspace(0, len(reference) - 1, OOC_SCORES_KEPT).round().astype(int)
+        ]
+    fitted.update(
+        reference=[float(r) for r in reference],
+        reference_queries=len(second),
+        fitted_on={
+            "in_catalogue": len(inside),
+            "out_of_catalogue": len(outside),
+            "simulated_out_of_catalogue": len(simulated),
+        },
+        cross_validated_auroc=cv,
+    )
+    return fitted
+
+
 def fit_params(
-    samples: Sequence[Sample], target: float, *, with_outside: bool = False
+    samples: Sequence[Sample],
+    target: float,
+    *,
+    with_outside: bool = False,
+    simulate_outside: bool = True,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """The three fits from calibration samples (see the module's docstring)."""
+    """The three fits from calibration samples (see the module's docstring).
+    `simulate_outside`: out-of-catalogue queries are also simulated from the
+    in-catalogue ones (not for the catalogue source, which makes its own)."""
     inside = [s for s in samples if s.in_catalogue]
     if len(inside) < MIN_QUERIES:
         raise NoCalibrationData(
@@ -227,14 +389,12 @@ def fit_params(
     params = _fit_probability(x, y)
     temperature = _fit_temperature(inside)
     threshold = conformal_quantile([_nonconformity(s, temperature) for s in inside], target)
-    tops = np.sort([s.scores[0] for s in inside if s.scores])
-    if len(tops) > OOC_SCORES_KEPT:  # evenly spaced order statistics keep the p-values
-        tops = tops[np.linspace(0, len(tops) - 1, OOC_SCORES_KEPT).round().astype(int)]
+    ooc = fit_ooc(samples, simulate=simulate_outside, seed=seed)
     params.update(
         temperature=temperature,
         set_threshold=None if math.isinf(threshold) else threshold,
-        ooc_tops=[float(t) for t in tops],
-        ooc_queries=len(inside),
+        ooc=ooc,
+        ooc_queries=ooc["reference_queries"],
         features=list(FEATURES),
         depth=DEPTH,
         probability_of="any X-ray" if with_outside else "an X-ray of a catalogued implant",
@@ -264,7 +424,10 @@ def fit(
     check_rate("--target", target)
     check_rate("--false-alarm", false_alarm)
     with_outside = source == "confirmed"  # the one source with a real out-of-catalogue share
-    params = fit_params(samples, target, with_outside=with_outside)
+    simulate = source != "catalogue"  # the catalogue source leaves implants out itself
+    params = fit_params(
+        samples, target, with_outside=with_outside, simulate_outside=simulate, seed=seed
+    )
     calibration = Calibration(
         model_id, target, false_alarm, tta, source, counts, snapshot_hash(samples), params
     )
@@ -278,7 +441,9 @@ def fit(
             source,
             {},
             "",
-            fit_params(first, target, with_outside=with_outside),
+            fit_params(
+                first, target, with_outside=with_outside, simulate_outside=simulate, seed=seed
+            ),
         )
         calibration.metrics = {"held_out_half": measure(half, second)}
     except NoCalibrationData:
@@ -309,6 +474,17 @@ def ece(probabilities: Sequence[float], correct: Sequence[int], bins: int = ECE_
         if mask.any():
             total += mask.sum() * abs(p[mask].mean() - y[mask].mean())
     return float(total / len(p))
+
+
+def ece_floor(probabilities: Sequence[float], bins: int = ECE_BINS, draws: int = 200) -> float:
+    """The ECE a perfectly calibrated probability would still show at these values and
+    this many queries (each outcome drawn with its own probability; seeded): the
+    estimator's own noise, below which a measured ECE means nothing."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 0.0, 1.0)
+    if not len(p):
+        return float("nan")
+    rng = np.random.default_rng(0)
+    return float(np.mean([ece(p, rng.random(len(p)) < p, bins) for _ in range(draws)]))
 
 
 def reliability(
@@ -347,14 +523,9 @@ def auroc(positive: Sequence[float], negative: Sequence[float]) -> float | None:
         return None
     pos = np.asarray(positive, dtype=np.float64)
     neg = np.asarray(negative, dtype=np.float64)
-    both = np.concatenate([pos, neg])
-    order = both.argsort(kind="mergesort")
-    ranks = np.empty(len(both))
-    ranks[order] = np.arange(1, len(both) + 1)
-    for value in np.unique(both):  # average ranks of ties
-        tied = both == value
-        if tied.sum() > 1:
-            ranks[tied] = ranks[tied].mean()
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([pos, neg]))  # ties share their average rank
     u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
     return float(u / (len(pos) * len(neg)))
 
@@ -386,8 +557,10 @@ def measure(calibration: Calibration, samples: Sequence[Sample]) -> dict[str, An
         s.true_rank is not None and (s.true_rank - 1) in members
         for s, members in zip(inside, sets, strict=True)
     ]
-    in_p = [calibration.ooc_p(s.scores[0]) for s in inside if s.scores]
-    out_p = [calibration.ooc_p(s.scores[0]) for s in outside if s.scores]
+    in_stat = [calibration.ooc_statistic(s.scores) for s in inside if s.scores]
+    out_stat = [calibration.ooc_statistic(s.scores) for s in outside if s.scores]
+    in_p = [calibration.ooc_p(s.scores) for s in inside if s.scores]
+    out_p = [calibration.ooc_p(s.scores) for s in outside if s.scores]
     sizes = [len(m) for m in sets]
     return {
         "queries": len(samples),
@@ -396,6 +569,7 @@ def measure(calibration: Calibration, samples: Sequence[Sample]) -> dict[str, An
         "top1": float(np.mean([s.true_rank == 1 for s in inside])) if inside else None,
         "ece": ece(probs, right),
         "ece_raw_score": ece(raw, right),
+        "ece_floor": ece_floor(probs),
         "brier": brier(probs, right),
         "brier_raw_score": brier(raw, right),
         # over every query, out-of-catalogue ones too (their top answer is never right)
@@ -412,9 +586,14 @@ def measure(calibration: Calibration, samples: Sequence[Sample]) -> dict[str, An
         "detected": float(np.mean([p <= calibration.false_alarm for p in out_p]))
         if out_p
         else None,
-        # Out of catalogue is the positive class; a lower p-value says "outside" more.
-        "ooc_auroc": auroc([-p for p in out_p], [-p for p in in_p]),
-        "ooc_fpr_at_95tpr": fpr_at_tpr([-p for p in out_p], [-p for p in in_p]),
+        # Out of catalogue is the positive class; a lower statistic says "outside" more
+        # (the statistic, not its p-value: the same order, without the reference's ties).
+        "ooc_auroc": auroc([-x for x in out_stat], [-x for x in in_stat]),
+        "ooc_fpr_at_95tpr": fpr_at_tpr([-x for x in out_stat], [-x for x in in_stat]),
+        # the top score alone as the statistic, beside it (what the fitted one adds)
+        "ooc_auroc_top_score": auroc(
+            [-s.scores[0] for s in outside if s.scores], [-s.scores[0] for s in inside if s.scores]
+        ),
         "reliability": reliability(probs, right),
     }
 
@@ -517,7 +696,7 @@ def apply(calibration: Calibration, ranked: Sequence[tuple[str, float]]) -> Trus
         return Trust(True, "not_in_catalogue", 0.0, [], calibration.target, True, 1.0)
     probability = calibration.probability(scores)
     members = calibration.prediction_set(scores)
-    p_value = calibration.ooc_p(scores[0])
+    p_value = calibration.ooc_p(scores)
     outside = p_value <= calibration.false_alarm
     if outside:
         verdict = "not_in_catalogue"

@@ -40,6 +40,9 @@ class Augmentation:
     jpeg_quality: tuple[int, int] = (30, 90)
     p_upside_down: float = 0.4
     p_mirror: float = 0.5
+    root_width: tuple[float, float] = (0.35, 0.55)  # a neighbour's root, of the implant's width
+    p_texture: float = 0.0  # a fresh bone density and grain over the film (XRAY)
+    texture: tuple[float, float] = (0.08, 0.16)  # grain strength, fraction of full scale
 
 
 DEFAULT = Augmentation()
@@ -59,14 +62,30 @@ NONE = Augmentation(
 )
 
 
+# Closer to the X-ray-like queries of training/synth.py (and to real films): a fresh
+# bone texture over the catalogue picture's own clean one (which is otherwise the same
+# in every view of that picture: a cue a model may learn instead of the implant),
+# neighbouring roots as wide as real ones (5-7 mm beside a 4 mm implant), a neighbour
+# more often, and up to synth's blur. `raiox adapt --augment xray`.
+XRAY = Augmentation(
+    p_neighbours=0.85,
+    root_width=(0.6, 0.9),
+    blur=(0.0015, 0.009),
+    p_texture=0.8,
+)
+PRESETS = {"radiograph": DEFAULT, "xray": XRAY}
+
+
 def augment(
     image: Image.Image, rng: np.random.Generator, aug: Augmentation = DEFAULT
 ) -> Image.Image:
     """One random radiograph-like variant of `image` (grey, same size)."""
     img = image if image.mode == "L" else image.convert("L")
     if rng.random() < aug.p_neighbours:
-        img = neighbours(img, rng, crown=rng.random() < aug.p_crown)
+        img = neighbours(img, rng, crown=rng.random() < aug.p_crown, root_width=aug.root_width)
     img = placement(img, rng, aug)
+    if aug.p_texture and rng.random() < aug.p_texture:  # drawn only when asked: DEFAULT's
+        img = texture(img, rng, float(rng.uniform(*aug.texture)))  # pixels stay as they were
     if rng.random() < aug.p_crop:
         img = partial_crop(img, rng, aug.crop)
     img = exposure(img, rng, aug)
@@ -158,10 +177,35 @@ def _bright_box(img: Image.Image) -> tuple[int, int, int, int] | None:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
-def neighbours(img: Image.Image, rng: np.random.Generator, *, crown: bool) -> Image.Image:
+def texture(img: Image.Image, rng: np.random.Generator, grain: float) -> Image.Image:
+    """A fresh bone texture over the picture: a smooth large-scale density (as
+    training/synth.py draws bone) and a trabecular grain of strength `grain`."""
+    width, height = img.size
+    coarse = rng.random((max(2, height // 48), max(2, width // 48)), dtype=np.float32)
+    fine = rng.random((max(2, height // 5), max(2, width // 5)), dtype=np.float32)
+    coarse_img = Image.fromarray((coarse * 255).astype(np.uint8)).resize(
+        img.size, Image.Resampling.BICUBIC
+    )
+    fine_img = Image.fromarray((fine * 255).astype(np.uint8)).resize(
+        img.size, Image.Resampling.BILINEAR
+    )
+    pixels = np.asarray(img, dtype=np.float32)
+    pixels = pixels + 0.22 * (np.asarray(coarse_img, dtype=np.float32) - 128)
+    pixels = pixels + grain * (np.asarray(fine_img, dtype=np.float32) - 128)
+    return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
+
+
+def neighbours(
+    img: Image.Image,
+    rng: np.random.Generator,
+    *,
+    crown: bool,
+    root_width: tuple[float, float] = DEFAULT.root_width,
+) -> Image.Image:
     """A neighbouring tooth (root and crown) beside the implant and, with `crown`, a
     bright prosthetic crown on top of it. The implant is found as the brightest
-    object; without one the image is returned unchanged."""
+    object; without one the image is returned unchanged. `root_width`: the root's
+    half-width range, as a fraction of the implant's width."""
     box = _bright_box(img)
     if box is None:
         return img
@@ -172,7 +216,7 @@ def neighbours(img: Image.Image, rng: np.random.Generator, *, crown: bool) -> Im
     cx = (x0 + x1) / 2
     side = 1 if rng.random() < 0.5 else -1
     tx = cx + side * width * float(rng.uniform(1.1, 1.8))
-    root_w = width * float(rng.uniform(0.35, 0.55))
+    root_w = width * float(rng.uniform(*root_width))
     shade = int(rng.integers(120, 160))
     draw.polygon(
         [
@@ -200,6 +244,8 @@ def neighbours(img: Image.Image, rng: np.random.Generator, *, crown: bool) -> Im
 __all__ = [
     "DEFAULT",
     "NONE",
+    "PRESETS",
+    "XRAY",
     "Augmentation",
     "augment",
     "exposure",
@@ -207,4 +253,5 @@ __all__ = [
     "neighbours",
     "partial_crop",
     "placement",
+    "texture",
 ]

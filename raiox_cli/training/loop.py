@@ -79,13 +79,14 @@ def make_batch(
     pixels: dict[str, Image.Image],
     batch: list[tuple[str, Item, np.random.Generator]],
     pool: ThreadPoolExecutor,
+    preset: augment.Augmentation = augment.DEFAULT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augmented, preprocessed views and their integer labels."""
+    """Augmented (`preset`), preprocessed views and their integer labels."""
     import torch
 
     def one(entry: tuple[str, Item, np.random.Generator]) -> torch.Tensor:
         _, item, rng = entry
-        return tower.embedder.preprocess(augment.augment(pixels[item.sha256], rng))
+        return tower.embedder.preprocess(augment.augment(pixels[item.sha256], rng, preset))
 
     tensors = list(pool.map(one, batch))
     names = {key: i for i, key in enumerate(sorted({key for key, _, _ in batch}))}
@@ -273,7 +274,12 @@ def train(
 
     def batch_of(step: int) -> Future:
         return ahead.submit(
-            make_batch, tower, train_px, sample_batch(data, options, step, seeds), pool
+            make_batch,
+            tower,
+            train_px,
+            sample_batch(data, options, step, seeds),
+            pool,
+            augment.PRESETS[options.augment],
         )
 
     # One thread assembles the next batch while the model trains on this one; the
@@ -355,7 +361,9 @@ def estimate_seconds(
         for step in range(2):
             started = time.perf_counter()
             batch = sample_batch(data, options, step, seeds)
-            pixels, labels = make_batch(tower, train_px, batch, pool)
+            pixels, labels = make_batch(
+                tower, train_px, batch, pool, augment.PRESETS[options.augment]
+            )
             tower.train_mode()
             loss = forward_loss(tower, pixels.to(device), labels.to(device), options.temperature)
             loss.backward()

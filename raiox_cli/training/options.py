@@ -14,6 +14,7 @@ import numpy as np
 from raiox_cli.errors import UsageError
 
 TRAIN_MODES = ("last", "all", "lora")
+AUGMENTS = ("radiograph", "xray")  # training/augment.py's PRESETS
 
 
 class NoTrainingData(UsageError):
@@ -50,6 +51,7 @@ class AdaptOptions:
     labels: Path | None = None
     val_labels: Path | None = None
     confirmed: bool = True  # train on X-rays confirmed in the database too
+    augment: str = "radiograph"  # augment.PRESETS: radiograph (DEFAULT) or xray
     # Not in the fingerprint: how long, where, and what to do afterwards.
     max_minutes: float | None = None
     checkpoint_every: int = 25  # steps (and after every evaluation)
@@ -75,6 +77,8 @@ def validate(options: AdaptOptions) -> None:
         raise UsageError("--holdout-implants and --val-xrays are fractions in [0, 1)")
     if options.lr is not None and options.lr < 0:
         raise UsageError("--lr must not be negative")
+    if options.augment not in AUGMENTS:
+        raise UsageError(f"--augment {options.augment!r} is not one of {', '.join(AUGMENTS)}")
     if options.checkpoint_every < 1:
         raise UsageError("--checkpoint-every must be at least 1")
     if options.temperature <= 0:
@@ -92,6 +96,8 @@ def fingerprint(base_id: str, snapshot: dict[str, Any], options: AdaptOptions) -
         for k, v in asdict(options).items()
         if k not in {"max_minutes", "checkpoint_every", "out", "apply", "force", "dry_run"}
     }
+    if keep["augment"] == "radiograph":  # the default before --augment: runs still resume
+        del keep["augment"]
     text = json.dumps(
         {"base": base_id, "data": snapshot["sha256"], "options": keep}, sort_keys=True
     )

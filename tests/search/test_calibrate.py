@@ -64,6 +64,75 @@ def test_coverage_is_recovered_on_a_known_distribution(target: float) -> None:
     assert held["coverage"] == pytest.approx(target, abs=0.05)
 
 
+def _offset_samples(n: int, rng: np.random.Generator, *, outside: bool) -> list[Sample]:
+    """Queries whose whole ranked list moves with the X-ray (some score high against
+    every implant): each query's implants score around its own level, and the right
+    implant stands 0.15 above that level. The top score alone barely tells an X-ray of
+    an implant not in the catalogue; where it stands among the query's own scores does."""
+    found = []
+    for i in range(n):
+        level = rng.uniform(0.35, 0.75)
+        others = rng.normal(level, 0.02, DEPTH + 1)
+        if not outside:
+            others[0] = level + 0.15 + rng.normal(0, 0.02)  # index 0: the right implant
+        order = np.argsort(-others)
+        rank = None if outside else int(np.flatnonzero(order == 0)[0]) + 1
+        found.append(Sample(tuple(others[order].tolist()), rank, not outside, f"q{i}{outside}"))
+    return found
+
+
+def test_open_set_statistic_separates_a_known_unknown_distribution() -> None:
+    """Fitted on labelled X-rays of catalogued implants alone (the out-of-catalogue side
+    is simulated by taking each one's right implant out), the statistic separates X-rays
+    of unknown implants far better than the top score, and its conformal p-value keeps
+    the false-alarm rate on new X-rays of catalogued implants."""
+    rng = np.random.default_rng(21)
+    fitted = calibrate.fit(
+        _offset_samples(600, rng, outside=False),
+        model_id="m",
+        tta=False,
+        source="labels",
+        counts={},
+    )
+    ooc = fitted.params["ooc"]
+    assert ooc["statistic"] == calibrate.OOC_STATISTIC
+    assert ooc["fitted_on"]["simulated_out_of_catalogue"] == ooc["fitted_on"]["in_catalogue"]
+    assert ooc["reference_queries"] == 300  # the half the regression never saw
+    assert "reference" not in fitted.to_dict()["params"]["ooc"]
+    test = _offset_samples(3000, rng, outside=False) + _offset_samples(1000, rng, outside=True)
+    measured = calibrate.measure(fitted, test)
+    assert measured["ooc_auroc_top_score"] < 0.75
+    assert measured["ooc_auroc"] > 0.97
+    assert measured["false_alarm"] == pytest.approx(0.05, abs=0.02)
+    assert measured["detected"] > 0.8
+    answer = calibrate.apply(fitted, [(f"k{j}", x) for j, x in enumerate(test[-1].scores)])
+    assert answer.out_of_catalogue and answer.verdict == "not_in_catalogue"
+
+
+def test_a_calibration_stored_before_the_fitted_statistic_still_applies() -> None:
+    """Old rows hold the in-catalogue top scores (ooc_tops) and no "ooc": their flag
+    stays the top score's p-value, as when they were fitted."""
+    rng = np.random.default_rng(3)
+    fitted = calibrate.fit(_samples(200, rng), model_id="m", tta=False, source="labels", counts={})
+    params = {k: v for k, v in fitted.params.items() if k != "ooc"}
+    params["ooc_tops"] = sorted(s.scores[0] for s in _samples(99, rng))
+    old = calibrate.Calibration("m", 0.9, 0.05, False, "labels", {}, "", params)
+    low, high = (0.1,) + (0.05,) * DEPTH, (1.5,) + (0.5,) * DEPTH
+    assert old.ooc_statistic(high) == 1.5
+    assert old.ooc_p(low) == pytest.approx(1 / 100) and old.ooc_p(high) == 1.0
+    assert calibrate.apply(old, [(f"k{j}", x) for j, x in enumerate(low)]).out_of_catalogue
+    assert "ooc_tops" not in old.to_dict()["params"]
+
+
+def test_ece_floor_is_the_estimators_own_noise() -> None:
+    """A perfectly calibrated probability still shows an ECE at a finite count: the
+    floor says how much, and shrinks with more queries."""
+    p = np.random.default_rng(0).uniform(0, 1, 500)
+    floor = calibrate.ece_floor(p)
+    assert 0.02 < floor < 0.09
+    assert calibrate.ece_floor(np.tile(p, 20)) < floor / 3
+
+
 def test_conformal_quantile_is_the_finite_sample_one() -> None:
     scores = list(range(1, 10))  # n = 9: ceil(10 * 0.9) = 9th smallest
     assert calibrate.conformal_quantile(scores, 0.9) == 9

@@ -56,6 +56,41 @@ def test_augment_is_seeded_and_keeps_size() -> None:
     assert untouched.tobytes() == picture.tobytes()
 
 
+def test_xray_augmentation_is_seeded_and_keeps_the_default_run_identity() -> None:
+    """--augment xray: seeded, same size, other pixels than the default; the default's
+    runs keep the fingerprint they had before --augment existed (they still resume)."""
+    import dataclasses
+    import hashlib
+
+    from raiox_cli.training import options as adapt_options
+
+    picture = _implant_picture()
+    first = augment.augment(picture, np.random.default_rng([7, 1]), augment.XRAY)
+    again = augment.augment(picture, np.random.default_rng([7, 1]), augment.XRAY)
+    plain = augment.augment(picture, np.random.default_rng([7, 1]))
+    assert first.size == picture.size and first.tobytes() == again.tobytes()
+    assert first.tobytes() != plain.tobytes()
+    snapshot = {"sha256": "data"}
+    default = adapt_options.AdaptOptions()
+    before = {
+        k: v
+        for k, v in dataclasses.asdict(default).items()
+        if k
+        not in {"max_minutes", "checkpoint_every", "out", "apply", "force", "dry_run", "augment"}
+    }
+    text = json.dumps({"base": "b", "data": "data", "options": before}, sort_keys=True)
+    assert (
+        adapt_options.fingerprint("b", snapshot, default)
+        == hashlib.sha256(text.encode()).hexdigest()
+    )
+    xray = dataclasses.replace(default, augment="xray")
+    assert adapt_options.fingerprint("b", snapshot, xray) != adapt_options.fingerprint(
+        "b", snapshot, default
+    )
+    with pytest.raises(adapt_options.UsageError, match="--augment 'film'"):
+        adapt_options.validate(dataclasses.replace(default, augment="film"))
+
+
 def test_neighbours_draw_beside_the_implant() -> None:
     picture = _implant_picture()
     before = np.asarray(picture, dtype=np.int16)
