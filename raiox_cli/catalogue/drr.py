@@ -185,7 +185,8 @@ def _scan(
     upper = _edge(x_top, y_top, x_mid, y_mid, top, mid, sub, transposed)
     lower = _edge(x_mid, y_mid, x_bottom, y_bottom, mid, bottom, sub, transposed)
     flat_top = y_top == y_mid  # no rows above the middle corner; bounds none through it
-    parts = [  # rows, short edges (two: the tighter bound holds), only the few busy ones?
+    # Parts: rows, their short edges (two: the tighter bound holds), sparse (few rows).
+    parts = [
         (first, np.minimum(mid_first, stop), lambda b: [upper], False),
         (np.maximum(first, mid_stop), stop, lambda b: [lower], False),
         (
