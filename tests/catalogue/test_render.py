@@ -90,7 +90,7 @@ def test_sliver_cylinder_matches_the_analytic_chord_in_any_pose(tilt, roll) -> N
     chord, inside = _tilted_cylinder_chords(size, scale, axis, 2.0, 10.0)
     assert inside.sum() > 10_000
     error = np.abs(lengths[inside] - chord[inside]) / chord[inside]
-    assert error.max() < 0.002
+    assert error.max() < 1e-4  # measured 1e-6: the 25,008-gon is all but round
     assert lengths.sum() / scale**2 == pytest.approx(math.pi * 4 * 10, rel=1e-3)
 
 
