@@ -1,8 +1,10 @@
 """The OpenAPI schema tells the truth: schemathesis's own command (`st run`) tests
 every operation from /openapi.json against the real server with all its checks, in
 positive and negative modes, through its examples, coverage, fuzzing and stateful
-phases; the run must find nothing. And a client generated from the same schema by
-openapi-python-client submits an X-ray and reads the analysis."""
+phases, once as a clinic (with a second clinic as its peer) and once as the
+operator; the run must find nothing. No check is disabled. And a client generated
+from the same schema by openapi-python-client submits an X-ray and reads the
+analysis."""
 
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 # Bounded and derandomised: the same requests on every run, about a minute per
 # identity on 2 shared cores.
 EXAMPLES_PER_OPERATION = 20
-ST = Path(sys.executable).parent / "st"
+# `st`, run by this interpreter: no PATH or venv bin/ assumed.
+ST = (sys.executable, "-m", "schemathesis.cli")
 
 
 def no_empty_schemas(document: dict[str, Any]) -> list[str]:
@@ -47,14 +50,23 @@ def no_empty_schemas(document: dict[str, Any]) -> list[str]:
     return empty
 
 
-def schemathesis_config(credential: str, image_token: str) -> str:
+def schemathesis_config(credential: str | Path, image_token: str) -> str:
     """Every check is on (`st run`'s default, said again here so that a change of
-    default cannot quietly drop one). Per operation: /metrics is the operator's, so
-    it gets the operator token whoever the run is; /images/{token} gets a genuine
-    signed link (its link is its credential: drawn tokens could only ever be 404)."""
+    default cannot quietly drop one). `credential`: the operator token, or a Web
+    Fuzzing Commons file of two clinics' keys; the first clinic makes the requests
+    and the second is its peer, whom object_level_authorization replays every read
+    as (another clinic's analysis must be a 404). Per operation: /metrics is the
+    operator's, so it gets the operator token whoever the run is; /images/{token}
+    gets a genuine signed link (the link is its credential: drawn tokens could only
+    ever be 404)."""
+    who = (
+        f'[auth.wfc]\npath = "{credential}"\nuser = "clinic-a"\npeers = ["clinic-a", "clinic-b"]'
+        if isinstance(credential, Path)
+        else f'headers = {{ Authorization = "Bearer {credential}" }}'
+    )
     return f"""
 workers = 1
-headers = {{ Authorization = "Bearer {credential}" }}
+{who}
 
 [checks]
 enabled = true
@@ -75,13 +87,17 @@ parameters = {{ token = "{image_token}" }}
 """
 
 
-@pytest.mark.parametrize("identity", ["clinic key", "operator token"])
+@pytest.mark.parametrize("identity", ["clinic keys", "operator token"])
 def test_contract_run_finds_nothing(
     catalogue: Catalogue, tiny_embedder: Any, site: Site, tmp_path: Path, identity: str
 ) -> None:
     with db.connect(catalogue.settings) as conn:
-        _, clinic_key = keys.add(conn, "clinica-contrato")
-    credential = clinic_key if identity == "clinic key" else TOKEN
+        clinic_keys = [keys.add(conn, name)[1] for name in ("clinica-a", "clinica-b")]
+    credential: str | Path = TOKEN
+    owner = TOKEN if identity == "operator token" else clinic_keys[0]
+    if identity == "clinic keys":
+        credential = tmp_path / "clinics.json"
+        credential.write_text(json.dumps(wfc_users(clinic_keys)))
     site.routes["/xray.png"] = (200, catalogue.query_png, {"content-type": "image/png"})
     server = {
         "webhook_token": TOKEN,
@@ -96,7 +112,7 @@ def test_contract_run_finds_nothing(
         done = httpx.post(
             f"{base}/v1/upload",
             files={"file": ("q.png", catalogue.query_png)},
-            headers={"authorization": f"Bearer {credential}"},
+            headers={"authorization": f"Bearer {owner}"},
         )
         assert done.status_code == 200, done.text
         document = httpx.get(f"{base}/openapi.json").json()
@@ -124,7 +140,11 @@ def test_contract_run_finds_nothing(
         started = time.monotonic()
         run = subprocess.run(
             [
-                *(str(ST), "--config-file", str(config), "run", f"{base}/openapi.json"),
+                *ST,
+                "--config-file",
+                str(config),
+                "run",
+                f"{base}/openapi.json",
                 *("--no-color", "--report", "ndjson", "--report-ndjson-path", str(report)),
             ],
             capture_output=True,
@@ -167,6 +187,16 @@ def statuses(report: Path) -> dict[str, set[int]]:
                 operation = f"{case['method']} {case['path']}"
                 seen.setdefault(operation, set()).add(interaction["response"]["status_code"])
     return seen
+
+
+def wfc_users(clinic_keys: list[str]) -> dict[str, Any]:
+    return {
+        "schemaVersion": "1",
+        "auth": [
+            {"name": name, "fixedHeaders": [{"name": "Authorization", "value": f"Bearer {key}"}]}
+            for name, key in zip(("clinic-a", "clinic-b"), clinic_keys, strict=True)
+        ],
+    }
 
 
 def implant_keys(cat: Catalogue) -> list[str]:
