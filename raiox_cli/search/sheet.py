@@ -1,5 +1,11 @@
 """Contact sheets: the query radiograph (crop box drawn) beside its top matches'
 reference images, each captioned with implant, manufacturer and score. Pillow only.
+
+Colour follows the calibrated answer as the result page does: the implants of the
+prediction set are green for a strong match and amber for a possible one; nothing is
+coloured when the answer is uncalibrated (a cosine above --min-score says nothing of
+how likely it is right), when no implant fits, or when the implant is probably not
+in the catalogue. The title says the calibrated wording, or "uncalibrated" and why.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from raiox_cli.search.result import Match, SearchResult
+from raiox_cli.search.result import Match, SearchResult, Trust
 
 TILE_W, TILE_H = 240, 300  # image area of one tile
 CAPTION_H = 64  # three caption lines under each tile
@@ -25,6 +31,39 @@ MUTED = (170, 174, 182)
 CONFIDENT = (96, 200, 120)
 WEAK = (240, 170, 60)
 CROP = (255, 80, 80)
+
+
+WORDS = {
+    "strong": "strong match",
+    "possible": "possible match",
+    "none": "no confident match",
+    "not_in_catalogue": "probably not in our catalogue",
+}
+
+
+def accent(trust: Trust | None, key: str) -> tuple[int, int, int]:
+    """A match's score colour: only a calibrated answer colours, and only its set."""
+    if trust is None or not trust.calibrated or key not in trust.prediction_set:
+        return TEXT
+    return {"strong": CONFIDENT, "possible": WEAK}.get(trust.verdict, TEXT)
+
+
+def verdict_title(trust: Trust | None, top_name: str | None) -> str:
+    """The sheet's verdict in the calibrated wording (or marked uncalibrated)."""
+    if top_name is None:
+        return "no match"
+    if trust is None or not trust.calibrated:
+        why = f" ({trust.reason})" if trust is not None and trust.reason else ""
+        return f"uncalibrated{why}: best score {top_name}"
+    if trust.verdict == "not_in_catalogue":
+        return f"{WORDS['not_in_catalogue']} (nearest: {top_name})"
+    likely = f", {trust.probability:.0%} likely" if trust.probability is not None else ""
+    words = f"{WORDS.get(trust.verdict, trust.verdict)}: {top_name}{likely}"
+    if trust.prediction_set and trust.set_coverage is not None:
+        words += (
+            f"; {trust.set_coverage:.0%} sure it is one of the {len(trust.prediction_set)} coloured"
+        )
+    return words
 
 
 @dataclass(frozen=True)
@@ -129,11 +168,8 @@ def write_sheet(
     query_name: str,
 ) -> Path:
     """Render a search result to a PNG at `path`."""
-    matches, min_score = result.matches, result.min_score
-    if result.confident:
-        verdict = f"best match: {matches[0].name}"
-    else:
-        verdict = f"no confident match (best score below {min_score:g})"
+    matches, trust = result.matches, result.trust
+    verdict = verdict_title(trust, matches[0].name if matches else None)
     tiles = [
         Tile(
             load_reference(m),
@@ -144,7 +180,7 @@ def write_sheet(
                 + ("" if m.margin is None else f" (+{m.margin:.3f})")
                 + ("" if m.orientation == "original" else f" {m.orientation}"),
             ),
-            CONFIDENT if m.score >= min_score else WEAK,
+            accent(trust, m.key),
         )
         for m in matches
     ]

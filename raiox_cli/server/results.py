@@ -166,7 +166,7 @@ def implant(conn: psycopg.Connection, to: Links, implant_id: int) -> dict[str, A
     return {**row, "images": pictures}
 
 
-def sheet_png(conn: psycopg.Connection, store: Any, row: dict[str, Any], min_score: float) -> bytes:
+def sheet_png(conn: psycopg.Connection, store: Any, row: dict[str, Any]) -> bytes:
     """The CLI's contact sheet of a finished analysis, as PNG bytes: the query (crop
     box in red) beside the matches' reference images, read from the image store."""
 
@@ -180,6 +180,7 @@ def sheet_png(conn: psycopg.Connection, store: Any, row: dict[str, Any], min_sco
             return None
 
     matches = queries.analysis_matches(conn, row["id"])
+    trust = Trust.from_dict(row.get("trust"))  # as the answer carried it
     tiles = [
         sheet.Tile(
             picture(m["storage_key"]),
@@ -188,13 +189,15 @@ def sheet_png(conn: psycopg.Connection, store: Any, row: dict[str, Any], min_sco
                 (m["manufacturer"] or "") + (f" · {m['system']}" if m["system"] else ""),
                 f"score {float(m['score']):.3f}",
             ),
-            sheet.CONFIDENT if float(m["score"]) >= min_score else sheet.WEAK,
+            sheet.accent(trust, m["implant_key"]),
         )
         for m in matches
     ]
     crop = tuple(row["crop"]) if row.get("crop") else None
     query = sheet.Tile(picture(row["storage_key"]), ("query", f"analysis {row['public_id']}", ""))
-    rendered = sheet.render(query, tiles, title=f"analysis {row['public_id']}", crop_box=crop)
+    top = (matches[0]["name"] or matches[0]["implant_key"]) if matches else None
+    title = f"analysis {row['public_id']}: {sheet.verdict_title(trust, top)}"
+    rendered = sheet.render(query, tiles, title=title, crop_box=crop)
     out = io.BytesIO()
     rendered.save(out, format="PNG")
     return out.getvalue()

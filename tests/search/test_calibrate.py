@@ -222,6 +222,20 @@ def test_calibrate_from_the_catalogue_then_every_answer_carries_it(weighted, tmp
     assert table.exit_code == 0, table.output
     assert "likely right" in table.stdout and "confidence" in table.stdout
 
+    # The contact sheet colours the prediction set as the calibrated verdict says
+    # (green strong, amber possible) and nothing else, whatever --min-score says.
+    drawn = tmp_path / "sheet.png"
+    sheet_run = runner.invoke(
+        app, ["search", str(query), "--json", "--sheet", str(drawn), "--min-score", "0"]
+    )
+    assert sheet_run.exit_code == 0, sheet_run.output
+    answered = json.loads(sheet_run.stdout)
+    hues = _caption_hues(drawn, len(answered["matches"]))
+    for match, hue in zip(answered["matches"], hues, strict=True):
+        in_set = match["key"] in answered["trust"]["prediction_set"]
+        expected = {"strong": "green", "possible": "amber"}.get(answered["trust"]["verdict"])
+        assert hue == (expected if in_set else None), (match["key"], answered["trust"])
+
     batch = runner.invoke(app, ["search", str(query), str(info.query_files[1])])
     assert batch.exit_code == 0, batch.output
     lines = [json.loads(line) for line in batch.stdout.splitlines()]
@@ -244,6 +258,34 @@ def test_random_weights_are_never_calibrated(raiox_env, tmp_path: Path) -> None:
     assert trust["probability"] is None and trust["verdict"] in ("strong", "possible", "none")
     table = runner.invoke(app, ["search", str(info.query_files[0])])
     assert "uncalibrated" in table.stdout
+    # An uncalibrated sheet colours no score, even every one above --min-score.
+    drawn = tmp_path / "sheet.png"
+    sheet_run = runner.invoke(
+        app, ["search", str(info.query_files[0]), "--sheet", str(drawn), "--min-score", "0"]
+    )
+    assert sheet_run.exit_code == 0, sheet_run.output
+    assert set(_caption_hues(drawn, 3)) == {None}
+
+
+def _caption_hues(path: Path, matches: int) -> list[str | None]:
+    """The colour of each match's caption on a contact sheet: green, amber or none."""
+    from PIL import Image
+
+    from raiox_cli.search import sheet
+
+    with Image.open(path) as img:
+        pixels = np.asarray(img.convert("RGB"), dtype=np.int16)
+    found: list[str | None] = []
+    for column in range(1, matches + 1):
+        left, top, right, bottom = sheet.caption_box(column)
+        r, g, b = (pixels[top:bottom, left:right, i] for i in range(3))
+        if ((g > r + 40) & (g > b + 40)).any():
+            found.append("green")
+        elif ((r > b + 80) & (g > b + 40)).any():
+            found.append("amber")
+        else:
+            found.append(None)
+    return found
 
 
 @pytest.mark.slow

@@ -453,7 +453,7 @@ def get_sheet(
         raise HTTPException(404, "no such analysis")
     if row["status"] != "done":
         raise HTTPException(409, f"the analysis is {row['status']}: no sheet until it is done")
-    drawn = results.sheet_png(conn, config.store, row, config.settings.min_score)
+    drawn = results.sheet_png(conn, config.store, row)
     logs.audit("sheet", client=caller.name, analysis=public_id)
     return Response(drawn, media_type="image/png", headers={"cache-control": "private"})
 
