@@ -82,6 +82,38 @@ def _data(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path]:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(implant.queries[0].parent), str(target))
         (root / ".complete").write_text("ok")
+    # A later run with more --queries adds the missing ones (the generator draws query
+    # q of an implant the same way whatever the count; the catalogue is unchanged, so
+    # an adapted model in --work stays valid: it never trained on queries).
+    width, _, height = args.size.partition("x")
+    for design in synth.design_systems(args.systems, args.seed):
+        for base in (root / "queries", root / "unknown"):
+            folder = base / design.manufacturer / design.name
+            for q in range(args.queries) if folder.is_dir() else ():
+                path = folder / f"q_{q:02d}.png"
+                if not path.exists():
+                    picture = synth.render_view(
+                        design, seed=args.seed, query=True, size=(int(width), int(height)), view=q
+                    )
+                    path.write_bytes(synth.png_bytes(picture))
+    # Validation X-rays for adapt (--val-xrays): other draws of the same generator
+    # (view numbers from 1000, never a measured query), so its early stopping and
+    # checkpoint choice follow X-ray-like images rather than saturated catalogue views.
+    kept = synth.design_systems(args.systems, args.seed)[: args.systems - args.unknown]
+    for design in kept:
+        folder = root / "val-xrays" / design.manufacturer / design.name
+        for v in range(args.val_xrays):
+            path = folder / f"v_{v:02d}.png"
+            if not path.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                picture = synth.render_view(
+                    design,
+                    seed=args.seed,
+                    query=True,
+                    size=(int(width), int(height)),
+                    view=1000 + v,
+                )
+                path.write_bytes(synth.png_bytes(picture))
     return root / "catalogue", root / "queries", root / "unknown"
 
 
@@ -130,7 +162,7 @@ def main() -> None:
     parser.add_argument("--systems", type=int, default=30)
     parser.add_argument("--unknown", type=int, default=6, help="systems left out of the catalogue")
     parser.add_argument("--views", type=int, default=4)
-    parser.add_argument("--queries", type=int, default=30, help="X-ray-like queries per system")
+    parser.add_argument("--queries", type=int, default=60, help="X-ray-like queries per system")
     parser.add_argument("--labelled", type=int, default=200)
     parser.add_argument("--catalogue-queries", type=int, default=400)
     parser.add_argument("--size", default="160x200", help="synthetic image size WxH")
@@ -138,6 +170,10 @@ def main() -> None:
     parser.add_argument("--adapt-steps", type=int, default=0, help="0: the model as it is")
     parser.add_argument("--adapt-minutes", type=float, default=40.0)
     parser.add_argument("--augment", default="radiograph", help="raiox adapt --augment")
+    parser.add_argument("--patience", type=int, default=6, help="raiox adapt --patience")
+    parser.add_argument(
+        "--val-xrays", type=int, default=0, help="X-ray-like validation images per implant"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--splits", type=int, default=50, help="resampled labelled splits")
     parser.add_argument("--work", type=Path, default=None, help="keep data and runs here")
@@ -167,7 +203,9 @@ def main() -> None:
                     ["adapt", "--steps", str(args.adapt_steps), "--max-minutes",
                      str(args.adapt_minutes), "--batch-size", "72", "--lr", "2e-3",
                      "--seed", str(args.seed), "--augment", args.augment, "--json", "--apply",
-                     "--force"],
+                     "--force", "--patience", str(args.patience),
+                     *(["--val-labels", str(work / "synth" / "val-xrays")] if args.val_xrays
+                       else [])],
                     env,
                 )
             )  # fmt: skip
@@ -233,7 +271,7 @@ def main() -> None:
             "model_id": embedder.model_id,
             "systems": args.systems,
             "unknown_systems": args.unknown,
-            "queries_per_system": args.queries,
+            "queries_per_system": round((len(known) + len(unknown)) / args.systems, 1),
             "size": args.size,
             "tta": False,
             "adapted": adapted,
