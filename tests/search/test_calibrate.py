@@ -82,27 +82,33 @@ def _offset_samples(n: int, rng: np.random.Generator, *, outside: bool) -> list[
 
 
 def test_open_set_statistic_separates_a_known_unknown_distribution() -> None:
-    """Fitted on labelled X-rays of catalogued implants alone (the out-of-catalogue side
-    is simulated by taking each one's right implant out), the statistic separates X-rays
-    of unknown implants far better than the top score, and its conformal p-value keeps
-    the false-alarm rate on new X-rays of catalogued implants."""
+    """With real X-rays of implants not in the catalogue among the calibration queries
+    (confirmed "not in the catalogue"), the fitted statistic separates new ones far
+    better than the top score, and its conformal p-value keeps the false-alarm rate
+    on new X-rays of catalogued implants. Without real ones the top score stays."""
     rng = np.random.default_rng(21)
+    known = _offset_samples(600, rng, outside=False)
+    alone = calibrate.fit(known, model_id="m", tta=False, source="labels", counts={})
+    assert alone.params["ooc"]["chosen"] == "top score"  # simulated ones never decide
     fitted = calibrate.fit(
-        _offset_samples(600, rng, outside=False),
+        known + _offset_samples(100, rng, outside=True),
         model_id="m",
         tta=False,
-        source="labels",
+        source="confirmed",
         counts={},
     )
     ooc = fitted.params["ooc"]
-    assert ooc["statistic"] == calibrate.OOC_STATISTIC
-    assert ooc["fitted_on"]["simulated_out_of_catalogue"] == ooc["fitted_on"]["in_catalogue"]
-    assert ooc["reference_queries"] == 300  # the half the regression never saw
+    assert ooc["statistic"] == calibrate.OOC_STATISTIC and ooc["chosen"] == "logistic"
+    assert 30 <= ooc["fitted_on"]["real_out_of_catalogue"] <= 70  # the regression's half
+    assert ooc["cross_validated_auroc"]["logistic"] > ooc["cross_validated_auroc"]["top score"]
+    # the other half, which the regression never saw, is the p-values' reference
+    assert ooc["reference_queries"] + ooc["fitted_on"]["in_catalogue"] == 600
     assert "reference" not in fitted.to_dict()["params"]["ooc"]
     test = _offset_samples(3000, rng, outside=False) + _offset_samples(1000, rng, outside=True)
     measured = calibrate.measure(fitted, test)
     assert measured["ooc_auroc_top_score"] < 0.75
     assert measured["ooc_auroc"] > 0.97
+    assert calibrate.measure(alone, test)["ooc_auroc"] == measured["ooc_auroc_top_score"]
     assert measured["false_alarm"] == pytest.approx(0.05, abs=0.02)
     assert measured["detected"] > 0.8
     answer = calibrate.apply(fitted, [(f"k{j}", x) for j, x in enumerate(test[-1].scores)])
