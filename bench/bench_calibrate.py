@@ -4,19 +4,26 @@ calibration never saw? Prints one JSON object on stdout and a table on stderr.
 The synthetic generator draws `--systems` implant systems; the last `--unknown` of
 them are left out of the catalogue, so their X-ray-like queries are X-rays of
 implants not in the catalogue. The known implants' queries are split once (seeded):
-`--labelled` of them may calibrate ("200 labelled X-rays"), the rest (at least 500)
-only measure, with every unknown query. Two calibrations are compared at targets
+`--labelled` of them may calibrate ("200 labelled X-rays"), the rest (1240 with the
+defaults) only measure, with every unknown query. Two calibrations are compared at targets
 0.8, 0.9 and 0.95: **day one** (the catalogue source alone: augmented catalogue
 images, implants left out) and **labelled** (the labelled X-rays). Measured: set
 coverage against the target, mean set size, ECE (15 bins) and Brier of the
 probability on X-rays of catalogued implants before (raw top score as the
-probability) and after, the out-of-catalogue false alarms, AUROC and FPR at 95% TPR.
+probability) and after with the ECE a perfectly calibrated probability would still
+show (the floor), the out-of-catalogue false alarms, AUROC (of the statistic in use
+and of the top score) and FPR at 95% TPR; then the labelled calibration again on
+--splits random splits (mean and sd: one split is one draw).
 
   python bench/bench_calibrate.py --model raiox-tiny                 # random weights
-  python bench/bench_calibrate.py --model raiox-small --adapt-steps 300   # trained first
+  python bench/bench_calibrate.py --model raiox-small --adapt-steps 600 --val-xrays 10 \
+      --patience 10                                                  # trained first
+
+A second run with the same --work reuses its data and adapted model (setup.json).
 
 With --adapt-steps the model is first trained from scratch on the catalogue
-(`raiox adapt --apply --force`; queries never trained on); the catalogue source then
+(`raiox adapt --apply --force`; queries never trained on; --val-xrays: other draws of
+the generator choose its checkpoint and when it stops); the catalogue source then
 uses only the implants adapt held out of training. Search runs without TTA (one
 orientation, a third of the CPU) in both calibration and measurement.
 """
