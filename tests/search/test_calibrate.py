@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from raiox_cli import config, db
 from raiox_cli.cli import app
 from raiox_cli.db import queries
-from raiox_cli.search import calibrate
+from raiox_cli.search import calibrate, measures
 from raiox_cli.search.calibrate import DEPTH, Sample
 from raiox_cli.training import synth
 
@@ -134,9 +134,9 @@ def test_ece_floor_is_the_estimators_own_noise() -> None:
     """A perfectly calibrated probability still shows an ECE at a finite count: the
     floor says how much, and shrinks with more queries."""
     p = np.random.default_rng(0).uniform(0, 1, 500)
-    floor = calibrate.ece_floor(p)
+    floor = measures.ece_floor(p)
     assert 0.02 < floor < 0.09
-    assert calibrate.ece_floor(np.tile(p, 20)) < floor / 3
+    assert measures.ece_floor(np.tile(p, 20)) < floor / 3
 
 
 def test_conformal_quantile_is_the_finite_sample_one() -> None:
@@ -147,11 +147,11 @@ def test_conformal_quantile_is_the_finite_sample_one() -> None:
 
 
 def test_metric_helpers() -> None:
-    assert calibrate.ece([0.9] * 10, [1] * 9 + [0]) == pytest.approx(0.0)
-    assert calibrate.ece([1.0, 0.0], [0, 1]) == pytest.approx(1.0)
-    assert calibrate.brier([1.0, 0.0], [1, 0]) == 0.0
-    assert calibrate.auroc([3, 4], [1, 2]) == 1.0 and calibrate.auroc([1], [1]) == 0.5
-    assert calibrate.fpr_at_tpr([3, 4], [1, 2]) == 0.0
+    assert measures.ece([0.9] * 10, [1] * 9 + [0]) == pytest.approx(0.0)
+    assert measures.ece([1.0, 0.0], [0, 1]) == pytest.approx(1.0)
+    assert measures.brier([1.0, 0.0], [1, 0]) == 0.0
+    assert measures.auroc([3, 4], [1, 2]) == 1.0 and measures.auroc([1], [1]) == 0.5
+    assert measures.fpr_at_tpr([3, 4], [1, 2]) == 0.0
 
 
 def test_too_few_queries_is_refused() -> None:
@@ -401,7 +401,7 @@ def test_eval_measures_the_calibration_and_plots_it(weighted, tmp_path: Path) ->
     assert trust["out_of_catalogue"] == trust["unknown_queries"] == 14  # 7 systems x 2
     for key in ("ece", "brier", "coverage", "mean_set_size", "ooc_auroc", "ooc_fpr_at_95tpr"):
         assert trust[key] is not None and trust[key] >= 0
-    assert len(trust["reliability"]) == calibrate.ECE_BINS
+    assert len(trust["reliability"]) == measures.ECE_BINS
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     table = runner.invoke(app, ["eval", str(info.queries_dir)])
