@@ -19,9 +19,14 @@ Ray is an optional extra; without it `--engine ray` says how to install it.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -69,6 +74,8 @@ def session(settings: Settings) -> Iterator[Any]:
         yield ray
         return
     quiet = logging.DEBUG if settings.debug else logging.WARNING
+    if not settings.ray_address and os.environ.get("RAY_USAGE_STATS_ENABLED") == "0":
+        _dashboard_without_cloud_probe(ray)
     try:
         ray.init(
             address=settings.ray_address or None,
@@ -86,6 +93,51 @@ def session(settings: Settings) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+        while _SPARE_HOMES:
+            shutil.rmtree(_SPARE_HOMES.pop(), ignore_errors=True)
+
+
+_SPARE_HOMES: list[Path] = []
+
+
+def _dashboard_without_cloud_probe(ray: Any) -> None:
+    """Start a local Ray's dashboard process with a HOME of its own that holds an
+    empty `ray_bootstrap_config.yaml`, so that it asks no cloud metadata server.
+
+    Why: ray.init always starts the dashboard process (include_dashboard=False still
+    loads its UsageStatsHead module), and that module reads
+    ~/ray_bootstrap_config.yaml *before* it checks whether usage statistics are on;
+    when the file is missing it asks 169.254.169.254 and metadata.google.internal
+    which cloud it runs on (Ray 2.x usage_lib.get_cluster_config_to_report). No
+    setting skips it. Only the dashboard's start is wrapped: the raylet and the
+    workers running raiox's code keep the real HOME. Applied once per process, only
+    while usage statistics are off (lifecycle.keep_telemetry_off, unless the
+    operator opted in) and the Ray is local; if Ray's internals moved, nothing is
+    wrapped and tests/test_egress.py says so."""
+    services = getattr(getattr(ray, "_private", None), "services", None)
+    start = getattr(services, "start_api_server", None)
+    if start is None or getattr(start, "_raiox_home", False):
+        return
+
+    @functools.wraps(start)
+    def start_api_server(*args: Any, **kwargs: Any) -> Any:
+        home = Path(tempfile.mkdtemp(prefix="raiox-ray-dashboard-"))
+        (home / "ray_bootstrap_config.yaml").write_text(
+            "# raiox: keeps a local Ray's dashboard from asking cloud metadata servers\n{}\n"
+        )
+        real = os.environ.get("HOME")
+        os.environ["HOME"] = str(home)
+        try:
+            return start(*args, **kwargs)
+        finally:
+            if real is None:
+                os.environ.pop("HOME", None)
+            else:
+                os.environ["HOME"] = real
+            _SPARE_HOMES.append(home)  # read by the dashboard later: removed at shutdown
+
+    start_api_server._raiox_home = True  # type: ignore[attr-defined]
+    services.start_api_server = start_api_server
 
 
 class RayEngine:
