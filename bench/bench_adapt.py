@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -35,17 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _machine import cpu_model
+
 from raiox_cli.training import synth
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _raiox(args: list[str], env: dict[str, str], *, stdout: bool = True) -> str:
@@ -157,7 +148,7 @@ def main() -> None:
 
     result = {
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "device": card["device"],
             "load_average": os.getloadavg(),

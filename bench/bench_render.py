@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -43,18 +42,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _machine import cpu_model
+
 from raiox_cli.catalogue import render
 from raiox_cli.training import synth, synth3d
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _raiox(args: list[str], env: dict[str, str]) -> str:
@@ -222,7 +213,7 @@ def speed(args: argparse.Namespace) -> None:
         results.append(entry)
         sys.stderr.write(json.dumps(entry) + "\n")
     out = {
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count()},
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
         "setup": {"views": f"{views} (+ mirrors)", "size": args.size, "supersample": 2},
         "results": results,
     }
@@ -313,7 +304,7 @@ def main() -> None:
 
     out = {
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "load_average": os.getloadavg(),
         },

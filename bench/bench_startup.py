@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from _machine import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "ViT-B-32"
 # The commit before the fast loader and the checkpoint hash cache landed.
@@ -189,7 +191,7 @@ def main() -> None:
         for name in trees
     }
     report = {
-        "machine": _cpu_model(),
+        "machine": cpu_model(),
         "cpus": os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
@@ -209,16 +211,6 @@ def main() -> None:
     }
     print(json.dumps(report, indent=1))
     _table(report)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _table(report: dict[str, Any]) -> None:
