@@ -490,7 +490,7 @@ class Settings:
         metadata=setting(
             "RAIOX_LANG",
             PAGES,
-            "language of e-mails and pages when none was chosen: `pt-BR` or `en`",
+            "language of e-mails, pages and contact sheets when none was chosen: `pt-BR` or `en`",
         ),
     )
     timezone: str = field(

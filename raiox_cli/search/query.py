@@ -444,4 +444,5 @@ def write_contact_sheet(
         result,
         lambda match: reference_image(match, store),
         query_name=query_path.name,
+        lang=settings.default_lang,  # RAIOX_LANG: a sheet is read like a page
     )

@@ -6,6 +6,9 @@ prediction set are green for a strong match and amber for a possible one; nothin
 coloured when the answer is uncalibrated (a cosine above --min-score says nothing of
 how likely it is right), when no implant fits, or when the implant is probably not
 in the catalogue. The title says the calibrated wording, or "uncalibrated" and why.
+
+A sheet is read by a person, often a dentist: its words come in the languages of the
+pages (pt-BR, en), in a font that has Portuguese's accents (Pillow's own has none).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
+from importlib import util
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -33,12 +37,51 @@ WEAK = (240, 170, 60)
 CROP = (255, 80, 80)
 
 
-WORDS = {
-    "strong": "strong match",
-    "possible": "possible match",
-    "none": "no confident match",
-    "not_in_catalogue": "probably not in our catalogue",
+LANGUAGES = ("pt-BR", "en")  # as the pages (server/i18n.py)
+WORDS: dict[str, dict[str, str]] = {
+    "en": {
+        "strong": "strong match",
+        "possible": "possible match",
+        "none": "no confident match",
+        "not_in_catalogue": "probably not in our catalogue (nearest: {top})",
+        "no_match": "no match",
+        "uncalibrated": "uncalibrated{why}: best score {top}",
+        "likely": ", {percent}% likely",
+        "set": "; {coverage}% sure it is one of the {n} coloured",
+        "score": "score {score}",
+        "query": "query",
+        "analysis": "analysis {id}",
+        "crop": "crop in red",
+        "unavailable": "image unavailable",
+    },
+    "pt-BR": {
+        "strong": "correspondência forte",
+        "possible": "correspondência possível",
+        "none": "nenhuma correspondência confiável",
+        "not_in_catalogue": "provavelmente fora do nosso catálogo (mais próximo: {top})",
+        "no_match": "nenhuma correspondência",
+        # The reasons are the operator's (English, with commands to run): not on a
+        # sheet a dentist reads in Portuguese.
+        "uncalibrated": "sem calibração: maior pontuação {top}",
+        "likely": ", {percent}% de probabilidade",
+        "set": "; {coverage}% de confiança de que é um dos {n} em cor",
+        "score": "pontuação {score}",
+        "query": "radiografia",
+        "analysis": "análise {id}",
+        "crop": "recorte em vermelho",
+        "unavailable": "imagem indisponível",
+    },
 }
+
+
+def words(lang: str) -> dict[str, str]:
+    """The sheet's words in a language (an unknown one: English)."""
+    return WORDS.get(lang, WORDS["en"])
+
+
+def score_text(score: float, lang: str) -> str:
+    text = f"{score:.3f}"
+    return text.replace(".", ",") if lang == "pt-BR" else text
 
 
 def accent(trust: Trust | None, key: str) -> tuple[int, int, int]:
@@ -48,22 +91,27 @@ def accent(trust: Trust | None, key: str) -> tuple[int, int, int]:
     return {"strong": CONFIDENT, "possible": WEAK}.get(trust.verdict, TEXT)
 
 
-def verdict_title(trust: Trust | None, top_name: str | None) -> str:
+def verdict_title(trust: Trust | None, top_name: str | None, lang: str = "en") -> str:
     """The sheet's verdict in the calibrated wording (or marked uncalibrated)."""
+    w = words(lang)
     if top_name is None:
-        return "no match"
+        return w["no_match"]
     if trust is None or not trust.calibrated:
         why = f" ({trust.reason})" if trust is not None and trust.reason else ""
-        return f"uncalibrated{why}: best score {top_name}"
+        return w["uncalibrated"].format(why=why, top=top_name)
     if trust.verdict == "not_in_catalogue":
-        return f"{WORDS['not_in_catalogue']} (nearest: {top_name})"
-    likely = f", {trust.probability:.0%} likely" if trust.probability is not None else ""
-    words = f"{WORDS.get(trust.verdict, trust.verdict)}: {top_name}{likely}"
+        return w["not_in_catalogue"].format(top=top_name)
+    likely = (
+        w["likely"].format(percent=round(trust.probability * 100))
+        if trust.probability is not None
+        else ""
+    )
+    text = f"{w.get(trust.verdict, trust.verdict)}: {top_name}{likely}"
     if trust.prediction_set and trust.set_coverage is not None:
-        words += (
-            f"; {trust.set_coverage:.0%} sure it is one of the {len(trust.prediction_set)} coloured"
+        text += w["set"].format(
+            coverage=round(trust.set_coverage * 100), n=len(trust.prediction_set)
         )
-    return words
+    return text
 
 
 @dataclass(frozen=True)
@@ -86,11 +134,24 @@ def caption_box(column: int) -> tuple[int, int, int, int]:
     return left, top, left + TILE_W, top + CAPTION_H
 
 
+def _dejavu() -> Path | None:
+    """DejaVu Sans as matplotlib (a dependency) ships it, found without importing it."""
+    spec = util.find_spec("matplotlib")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+        if path.is_file():
+            return path
+    return None
+
+
 @cache
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    font = _dejavu()
     try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        if font is not None:
+            return ImageFont.truetype(str(font), size)
+        return ImageFont.load_default(size=size)  # its glyphs lack ç, ã, é...
+    except (OSError, ImportError, TypeError):  # Pillow without FreeType: the bitmap font
         return ImageFont.load_default()
 
 
@@ -102,13 +163,14 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, w
     return text + "…"
 
 
-def _picture(image: Image.Image | None, crop_box: tuple[int, int, int, int] | None) -> Image.Image:
+def _picture(
+    image: Image.Image | None, crop_box: tuple[int, int, int, int] | None, lang: str
+) -> Image.Image:
     tile = Image.new("RGB", (TILE_W, TILE_H), TILE_BG)
     if image is None:
         draw = ImageDraw.Draw(tile)
-        draw.text(
-            (TILE_W // 2, TILE_H // 2), "image unavailable", fill=MUTED, font=_font(14), anchor="mm"
-        )
+        unavailable = words(lang)["unavailable"]
+        draw.text((TILE_W // 2, TILE_H // 2), unavailable, fill=MUTED, font=_font(14), anchor="mm")
         return tile
     fitted = ImageOps.contain(image.convert("RGB"), (TILE_W, TILE_H))
     offset = ((TILE_W - fitted.width) // 2, (TILE_H - fitted.height) // 2)
@@ -132,6 +194,7 @@ def render(
     *,
     title: str,
     crop_box: tuple[int, int, int, int] | None = None,
+    lang: str = "en",
 ) -> Image.Image:
     """The whole sheet. `query.image` is the uncropped radiograph when crop_box is given."""
     sheet = Image.new("RGB", sheet_size(len(matches)), BACKGROUND)
@@ -145,7 +208,8 @@ def render(
     )
     for column, tile in enumerate([query, *matches]):
         left = GAP + column * (TILE_W + GAP)
-        sheet.paste(_picture(tile.image, crop_box if column == 0 else None), (left, HEADER_H))
+        picture = _picture(tile.image, crop_box if column == 0 else None, lang)
+        sheet.paste(picture, (left, HEADER_H))
         top = HEADER_H + TILE_H + 4
         for row, line in enumerate(tile.lines[:3]):
             font = _font(15 if row == 0 else 13)
@@ -166,26 +230,30 @@ def write_sheet(
     load_reference: Callable[[Match], Image.Image | None],
     *,
     query_name: str,
+    lang: str = "en",
 ) -> Path:
-    """Render a search result to a PNG at `path`."""
+    """Render a search result to a PNG at `path`, its words in `lang`."""
     matches, trust = result.matches, result.trust
-    verdict = verdict_title(trust, matches[0].name if matches else None)
+    w = words(lang)
+    verdict = verdict_title(trust, matches[0].name if matches else None, lang)
     tiles = [
         Tile(
             load_reference(m),
             (
                 f"#{m.rank} {m.name}",
                 m.manufacturer + (f" · {m.system}" if m.system else ""),
-                f"score {m.score:.3f}"
-                + ("" if m.margin is None else f" (+{m.margin:.3f})")
+                w["score"].format(score=score_text(m.score, lang))
+                + ("" if m.margin is None else f" (+{score_text(m.margin, lang)})")
                 + ("" if m.orientation == "original" else f" {m.orientation}"),
             ),
             accent(trust, m.key),
         )
         for m in matches
     ]
-    query = Tile(query_image, ("query", query_name, "crop in red" if result.crop_box else ""))
-    sheet = render(query, tiles, title=f"{query_name}: {verdict}", crop_box=result.crop_box)
+    query = Tile(query_image, (w["query"], query_name, w["crop"] if result.crop_box else ""))
+    sheet = render(
+        query, tiles, title=f"{query_name}: {verdict}", crop_box=result.crop_box, lang=lang
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path, format="PNG")
     return path

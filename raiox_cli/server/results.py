@@ -166,9 +166,10 @@ def implant(conn: psycopg.Connection, to: Links, implant_id: int) -> dict[str, A
     return {**row, "images": pictures}
 
 
-def sheet_png(conn: psycopg.Connection, store: Any, row: dict[str, Any]) -> bytes:
+def sheet_png(conn: psycopg.Connection, store: Any, row: dict[str, Any], lang: str) -> bytes:
     """The CLI's contact sheet of a finished analysis, as PNG bytes: the query (crop
-    box in red) beside the matches' reference images, read from the image store."""
+    box in red) beside the matches' reference images, read from the image store, its
+    words in `lang`."""
 
     def picture(key: str | None) -> Image.Image | None:
         if not key:
@@ -179,6 +180,7 @@ def sheet_png(conn: psycopg.Connection, store: Any, row: dict[str, Any]) -> byte
             logs.event("sheet image unavailable", key=key, error=type(exc).__name__)
             return None
 
+    words = sheet.words(lang)
     matches = queries.analysis_matches(conn, row["id"])
     trust = Trust.from_dict(row.get("trust"))  # as the answer carried it
     tiles = [
@@ -187,17 +189,18 @@ def sheet_png(conn: psycopg.Connection, store: Any, row: dict[str, Any]) -> byte
             (
                 f"#{m['rank']} {m['name'] or m['implant_key']}",
                 (m["manufacturer"] or "") + (f" · {m['system']}" if m["system"] else ""),
-                f"score {float(m['score']):.3f}",
+                words["score"].format(score=sheet.score_text(float(m["score"]), lang)),
             ),
             sheet.accent(trust, m["implant_key"]),
         )
         for m in matches
     ]
     crop = tuple(row["crop"]) if row.get("crop") else None
-    query = sheet.Tile(picture(row["storage_key"]), ("query", f"analysis {row['public_id']}", ""))
+    analysis = words["analysis"].format(id=row["public_id"])
+    query = sheet.Tile(picture(row["storage_key"]), (words["query"], analysis, ""))
     top = (matches[0]["name"] or matches[0]["implant_key"]) if matches else None
-    title = f"analysis {row['public_id']}: {sheet.verdict_title(trust, top)}"
-    rendered = sheet.render(query, tiles, title=title, crop_box=crop)
+    title = f"{analysis}: {sheet.verdict_title(trust, top, lang)}"
+    rendered = sheet.render(query, tiles, title=title, crop_box=crop, lang=lang)
     out = io.BytesIO()
     rendered.save(out, format="PNG")
     return out.getvalue()

@@ -4,10 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from raiox_cli.search import sheet
 from raiox_cli.search.query import Match, SearchResult
+from raiox_cli.search.result import Trust
 
 
 def _radiograph(shade: int, size: tuple[int, int] = (120, 160)) -> Image.Image:
@@ -99,3 +100,70 @@ def test_long_captions_stay_inside_the_tile(text: str) -> None:
     # Nothing is drawn in the right-hand gap beyond the only tile.
     gap = (sheet.GAP + sheet.TILE_W + 1, sheet.HEADER_H, img.width, img.height)
     assert (np.asarray(img.crop(gap)) == sheet.BACKGROUND).all()
+
+
+def test_every_language_has_the_same_words_and_placeholders() -> None:
+    import string
+
+    def fields(text: str) -> set[str]:
+        return {name for _, name, _, _ in string.Formatter().parse(text) if name}
+
+    english = sheet.WORDS["en"]
+    assert set(sheet.LANGUAGES) == set(sheet.WORDS)
+    for lang, words in sheet.WORDS.items():
+        assert words.keys() == english.keys(), lang
+        for key, text in words.items():
+            # pt-BR's uncalibrated title leaves out the operator's English reason.
+            expected = fields(english[key]) - ({"why"} if lang == "pt-BR" else set())
+            assert fields(text) == expected, (lang, key)
+
+
+def test_the_title_follows_the_language() -> None:
+    trust = Trust(True, "strong", probability=0.874, prediction_set=["a", "b"], set_coverage=0.9)
+    assert sheet.verdict_title(trust, "Corvid 4.1x13", "pt-BR") == (
+        "correspondência forte: Corvid 4.1x13, 87% de probabilidade; "
+        "90% de confiança de que é um dos 2 em cor"
+    )
+    assert sheet.verdict_title(trust, "Corvid 4.1x13", "en") == (
+        "strong match: Corvid 4.1x13, 87% likely; 90% sure it is one of the 2 coloured"
+    )
+    outside = Trust(True, "not_in_catalogue")
+    assert "fora do nosso catálogo" in sheet.verdict_title(outside, "X", "pt-BR")
+    raw = Trust(False, "strong", reason='model m has no calibration; run "raiox calibrate"')
+    assert sheet.verdict_title(raw, "X", "en").startswith("uncalibrated (model m has no")
+    assert sheet.verdict_title(raw, "X", "pt-BR") == "sem calibração: maior pontuação X"
+    assert sheet.score_text(0.9264, "pt-BR") == "0,926"
+    assert sheet.verdict_title(None, None, "xx") == "no match"  # unknown language: English
+
+
+def test_portuguese_letters_are_drawn_not_boxes() -> None:
+    """Pillow's own font draws ç, ã and é as one and the same box."""
+    font = sheet._font(18)
+
+    def drawn(text: str) -> bytes:
+        img = Image.new("L", (60, 40))
+        ImageDraw.Draw(img).text((5, 5), text, font=font, fill=255)
+        return img.tobytes()
+
+    glyphs = {drawn(c) for c in "çãéêó"}
+    assert len(glyphs) == 5
+
+
+def test_write_sheet_in_portuguese_differs_from_english(tmp_path: Path) -> None:
+    result = SearchResult("m:none", [_match(1, 0.95)], min_score=0.9)
+    drawn = {
+        lang: sheet.write_sheet(
+            tmp_path / f"{lang}.png",
+            _radiograph(220),
+            result,
+            lambda m: None,
+            query_name="q.png",
+            lang=lang,
+        )
+        for lang in sheet.LANGUAGES
+    }
+    with Image.open(drawn["en"]) as en, Image.open(drawn["pt-BR"]) as pt:
+        header = (0, 0, en.width, sheet.HEADER_H)
+        assert not np.array_equal(_pixels(en, header), _pixels(pt, header))
+        caption = sheet.caption_box(1)
+        assert not np.array_equal(_pixels(en, caption), _pixels(pt, caption))

@@ -35,5 +35,21 @@ def test_sheet_png_of_a_finished_analysis(
         tile = drawn.crop((left, top, left + sheet.TILE_W, top + sheet.TILE_H)).convert("L")
         assert tile.getextrema()[1] > 100
 
+        # Its words: ?lang=, else the analysis's language, else RAIOX_LANG (pt-BR here).
+        def header(query: str) -> bytes:
+            got = httpx.get(f"{base}/analyses/{done['id']}/sheet.png{query}", headers=auth)
+            assert got.status_code == 200, got.text
+            img = Image.open(io.BytesIO(got.content))
+            return img.crop((0, 0, img.width, sheet.HEADER_H)).tobytes()
+
+        english, portuguese = header("?lang=en"), header("?lang=pt-BR")
+        assert english != portuguese
+        assert header("") == portuguese == header("?lang=pt")
+        assert header("?lang=klingon") == portuguese  # unknown: the default, not an error
+        too_long = httpx.get(
+            f"{base}/analyses/{done['id']}/sheet.png?lang={'x' * 17}", headers=auth
+        )
+        assert too_long.status_code == 422
+
         assert httpx.get(f"{base}/analyses/{done['id']}/sheet.png").status_code == 401
         assert httpx.get(f"{base}/analyses/999999/sheet.png", headers=auth).status_code == 404

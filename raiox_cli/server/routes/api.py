@@ -26,7 +26,7 @@ from starlette.datastructures import UploadFile
 from raiox_cli import analyses, images
 from raiox_cli.clinics import feedback, links, retention
 from raiox_cli.db import queries
-from raiox_cli.server import auth, inputs, jotform, logs, openapi, results, schemas
+from raiox_cli.server import auth, i18n, inputs, jotform, logs, openapi, results, schemas
 from raiox_cli.server.deps import (
     ConnDep,
     CurrentCaller,
@@ -440,9 +440,19 @@ async def post_feedback(request: Request, analysis_id: PublicId) -> JSONResponse
     },
 )
 def get_sheet(
-    request: Request, analysis_id: PublicId, caller: CurrentCaller, conn: ConnDep
+    request: Request,
+    analysis_id: PublicId,
+    caller: CurrentCaller,
+    conn: ConnDep,
+    lang: str | None = Query(
+        None,
+        max_length=16,
+        description="`pt-BR` or `en`; by default the analysis's language, else RAIOX_LANG",
+    ),
 ) -> Response:
-    """Another clinic's analysis answers 404, exactly like one that does not exist."""
+    """Another clinic's analysis answers 404, exactly like one that does not exist.
+    The words are in the language asked for, else the one the analysis was submitted
+    in (as its e-mail), else the server's."""
     config = server_config(request)
     public_id = parse_public_id(analysis_id)
     row = None
@@ -453,7 +463,8 @@ def get_sheet(
         raise HTTPException(404, "no such analysis")
     if row["status"] != "done":
         raise HTTPException(409, f"the analysis is {row['status']}: no sheet until it is done")
-    drawn = results.sheet_png(conn, config.store, row)
+    words = i18n.supported(lang) or i18n.preferred(row.get("lang"), config.settings.default_lang)
+    drawn = results.sheet_png(conn, config.store, row, words)
     logs.audit("sheet", client=caller.name, analysis=public_id)
     return Response(drawn, media_type="image/png", headers={"cache-control": "private"})
 
