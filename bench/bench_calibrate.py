@@ -154,6 +154,68 @@ def _resampled(known: list, unknown: list, args: argparse.Namespace) -> dict[str
     return found
 
 
+def _shape(d: synth.ImplantDesign) -> np.ndarray:
+    """A design as the X-ray shows it up to scale (queries vary px/mm by +-20%): its
+    proportions to the diameter, the taper, and one-hot body, thread profile, apex and
+    connection."""
+    ratios = [
+        d.length_mm / d.diameter_mm,
+        d.thread_pitch_mm / d.diameter_mm * 4,
+        d.thread_depth_mm / d.diameter_mm * 4,
+        d.collar_mm / d.diameter_mm,
+        d.taper,
+    ]
+    kinds = [
+        d.body == "tapered",
+        *(d.thread_profile == p for p in ("v", "square", "buttress")),
+        *(d.apex == a for a in ("rounded", "pointed", "flat")),
+        *(d.connection == c for c in ("internal hex", "conical", "tri-channel", "external hex")),
+    ]
+    return np.array(ratios + [float(k) for k in kinds])
+
+
+def _by_unknown_system(
+    args: argparse.Namespace, unknown_dir: Path, unknown: list, inside_test: list, statistic: Any
+) -> list[dict[str, Any]]:
+    """Each implant left out of the catalogue on its own: its queries' AUROC against
+    the in-catalogue test queries, and the catalogued design nearest to it in shape
+    (an X-ray cannot tell two near-identical designs apart, whatever the statistic)."""
+    from raiox_cli.search import measures
+    from raiox_cli.search.evaluate import IMAGE_SUFFIXES
+
+    paths = sorted(
+        p for p in unknown_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if len(paths) != len(unknown):  # a query could not be read: the order no longer holds
+        return []
+    designs = synth.design_systems(args.systems, args.seed)
+    known, left_out = designs[: args.systems - args.unknown], designs[args.systems - args.unknown :]
+    inside = [statistic(s.scores) for s in inside_test if s.scores]
+    rows = []
+    for design in left_out:
+        mine = [
+            statistic(s.scores)
+            for s, path in zip(unknown, paths, strict=True)
+            if path.parent.name == design.name and s.scores
+        ]
+        if not mine:
+            continue
+        gaps = [float(np.abs(_shape(design) - _shape(k)).sum()) for k in known]
+        twin = known[int(np.argmin(gaps))]
+        rows.append(
+            {
+                "implant": design.name,
+                "queries": len(mine),
+                "auroc": round(float(measures.auroc([-x for x in mine], [-x for x in inside])), 3),
+                "nearest_known": twin.name,
+                "shape_distance": round(min(gaps), 3),
+                "design": f"{design.body} {design.connection}, {design.notes}",
+                "nearest_design": f"{twin.body} {twin.connection}, {twin.notes}",
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--systems", type=int, default=30)
@@ -257,6 +319,12 @@ def main() -> None:
             )
 
     resampled = _resampled(known, unknown, args) if args.splits else None
+    fitted = calibrate.fit(
+        labelled, model_id=embedder.model_id, target=0.9, tta=False, source="labels", counts={}
+    )
+    per_system = _by_unknown_system(
+        args, unknown_dir, unknown, test[: len(test) - len(unknown)], fitted.ooc_statistic
+    )
 
     out = {
         "machine": {
@@ -282,6 +350,7 @@ def main() -> None:
         },
         "results": results,
         "labelled_resampled": {"splits": args.splits, "by_target": resampled},
+        "ooc_by_unknown_system": per_system,
     }
     print(json.dumps(out, indent=1))
     err = sys.stderr
@@ -299,6 +368,13 @@ def main() -> None:
                 f"{m['ooc_auroc'] or 0:.3f} ({m['ooc_auroc_top_score'] or 0:.3f}) "
                 f"{m['ooc_fpr_at_95tpr'] or 0:.3f}\n"
             )
+    err.write("left out of the catalogue: AUROC of its queries, the nearest catalogued shape\n")
+    for row in per_system:
+        err.write(
+            f"  {row['implant']:24} {row['auroc']:.3f}  nearest {row['nearest_known']:24} "
+            f"distance {row['shape_distance']:.2f}\n    {row['design']}\n    "
+            f"{row['nearest_design']}\n"
+        )
     for target, stat in (resampled or {}).items():
         err.write(
             f"labelled, {args.splits} splits, {target}: coverage {stat['coverage']['mean']:.3f}"
