@@ -21,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from raiox_cli.languages import LANGUAGES, supported
 from raiox_cli.search.result import Match, SearchResult, Trust
 
 TILE_W, TILE_H = 240, 300  # image area of one tile
@@ -37,7 +38,6 @@ WEAK = (240, 170, 60)
 CROP = (255, 80, 80)
 
 
-LANGUAGES = ("pt-BR", "en")  # as the pages (server/i18n.py)
 WORDS: dict[str, dict[str, str]] = {
     "en": {
         "strong": "strong match",
@@ -75,13 +75,14 @@ WORDS: dict[str, dict[str, str]] = {
 
 
 def words(lang: str) -> dict[str, str]:
-    """The sheet's words in a language (an unknown one: English)."""
-    return WORDS.get(lang, WORDS["en"])
+    """The sheet's words in a language tag (pt-br, en-GB...); one raiox does not write
+    in gets the default, as pages do."""
+    return WORDS[supported(lang) or LANGUAGES[0]]
 
 
 def score_text(score: float, lang: str) -> str:
     text = f"{score:.3f}"
-    return text.replace(".", ",") if lang == "pt-BR" else text
+    return text.replace(".", ",") if supported(lang) == "pt-BR" else text
 
 
 def accent(trust: Trust | None, key: str) -> tuple[int, int, int]:

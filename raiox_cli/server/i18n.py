@@ -17,7 +17,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jinja2
 
-LANGUAGES = ("pt-BR", "en")
+from raiox_cli.languages import LANGUAGES, supported
+
+__all__ = ["LANGUAGES", "supported"]  # named here too: the pages and e-mails use i18n's
+
 FILES = {"pt-BR": "pt_BR.json", "en": "en.json"}
 
 
@@ -25,14 +28,6 @@ FILES = {"pt-BR": "pt_BR.json", "en": "en.json"}
 def catalogue(lang: str) -> dict[str, str]:
     text = resources.files("raiox_cli.server").joinpath("messages", FILES[lang]).read_text("utf-8")
     return json.loads(text)
-
-
-def supported(lang: str | None) -> str | None:
-    """The supported language a tag means (pt, pt-PT, pt-br -> pt-BR; en-GB -> en)."""
-    if not lang:
-        return None
-    primary = lang.strip().lower().replace("_", "-").split("-")[0]
-    return {"pt": "pt-BR", "en": "en"}.get(primary)
 
 
 def preferred(lang: str | None, default: str) -> str:

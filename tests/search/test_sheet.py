@@ -133,7 +133,10 @@ def test_the_title_follows_the_language() -> None:
     assert sheet.verdict_title(raw, "X", "en").startswith("uncalibrated (model m has no")
     assert sheet.verdict_title(raw, "X", "pt-BR") == "sem calibração: maior pontuação X"
     assert sheet.score_text(0.9264, "pt-BR") == "0,926"
-    assert sheet.verdict_title(None, None, "xx") == "no match"  # unknown language: English
+    assert sheet.verdict_title(None, None, "en-GB") == "no match"
+    assert sheet.words("pt_br") is sheet.words("pt-BR")  # RAIOX_LANG as an operator types it
+    # A language raiox does not write in: the default, pt-BR, as the pages.
+    assert sheet.verdict_title(None, None, "xx") == "nenhuma correspondência"
 
 
 def test_portuguese_letters_are_drawn_not_boxes() -> None:
