@@ -53,6 +53,8 @@ WORDS: dict[str, dict[str, str]] = {
         "analysis": "analysis {id}",
         "crop": "crop in red",
         "unavailable": "image unavailable",
+        "mirrored": "mirrored",
+        "upside-down": "upside-down",
     },
     "pt-BR": {
         "strong": "correspondência forte",
@@ -70,6 +72,9 @@ WORDS: dict[str, dict[str, str]] = {
         "analysis": "análise {id}",
         "crop": "recorte em vermelho",
         "unavailable": "imagem indisponível",
+        # Which orientation of the X-ray gave the score (TTA: catalogue.pipeline).
+        "mirrored": "espelhada",
+        "upside-down": "de cabeça para baixo",
     },
 }
 
@@ -245,7 +250,9 @@ def write_sheet(
                 m.manufacturer + (f" · {m.system}" if m.system else ""),
                 w["score"].format(score=score_text(m.score, lang))
                 + ("" if m.margin is None else f" (+{score_text(m.margin, lang)})")
-                + ("" if m.orientation == "original" else f" {m.orientation}"),
+                + (
+                    "" if m.orientation == "original" else f" {w.get(m.orientation, m.orientation)}"
+                ),
             ),
             accent(trust, m.key),
         )

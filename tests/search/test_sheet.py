@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from raiox_cli.catalogue.pipeline import ORIENTATIONS
 from raiox_cli.search import sheet
 from raiox_cli.search.query import Match, SearchResult
 from raiox_cli.search.result import Trust
@@ -133,6 +134,8 @@ def test_the_title_follows_the_language() -> None:
     assert sheet.verdict_title(raw, "X", "en").startswith("uncalibrated (model m has no")
     assert sheet.verdict_title(raw, "X", "pt-BR") == "sem calibração: maior pontuação X"
     assert sheet.score_text(0.9264, "pt-BR") == "0,926"
+    # Every orientation search may score from has its words (original shows none).
+    assert set(ORIENTATIONS) - {"original"} <= sheet.WORDS["pt-BR"].keys()
     assert sheet.verdict_title(None, None, "en-GB") == "no match"
     assert sheet.words("pt_br") is sheet.words("pt-BR")  # RAIOX_LANG as an operator types it
     # A language raiox does not write in: the default, pt-BR, as the pages.
