@@ -90,6 +90,19 @@ def score_text(score: float, lang: str) -> str:
     return text.replace(".", ",") if supported(lang) == "pt-BR" else text
 
 
+def score_caption(
+    lang: str, score: float, margin: float | None = None, orientation: str = "original"
+) -> str:
+    """A match's score line: the score, its margin to the next implant, and which
+    orientation of the X-ray gave it (none said for the original)."""
+    w = words(lang)
+    return (
+        w["score"].format(score=score_text(score, lang))
+        + ("" if margin is None else f" (+{score_text(margin, lang)})")
+        + ("" if orientation == "original" else f" {w.get(orientation, orientation)}")
+    )
+
+
 def accent(trust: Trust | None, key: str) -> tuple[int, int, int]:
     """A match's score colour: only a calibrated answer colours, and only its set."""
     if trust is None or not trust.calibrated or key not in trust.prediction_set:
@@ -140,6 +153,7 @@ def caption_box(column: int) -> tuple[int, int, int, int]:
     return left, top, left + TILE_W, top + CAPTION_H
 
 
+@cache
 def _dejavu() -> Path | None:
     """DejaVu Sans as matplotlib (a dependency) ships it, found without importing it."""
     spec = util.find_spec("matplotlib")
@@ -248,11 +262,7 @@ def write_sheet(
             (
                 f"#{m.rank} {m.name}",
                 m.manufacturer + (f" · {m.system}" if m.system else ""),
-                w["score"].format(score=score_text(m.score, lang))
-                + ("" if m.margin is None else f" (+{score_text(m.margin, lang)})")
-                + (
-                    "" if m.orientation == "original" else f" {w.get(m.orientation, m.orientation)}"
-                ),
+                score_caption(lang, m.score, m.margin, m.orientation),
             ),
             accent(trust, m.key),
         )

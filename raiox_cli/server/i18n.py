@@ -17,9 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jinja2
 
-from raiox_cli.languages import LANGUAGES, supported
-
-__all__ = ["LANGUAGES", "supported"]  # named here too: the pages and e-mails use i18n's
+from raiox_cli.languages import LANGUAGES, supported  # i18n.LANGUAGES, i18n.supported too
 
 FILES = {"pt-BR": "pt_BR.json", "en": "en.json"}
 

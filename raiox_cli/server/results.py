@@ -189,7 +189,7 @@ def sheet_png(conn: psycopg.Connection, store: Any, row: dict[str, Any], lang: s
             (
                 f"#{m['rank']} {m['name'] or m['implant_key']}",
                 (m["manufacturer"] or "") + (f" · {m['system']}" if m["system"] else ""),
-                words["score"].format(score=sheet.score_text(float(m["score"]), lang)),
+                sheet.score_caption(lang, float(m["score"])),
             ),
             sheet.accent(trust, m["implant_key"]),
         )

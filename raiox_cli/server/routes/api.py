@@ -463,8 +463,8 @@ def get_sheet(
         raise HTTPException(404, "no such analysis")
     if row["status"] != "done":
         raise HTTPException(409, f"the analysis is {row['status']}: no sheet until it is done")
-    words = i18n.supported(lang) or i18n.preferred(row.get("lang"), config.settings.default_lang)
-    drawn = results.sheet_png(conn, config.store, row, words)
+    chosen = i18n.supported(lang) or i18n.preferred(row.get("lang"), config.settings.default_lang)
+    drawn = results.sheet_png(conn, config.store, row, chosen)
     logs.audit("sheet", client=caller.name, analysis=public_id)
     return Response(drawn, media_type="image/png", headers={"cache-control": "private"})
 
