@@ -111,6 +111,20 @@ def _data(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path]:
                     view=1000 + v,
                 )
                 path.write_bytes(synth.png_bytes(picture))
+    # --extra-systems: more designs of the same generator, drawn after the catalogue's
+    # and the unknown ones (never those), as catalogue-style views: `adapt
+    # --extra-labels` trains on them and nothing searches them.
+    extra = synth.design_systems(args.systems + args.extra_systems, args.seed)[args.systems :]
+    for design in extra:
+        folder = root / "extra" / design.manufacturer / design.name
+        for v in range(args.views):
+            path = folder / f"view_{v:02d}.png"
+            if not path.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                picture = synth.render_view(
+                    design, seed=args.seed, query=False, size=(int(width), int(height)), view=v
+                )
+                path.write_bytes(synth.png_bytes(picture))
     return root / "catalogue", root / "queries", root / "unknown"
 
 
@@ -190,6 +204,7 @@ def _by_unknown_system(
         return []
     designs = synth.design_systems(args.systems, args.seed)
     known, left_out = designs[: args.systems - args.unknown], designs[args.systems - args.unknown :]
+    extra = synth.design_systems(args.systems + args.extra_systems, args.seed)[args.systems :]
     inside = [statistic(s.scores) for s in inside_test if s.scores]
     rows = []
     for design in left_out:
@@ -202,6 +217,7 @@ def _by_unknown_system(
             continue
         gaps = [float(np.abs(_shape(design) - _shape(k)).sum()) for k in known]
         twin = known[int(np.argmin(gaps))]
+        trained = [float(np.abs(_shape(design) - _shape(k)).sum()) for k in extra]
         rows.append(
             {
                 "implant": design.name,
@@ -209,6 +225,7 @@ def _by_unknown_system(
                 "auroc": round(float(measures.auroc([-x for x in mine], [-x for x in inside])), 3),
                 "nearest_known": twin.name,
                 "shape_distance": round(min(gaps), 3),
+                "nearest_extra_distance": round(min(trained), 3) if trained else None,
                 "design": f"{design.body} {design.connection}, {design.notes}",
                 "nearest_design": f"{twin.body} {twin.connection}, {twin.notes}",
             }
@@ -232,6 +249,12 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=6, help="raiox adapt --patience")
     parser.add_argument(
         "--val-xrays", type=int, default=0, help="X-ray-like validation images per implant"
+    )
+    parser.add_argument(
+        "--extra-systems",
+        type=int,
+        default=0,
+        help="more generated designs adapt trains on (--extra-labels), never in the catalogue",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--splits", type=int, default=50, help="resampled labelled splits")
@@ -264,6 +287,8 @@ def main() -> None:
                      "--seed", str(args.seed), "--augment", args.augment, "--json", "--apply",
                      "--force", "--patience", str(args.patience),
                      *(["--val-labels", str(work / "synth" / "val-xrays")] if args.val_xrays
+                       else []),
+                     *(["--extra-labels", str(work / "synth" / "extra")] if args.extra_systems
                        else [])],
                     env,
                 )
@@ -336,6 +361,7 @@ def main() -> None:
             "model_id": embedder.model_id,
             "systems": args.systems,
             "unknown_systems": args.unknown,
+            "extra_systems": args.extra_systems,
             "queries_per_system": round((len(known) + len(unknown)) / args.systems, 1),
             "size": args.size,
             "tta": False,
@@ -372,7 +398,13 @@ def main() -> None:
     for row in per_system:
         err.write(
             f"  {row['implant']:24} {row['auroc']:.3f}  nearest {row['nearest_known']:24} "
-            f"distance {row['shape_distance']:.2f}\n    {row['design']}\n    "
+            f"distance {row['shape_distance']:.2f}"
+            + (
+                f", nearest trained extra {row['nearest_extra_distance']:.2f}"
+                if row["nearest_extra_distance"] is not None
+                else ""
+            )
+            + f"\n    {row['design']}\n    "
             f"{row['nearest_design']}\n"
         )
     for target, stat in (resampled or {}).items():

@@ -32,6 +32,14 @@ def main() -> None:
     parser.add_argument("--model", default="raiox-small")
     parser.add_argument("--labelled", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--background",
+        type=Path,
+        default=None,
+        help="images of other designs (<Manufacturer>/<Implant>/*, none of the unknown ones; "
+        "bench_calibrate --extra-systems writes DIR/synth/extra): adds the top score against "
+        "the nearest of those designs",
+    )
     args = parser.parse_args()
 
     report = json.loads((args.work / "setup.json").read_text())["adapt"]
@@ -77,6 +85,22 @@ def main() -> None:
 
         known, unknown = embed([q.path for q in labelled]), embed(unknown_paths)
         np.savez(cache, known=known, unknown=unknown)
+    background = background_of = None
+    if args.background is not None:
+        cache = args.work / f"ooc-background-{args.background.name}.npz"
+        paths = sorted(
+            p
+            for p in args.background.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if cache.exists():
+            background = np.load(cache)["vectors"]
+        else:
+            found = evaluate._vectors(embedder, paths, settings, False)
+            background = np.stack([v[0] for _, v, _ in found if v is not None])
+            np.savez(cache, vectors=background)
+        designs = sorted({p.parent for p in paths})
+        background_of = np.array([designs.index(p.parent) for p in paths])
     if len(known) != len(labelled):
         raise SystemExit("a labelled query could not be read: the split would differ")
 
@@ -124,6 +148,21 @@ def main() -> None:
         }
         for k in (2, 4, 8):
             found[f"nearest image no. {k}"] = nearest[:, k - 1]
+        if background is not None:
+            other = vectors @ background.T
+            nearest_other = np.stack(
+                [other[:, background_of == j].max(axis=1) for j in range(background_of.max() + 1)],
+                axis=1,
+            )
+            ordered = np.sort(nearest_other, axis=1)[:, ::-1]
+            found["top - nearest other design"] = ranked[:, 0] - ordered[:, 0]
+            found["top - mean of 5 nearest other designs"] = ranked[:, 0] - ordered[:, :5].mean(1)
+            together = np.concatenate([best, nearest_other], axis=1)
+            for t in (0.02, 0.05):
+                mass = np.exp((together - together.max(axis=1, keepdims=True)) / t)
+                found[f"catalogue share of softmax with others, T={t}"] = mass[:, :implants].sum(
+                    axis=1
+                ) / mass.sum(axis=1)
         for t in (0.02, 0.05):
             shifted = np.exp((best - ranked[:, :1]) / t).sum(axis=1)
             found[f"energy, T={t}"] = ranked[:, 0] + t * np.log(shifted)

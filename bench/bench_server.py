@@ -119,6 +119,12 @@ def main() -> None:
         help="only time the forward pass of one job (3 TTA images) against a batch of jobs "
         "(--batch's largest x 3) in this process: what batching alone can buy",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the server with py-spy (native frames) during the load and print where "
+        "its CPU goes; the raw samples stay in the work folder",
+    )
     args = parser.parse_args()
     if args.model_bound:
         print(json.dumps(_model_bound(args)))
@@ -209,6 +215,8 @@ def main() -> None:
             f"CPU ms per analysis: {one['cpu_ms_per_analysis']}",
             file=sys.stderr,
         )
+        if "profile" in one:
+            print(f"where the server's samples fall: {one['profile']}", file=sys.stderr)
     for name, value in result.items():
         if name.startswith("speedup"):
             print(f"\nanalyses/s {name}: {value}", file=sys.stderr)
@@ -283,6 +291,62 @@ def _cpu_s(pid: int, settings: config.Settings) -> dict[str, float]:
     }
 
 
+# Where a sampled stack spends its time, first match from the leaf up; a stack that
+# matches none is "other". Names are substrings of py-spy's frames.
+PROFILE_PLACES = (
+    ("model forward (ONNX Runtime)", ("onnxruntime", "InferenceSession.run", "MlasSgemm")),
+    ("model forward (torch)", ("torch::", "at::", "libtorch")),
+    ("preprocess", ("preprocess", "_transform", "resize", "ImagingResample")),
+    ("decode", ("decode", "load_image", "ImagingDecode", "png_", "inflate", "PngImagePlugin")),
+    ("de-identify", ("deidentify", "strip_metadata", "clean_bytes")),
+    ("hash", ("sha256", "hashlib")),
+    ("database", ("psycopg", "libpq", "pq_")),
+    ("download", ("download", "httpx", "httpcore", "ssl")),
+    ("signatures and auth", ("signature", "hmac", "verify")),
+    ("event loop", ("uvicorn", "asyncio", "anyio", "starlette", "fastapi", "epoll")),
+    ("idle wait", ("pthread_cond", "futex", "wait (threading", "select", "poll (")),
+)
+
+
+def _start_profile(pid: int, path: Path) -> subprocess.Popen:
+    """py-spy sampling the server (all threads, native frames, not pausing it)."""
+    import shutil
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    command = [spy, "record", "--pid", str(pid), "--rate", "200", "--native", "--nonblocking"]
+    command += ["--threads", "--format", "raw", "--output", str(path)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _profile_summary(path: Path) -> dict[str, Any]:
+    """Samples by place (PROFILE_PLACES), and the heaviest leaf frames of "other"."""
+    if not path.exists():
+        return {"error": "py-spy wrote nothing (not installed, or not allowed to attach)"}
+    places: dict[str, int] = {}
+    others: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        for frame in reversed(frames):  # the leaf first
+            place = next(
+                (name for name, keys in PROFILE_PLACES if any(k in frame for k in keys)), None
+            )
+            if place:
+                break
+        else:
+            place = "other"
+            others[frames[-1][:120]] = others.get(frames[-1][:120], 0) + n
+        places[place] = places.get(place, 0) + n
+    share = {k: round(v / total, 3) for k, v in sorted(places.items(), key=lambda kv: -kv[1])}
+    top = sorted(others.items(), key=lambda kv: -kv[1])[:15]
+    return {"samples": total, "share": share, "other_leaves": {k: v for k, v in top}}
+
+
 def _stop_orphans() -> None:
     """Stop embedded servers that killed (SIGKILL) earlier runs left behind."""
     for pgdata in Path(tempfile.gettempdir()).glob(WORK_PREFIX + "*/home/pgdata"):
@@ -340,8 +404,14 @@ def _run(
             time.sleep(0.2)
         startup_s = time.monotonic() - started
         before = _cpu_s(server.pid, settings)
+        profile = work / f"profile-batch{batch}.txt"
+        sampler = _start_profile(server.pid, profile) if args.profile else None
         result = _load(args, base, token, secret, query_urls, settings)
         after = _cpu_s(server.pid, settings)
+        if sampler is not None:
+            sampler.send_signal(signal.SIGINT)  # py-spy writes its samples and exits
+            sampler.wait(120)
+            result["profile"] = {"samples_file": str(profile), **_profile_summary(profile)}
         done = result["end_to_end"]["done"] or 1
         # CPU per analysis: unlike analyses/s, barely moved by other processes on
         # the machine (a loaded CPU shows in wall time, not in what a job costs).

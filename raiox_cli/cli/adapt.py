@@ -59,7 +59,14 @@ def _print_adapt(report: Any) -> None:
         f"{len(data.get('held_out_implants', []))} held out), {data.get('catalogue_images')} "
         f"catalogue images ({per.get('min')}-{per.get('max')} per implant), "
         f"{data.get('xrays')} labelled X-rays ({data.get('confirmed_xrays')} confirmed in the "
-        "database); validation queries "
+        "database); "
+        + (
+            f"{data['extra_images']} extra images ({data['extra_implants']} designs outside "
+            "the catalogue, training only); "
+            if data.get("extra_images")
+            else ""
+        )
+        + "validation queries "
         + ", ".join(f"{k} {v}" for k, v in data.get("validation_queries", {}).items()),
         highlight=False,
     )
@@ -110,6 +117,14 @@ def adapt(
     ] = None,
     val_labels: Annotated[
         Path | None, typer.Option(help="labelled X-rays used only for validation")
+    ] = None,
+    extra_labels: Annotated[
+        Path | None,
+        typer.Option(
+            help="labelled images of other implant designs (<Manufacturer>/<Implant>/* or a "
+            "CSV), e.g. CAD renders: trained on so the model learns what tells designs apart, "
+            "never searched; a label the catalogue has adds to that implant"
+        ),
     ] = None,
     confirmed: Annotated[
         bool,
@@ -193,8 +208,8 @@ def adapt(
         train=train, blocks=blocks, epochs=epochs, steps=steps, batch_size=batch_size,
         views=views, lr=lr, temperature=temperature, seed=seed, augment=augment,
         holdout_implants=holdout_implants, eval_every=eval_every, patience=patience,
-        labels=labels, val_labels=val_labels, confirmed=confirmed, max_minutes=max_minutes,
-        out=out_dir, checkpoint_every=checkpoint_every,
+        labels=labels, val_labels=val_labels, extra_labels=extra_labels, confirmed=confirmed,
+        max_minutes=max_minutes, out=out_dir, checkpoint_every=checkpoint_every,
         apply=apply, force=force, dry_run=dry_run,
     )  # fmt: skip
     with _train_bar(progress) as bar:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 SPLITS = ("catalogue", "xrays", "unseen")
+EXTRA_PREFIX = "extra:"  # the key of an --extra-labels implant the catalogue lacks
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Item:
 
     key: str
     sha256: str
-    kind: str  # "catalogue" or "xray"
+    kind: str  # "catalogue", "xray", or "extra" (--extra-labels: training only)
     origin: str  # for messages: a path, or "image <id>"
     path: Path | None = None
     row: dict[str, Any] | None = None
@@ -59,22 +60,25 @@ class Data:
         everything += self.gallery + [i for q in self.splits.values() for i in q]
         catalogue = {(i.key, i.sha256) for i in everything if i.kind == "catalogue"}
         xrays = {(i.key, i.sha256) for i in everything if i.kind == "xray"}
+        extra = {(i.key, i.sha256) for i in everything if i.kind == "extra"}
         per_implant: dict[str, int] = {}
         for key, _ in catalogue:
             per_implant[key] = per_implant.get(key, 0) + 1
         counts = sorted(per_implant.values()) or [0]
         lines = sorted(
             f"{kind}\t{k}\t{s}"
-            for kind, pairs in (("c", catalogue), ("x", xrays))
+            for kind, pairs in (("c", catalogue), ("x", xrays), ("e", extra))
             for k, s in pairs
         )
         return {
-            "implants": len({i.key for i in everything}),
-            "trained_implants": len(self.train),
+            "implants": len({i.key for i in everything if not i.key.startswith(EXTRA_PREFIX)}),
+            "trained_implants": len([k for k in self.train if not k.startswith(EXTRA_PREFIX)]),
             "held_out_implants": sorted(self.held_out),
             "catalogue_images": len(catalogue),
             "xrays": len(xrays),
             "confirmed_xrays": self.confirmed,
+            "extra_images": len(extra),
+            "extra_implants": len({k for k, _ in extra if k.startswith(EXTRA_PREFIX)}),
             "images_per_implant": {
                 "min": counts[0],
                 "median": float(np.median(counts)),
@@ -123,6 +127,26 @@ def xray_items(conn: psycopg.Connection, source: Path) -> tuple[list[Item], list
     return found, skipped
 
 
+def extra_items(conn: psycopg.Connection, source: Path) -> tuple[list[Item], list[str]]:
+    """--extra-labels: labelled images of implant designs the catalogue may not have
+    (the `raiox eval` layout or its CSV). A label naming a catalogue implant adds to
+    its training images; any other label becomes an implant of its own, keyed
+    "extra:<manufacturer>/<name>", that the model trains on to learn what tells
+    implant designs apart, and that is never searched, validated or calibrated on."""
+    index = evaluate._label_index(conn)
+    found, skipped = [], []
+    for query in evaluate.labelled_queries(source):
+        label = evaluate._normalise(query.label)
+        key = index.get(label) or f"{EXTRA_PREFIX}{label}"
+        try:
+            digest = sha256_of(query.path)
+        except OSError as exc:
+            skipped.append(f"{query.path}: {exc.strerror or exc}")
+            continue
+        found.append(Item(key, digest, "extra", str(query.path), path=query.path))
+    return found, skipped
+
+
 def confirmed_items(conn: psycopg.Connection) -> tuple[list[Item], list[str]]:
     """X-rays a dentist confirmed (`raiox confirm`, the feedback endpoint), read back
     from the image store; those whose implant has left the catalogue are skipped."""
@@ -154,9 +178,11 @@ def split_data(
     val_xrays: Sequence[Item],
     options: AdaptOptions,
     rng: np.random.Generator,
+    extra: Sequence[Item] = (),
 ) -> Data:
     """Hold out whole implants, one catalogue image of each trained implant that has
-    three or more, and a fraction of the X-rays; the rest is training data."""
+    three or more, and a fraction of the X-rays; the rest is training data. Extra
+    images (--extra-labels) only train, and never those of a held-out implant."""
     by_implant: dict[str, list[Item]] = {}
     for item in catalogue:
         by_implant.setdefault(item.key, []).append(item)
@@ -199,7 +225,13 @@ def split_data(
         else:
             train.setdefault(item.key, []).append(item)
     splits["xrays"].extend(x for x in val_xrays if x.key not in held)
-    return Data(train, gallery, splits, held_out)
+    skipped = []
+    for item in extra:
+        if item.key in held:  # it would leak into the unseen validation and calibration
+            skipped.append(f"{item.origin}: its implant is held out of training this run")
+        else:
+            train.setdefault(item.key, []).append(item)
+    return Data(train, gallery, splits, held_out, skipped=skipped)
 
 
 def collect_data(conn: psycopg.Connection, options: AdaptOptions, rng: np.random.Generator) -> Data:
@@ -222,11 +254,17 @@ def collect_data(conn: psycopg.Connection, options: AdaptOptions, rng: np.random
     if options.val_labels is not None:
         val, more = xray_items(conn, options.val_labels)
         skipped += more
+    extra: list[Item] = []
+    if options.extra_labels is not None:
+        extra, more = extra_items(conn, options.extra_labels)
+        skipped += more
     val = _unique(val)
     held_for_validation = {(i.key, i.sha256) for i in val}
     xrays = [i for i in _unique(xrays) if (i.key, i.sha256) not in held_for_validation]
-    data = split_data(catalogue, xrays, val, options, rng)
-    data.skipped = skipped
+    known = {i.sha256 for i in [*catalogue, *xrays, *val]}
+    extra = [i for i in _unique(extra) if i.sha256 not in known]  # one role per image
+    data = split_data(catalogue, xrays, val, options, rng, extra)
+    data.skipped = skipped + data.skipped
     data.confirmed = confirmed
     if len(data.train) < 2:
         raise NoTrainingData(

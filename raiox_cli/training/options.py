@@ -50,6 +50,7 @@ class AdaptOptions:
     patience: int = 6  # evaluations without a better validation MRR before stopping
     labels: Path | None = None
     val_labels: Path | None = None
+    extra_labels: Path | None = None  # implants outside the catalogue: training only
     confirmed: bool = True  # train on X-rays confirmed in the database too
     augment: str = "radiograph"  # augment.PRESETS: radiograph (DEFAULT) or xray
     # Not in the fingerprint: how long, where, and what to do afterwards.
@@ -85,9 +86,9 @@ def validate(options: AdaptOptions) -> None:
         raise UsageError("--temperature must be positive")
     if options.max_minutes is not None and options.max_minutes <= 0:
         raise UsageError("--max-minutes must be positive")
-    for path in (options.labels, options.val_labels):
+    for path in (options.labels, options.val_labels, options.extra_labels):
         if path is not None and not path.exists():
-            raise UsageError(f"{path} does not exist (--labels / --val-labels)")
+            raise UsageError(f"{path} does not exist (--labels / --val-labels / --extra-labels)")
 
 
 def fingerprint(base_id: str, snapshot: dict[str, Any], options: AdaptOptions) -> str:
@@ -98,6 +99,8 @@ def fingerprint(base_id: str, snapshot: dict[str, Any], options: AdaptOptions) -
     }
     if keep["augment"] == "radiograph":  # the default before --augment: runs still resume
         del keep["augment"]
+    if keep["extra_labels"] is None:  # nor did runs before --extra-labels change identity
+        del keep["extra_labels"]
     text = json.dumps(
         {"base": base_id, "data": snapshot["sha256"], "options": keep}, sort_keys=True
     )

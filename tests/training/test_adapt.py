@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from raiox_cli import config, db, embedding
 from raiox_cli.catalogue.ingest import ingest_catalogue
 from raiox_cli.cli import app
-from raiox_cli.training import adapt, augment, synth
+from raiox_cli.training import adapt, augment, loop, synth
 from tests.helpers.env import TINY_ENV, database_url_on
 
 runner = CliRunner()
@@ -58,7 +58,8 @@ def test_augment_is_seeded_and_keeps_size() -> None:
 
 def test_xray_augmentation_is_seeded_and_keeps_the_default_run_identity() -> None:
     """--augment xray: seeded, same size, other pixels than the default; the default's
-    runs keep the fingerprint they had before --augment existed (they still resume)."""
+    runs keep the fingerprint they had before --augment and --extra-labels existed (they
+    still resume)."""
     import dataclasses
     import hashlib
 
@@ -77,6 +78,7 @@ def test_xray_augmentation_is_seeded_and_keeps_the_default_run_identity() -> Non
         for k, v in dataclasses.asdict(default).items()
         if k
         not in {"max_minutes", "checkpoint_every", "out", "apply", "force", "dry_run", "augment"}
+        | {"extra_labels"}  # nor --extra-labels
     }
     text = json.dumps({"base": "b", "data": "data", "options": before}, sort_keys=True)
     assert (
@@ -85,6 +87,10 @@ def test_xray_augmentation_is_seeded_and_keeps_the_default_run_identity() -> Non
     )
     xray = dataclasses.replace(default, augment="xray")
     assert adapt_options.fingerprint("b", snapshot, xray) != adapt_options.fingerprint(
+        "b", snapshot, default
+    )
+    extra = dataclasses.replace(default, extra_labels=Path("renders"))
+    assert adapt_options.fingerprint("b", snapshot, extra) != adapt_options.fingerprint(
         "b", snapshot, default
     )
     with pytest.raises(adapt_options.UsageError, match="--augment 'film'"):
@@ -202,6 +208,49 @@ def test_splits_hold_out_whole_implants_and_never_train_on_queries() -> None:
     assert len(data.splits["catalogue"]) == 8 and len(data.splits["xrays"]) == 3
     again = adapt.split_data(items, xrays, [], adapt.AdaptOptions(), np.random.default_rng(0))
     assert again.snapshot() == data.snapshot()
+
+
+def test_extra_designs_only_train_and_never_those_of_a_held_out_implant() -> None:
+    """--extra-labels: designs outside the catalogue join training as implants of their
+    own; none is searched or validated on, and an extra image of a catalogue implant
+    held out of training is left out (it would leak into the unseen validation)."""
+    items = [
+        adapt.Item(f"m/s/i{k}", f"{k}-{v}", "catalogue", f"i{k}/{v}")
+        for k in range(10)
+        for v in range(4)
+    ]
+    extra = [
+        adapt.Item(f"extra:other/design {k}", f"e{k}-{v}", "extra", f"e{k}/{v}")
+        for k in range(30)
+        for v in range(3)
+    ]
+    options = adapt.AdaptOptions()
+    plain = adapt.split_data(items, [], [], options, np.random.default_rng(0))
+    extra += [adapt.Item(key, f"more-{key}", "extra", key) for key in ("m/s/i0", *plain.held_out)]
+    data = adapt.split_data(items, [], [], options, np.random.default_rng(0), extra)
+    assert data.held_out == plain.held_out  # extras change nothing the catalogue decides
+    assert data.splits == plain.splits and data.gallery == plain.gallery
+    assert len(data.train) == len(plain.train) + 30
+    assert all(len(data.train[f"extra:other/design {k}"]) == 3 for k in range(30))
+    assert {i.sha256 for i in data.train["m/s/i0"]} == {i.sha256 for i in plain.train["m/s/i0"]} | {
+        "more-m/s/i0"
+    }
+    assert data.skipped == [
+        f"{key}: its implant is held out of training this run" for key in plain.held_out
+    ]
+    snap, before = data.snapshot(), plain.snapshot()
+    assert (snap["extra_images"], snap["extra_implants"]) == (91, 30)
+    assert (before["extra_images"], before["extra_implants"]) == (0, 0)
+    assert snap["implants"] == before["implants"] == 10
+    assert snap["trained_implants"] == before["trained_implants"] == 8
+    assert snap["sha256"] != before["sha256"]
+    drawn = {
+        key
+        for step in range(20)
+        for key, _, _ in loop.sample_batch(data, options, step, adapt.Seeds(0))
+    }
+    assert any(k.startswith("extra:") for k in drawn)
+    assert any(not k.startswith("extra:") for k in drawn)
 
 
 # --- the command ---------------------------------------------------------------------
@@ -508,6 +557,45 @@ def test_bad_input_is_one_clear_line(
     )
     assert result.exit_code == 0, result.output
     assert "label 'Nobody/Ghost 1' names no implant in the catalogue" in result.stderr
+
+
+@pytest.mark.training
+def test_extra_labels_train_on_designs_the_catalogue_lacks(
+    trained: dict, synthetic: synth.SynthInfo, tmp_path: Path
+) -> None:
+    extra = tmp_path / "extra"
+    for design in synth.design_systems(8, seed=5)[6:]:  # two designs not catalogued
+        folder = extra / design.manufacturer / design.name
+        folder.mkdir(parents=True)
+        for v in range(3):
+            picture = synth.render_view(design, seed=5, query=False, size=SIZE, view=v)
+            (folder / f"v{v}.png").write_bytes(synth.png_bytes(picture))
+    known = synthetic.implants[0]
+    mine = extra / known.design.manufacturer / known.design.name
+    mine.mkdir(parents=True)
+    (mine / "cad.png").write_bytes(
+        synth.png_bytes(synth.render_view(known.design, seed=9, query=False, size=SIZE, view=5))
+    )
+    (mine / "also-a-query.png").write_bytes(synthetic.query_files[0].read_bytes())
+    args = [a if a != str(trained["out"]) else str(tmp_path / "x") for a in trained["args"]]
+    result = runner.invoke(
+        app, [*args, "--extra-labels", str(extra), "--dry-run", "--json"], env=trained["env"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)["data"]
+    # 6 extra images of 2 new designs, plus the catalogue implant's render unless it is
+    # the one held out; the copy of a validation query never trains.
+    held = known.key in data["held_out_implants"]
+    assert (data["extra_implants"], data["extra_images"]) == (2, 6 + (not held))
+    assert data["implants"] == 6 and data["trained_implants"] == 5
+    assert data["train_images"] == trained["report"]["data"]["train_images"] + 6 + (not held)
+    text = runner.invoke(
+        app, [*args, "--extra-labels", str(extra), "--dry-run"], env=trained["env"]
+    )
+    assert "6 implants (5 trained, 1 held out)" in text.stdout
+    assert "designs outside the catalogue, training only" in " ".join(text.stdout.split())
+    missing = runner.invoke(app, [*args, "--extra-labels", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr
 
 
 @pytest.mark.training
