@@ -309,11 +309,12 @@ PROFILE_PLACES = (
 
 
 def _start_profile(pid: int, path: Path) -> subprocess.Popen:
-    """py-spy sampling the server (all threads, native frames, not pausing it)."""
+    """py-spy sampling the server (all threads, native frames: it pauses the server
+    100 times a second, so CPU figures of a --profile run run a little high)."""
     import shutil
 
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    command = [spy, "record", "--pid", str(pid), "--rate", "200", "--native", "--nonblocking"]
+    command = [spy, "record", "--pid", str(pid), "--rate", "100", "--native"]
     command += ["--threads", "--format", "raw", "--output", str(path)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
