@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from _machine import compile_bytecode
 
 MODEL = "ViT-B-32-256"
 RCLIP_SUBDIR = "ViT-B-32-256-datacomp_s34b_b86k"
@@ -304,6 +305,7 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     raiox = [sys.executable, "-m", "raiox_cli"]
+    compile_bytecode(Path(__file__).resolve().parent.parent / "raiox_cli")  # as users have it
     catalogue, one, query = make_images(work, args.images)
 
     # Prepare: the ONNX export and a searchable catalogue for each tool (not timed).
