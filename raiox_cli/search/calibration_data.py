@@ -74,6 +74,7 @@ class Training:
     held_out: frozenset[str] | None = None  # implant keys never trained on
     trained_until: datetime | None = None  # confirmations before it may be in training
     card: str | None = None
+    extra_implants: int = 0  # designs outside the catalogue it trained on (--extra-labels)
 
 
 def training_of(settings: Settings) -> Training:
@@ -91,6 +92,7 @@ def training_of(settings: Settings) -> Training:
         held_out=frozenset(card.get("data", {}).get("held_out_implants", [])),
         trained_until=until.replace(tzinfo=timezone.utc) if until else None,
         card=str(card_path),
+        extra_implants=int(card.get("data", {}).get("extra_implants") or 0),
     )
 
 
@@ -389,6 +391,14 @@ def calibrate_source(
         )
     if calibrate.random_weights(model.model_id):
         notes.append("random model weights: search never applies this calibration (tests only)")
+    if chosen == "catalogue" and training.extra_implants:
+        notes.append(
+            f"the model also trained on {training.extra_implants} designs outside the "
+            "catalogue (adapt --extra-labels); on such models the catalogue's simulated "
+            "X-rays set the out-of-catalogue threshold too high (measured: 7-13% false alarms "
+            "for 5% asked, bench/README.md); calibrate on labelled X-rays as soon as you "
+            "have them (--labels DIR) or confirmations"
+        )
     return CalibrateReport(stored, why, notes)
 
 

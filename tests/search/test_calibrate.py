@@ -255,6 +255,34 @@ def test_calibrate_from_the_catalogue_then_every_answer_carries_it(weighted, tmp
 
 
 @pytest.mark.slow
+def test_day_one_calibration_of_a_model_trained_on_other_designs_says_so(
+    weighted, tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """adapt --extra-labels: the catalogue's simulated X-rays set the open-set threshold
+    too high on such a model (bench/README.md), so calibrating from them warns."""
+    info = _ingest(tmp_path / "s")
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_weights, run / "model.safetensors")  # the same model id
+    card = {
+        "created_at": "2026-12-01T00:00:00Z",
+        "data": {"held_out_implants": [i.key for i in info.implants[:3]], "extra_implants": 300},
+    }
+    (run / "model-card.json").write_text(json.dumps(card))
+    monkeypatch.setenv("RAIOX_WEIGHTS", str(run / "model.safetensors"))
+    result = runner.invoke(app, ["calibrate", "--queries", "40", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["source"] == "catalogue"
+    said = " ".join(result.stderr.split())
+    assert "also trained on 300 designs outside the catalogue" in said
+    assert "calibrate on labelled X-rays" in said
+    card["data"]["extra_implants"] = 0
+    (run / "model-card.json").write_text(json.dumps(card))
+    result = runner.invoke(app, ["calibrate", "--queries", "40", "--json"])
+    assert result.exit_code == 0 and "outside the catalogue" not in result.stderr
+
+
+@pytest.mark.slow
 def test_random_weights_are_never_calibrated(raiox_env, tmp_path: Path) -> None:
     assert runner.invoke(app, ["init-db"]).exit_code == 0
     info = _ingest(tmp_path / "s", systems=3)
