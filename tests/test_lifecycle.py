@@ -33,6 +33,15 @@ RAIOX = Path(sys.executable).parent / "raiox"
 BASE = [str(RAIOX)] if RAIOX.exists() else [sys.executable, "-m", "raiox_cli"]
 
 
+def _default_signals() -> None:
+    """In the child: the signals these tests send, with their default disposition. A
+    process inherits ignored signals, and raiox leaves an ignored SIGINT or SIGHUP
+    ignored, as the operator asked; a suite started in the background (`cmd &` in a
+    script ignores SIGINT) or under nohup (SIGHUP) would otherwise see exit 0."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 class Home:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -49,7 +58,9 @@ class Home:
     def start(self, *args: str, python: str | None = None) -> subprocess.Popen:
         command = [sys.executable, "-c", python, *args] if python else [*BASE, *args]
         log = (self.root / "process.log").open("ab")
-        return subprocess.Popen(command, env=self.env, stdout=log, stderr=log)
+        return subprocess.Popen(
+            command, env=self.env, stdout=log, stderr=log, preexec_fn=_default_signals
+        )
 
     def log(self) -> str:
         path = self.root / "process.log"
