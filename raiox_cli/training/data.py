@@ -261,8 +261,13 @@ def collect_data(conn: psycopg.Connection, options: AdaptOptions, rng: np.random
     val = _unique(val)
     held_for_validation = {(i.key, i.sha256) for i in val}
     xrays = [i for i in _unique(xrays) if (i.key, i.sha256) not in held_for_validation]
-    known = {i.sha256 for i in [*catalogue, *xrays, *val]}
-    extra = [i for i in _unique(extra) if i.sha256 not in known]  # one role per image
+    known = {i.sha256 for i in [*catalogue, *xrays, *val]}  # one role per image
+    skipped += [
+        f"{i.origin}: already a catalogue image or labelled X-ray of this run"
+        for i in _unique(extra)
+        if i.sha256 in known
+    ]
+    extra = [i for i in _unique(extra) if i.sha256 not in known]
     data = split_data(catalogue, xrays, val, options, rng, extra)
     data.skipped = skipped + data.skipped
     data.confirmed = confirmed

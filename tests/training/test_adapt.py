@@ -589,6 +589,7 @@ def test_extra_labels_train_on_designs_the_catalogue_lacks(
     assert (data["extra_implants"], data["extra_images"]) == (2, 6 + (not held))
     assert data["implants"] == 6 and data["trained_implants"] == 5
     assert data["train_images"] == trained["report"]["data"]["train_images"] + 6 + (not held)
+    assert "also-a-query.png: already a catalogue image or labelled X-ray" in result.stderr
     text = runner.invoke(
         app, [*args, "--extra-labels", str(extra), "--dry-run"], env=trained["env"]
     )
