@@ -107,14 +107,18 @@ def catalogue_items(conn: psycopg.Connection) -> list[Item]:
     ]
 
 
-def xray_items(conn: psycopg.Connection, source: Path) -> tuple[list[Item], list[str]]:
-    """Labelled X-rays from a folder in the `raiox eval` layout (or its CSV), their
-    labels resolved to implant keys; unknown labels and unreadable files skipped."""
-
+def _labelled_items(
+    conn: psycopg.Connection, source: Path, kind: str
+) -> tuple[list[Item], list[str]]:
+    """A folder in the `raiox eval` layout (or its CSV) as items of `kind`, each label
+    resolved to its implant key. An X-ray ("xray") whose label names no catalogue
+    implant is skipped; an "extra" one becomes an implant of its own (EXTRA_PREFIX).
+    Unreadable files are skipped."""
     index = evaluate._label_index(conn)
     found, skipped = [], []
     for query in evaluate.labelled_queries(source):
-        key = index.get(evaluate._normalise(query.label))
+        label = evaluate._normalise(query.label)
+        key = index.get(label) or (f"{EXTRA_PREFIX}{label}" if kind == "extra" else None)
         if key is None:
             skipped.append(f"{query.path}: label {query.label!r} names no implant in the catalogue")
             continue
@@ -123,8 +127,14 @@ def xray_items(conn: psycopg.Connection, source: Path) -> tuple[list[Item], list
         except OSError as exc:
             skipped.append(f"{query.path}: {exc.strerror or exc}")
             continue
-        found.append(Item(key, digest, "xray", str(query.path), path=query.path))
+        found.append(Item(key, digest, kind, str(query.path), path=query.path))
     return found, skipped
+
+
+def xray_items(conn: psycopg.Connection, source: Path) -> tuple[list[Item], list[str]]:
+    """Labelled X-rays from a folder in the `raiox eval` layout (or its CSV), their
+    labels resolved to implant keys; unknown labels and unreadable files skipped."""
+    return _labelled_items(conn, source, "xray")
 
 
 def extra_items(conn: psycopg.Connection, source: Path) -> tuple[list[Item], list[str]]:
@@ -133,18 +143,7 @@ def extra_items(conn: psycopg.Connection, source: Path) -> tuple[list[Item], lis
     its training images; any other label becomes an implant of its own, keyed
     "extra:<manufacturer>/<name>", that the model trains on to learn what tells
     implant designs apart, and that is never searched, validated or calibrated on."""
-    index = evaluate._label_index(conn)
-    found, skipped = [], []
-    for query in evaluate.labelled_queries(source):
-        label = evaluate._normalise(query.label)
-        key = index.get(label) or f"{EXTRA_PREFIX}{label}"
-        try:
-            digest = sha256_of(query.path)
-        except OSError as exc:
-            skipped.append(f"{query.path}: {exc.strerror or exc}")
-            continue
-        found.append(Item(key, digest, "extra", str(query.path), path=query.path))
-    return found, skipped
+    return _labelled_items(conn, source, "extra")
 
 
 def confirmed_items(conn: psycopg.Connection) -> tuple[list[Item], list[str]]:
