@@ -82,49 +82,43 @@ def _data(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path]:
     # A later run with more --queries adds the missing ones (the generator draws query
     # q of an implant the same way whatever the count; the catalogue is unchanged, so
     # an adapted model in --work stays valid: it never trained on queries).
-    width, _, height = args.size.partition("x")
+    size = (int(width), int(height))
+
+    def render_missing(
+        folder: Path, design: synth.ImplantDesign, names: dict[str, int], query: bool
+    ) -> None:
+        """Each file name -> generator view number, drawn only where it is missing."""
+        for name, view in names.items():
+            path = folder / name
+            if not path.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                picture = synth.render_view(
+                    design, seed=args.seed, query=query, size=size, view=view
+                )
+                path.write_bytes(synth.png_bytes(picture))
+
     for design in synth.design_systems(args.systems, args.seed):
         for base in (root / "queries", root / "unknown"):
             folder = base / design.manufacturer / design.name
-            for q in range(args.queries) if folder.is_dir() else ():
-                path = folder / f"q_{q:02d}.png"
-                if not path.exists():
-                    picture = synth.render_view(
-                        design, seed=args.seed, query=True, size=(int(width), int(height)), view=q
-                    )
-                    path.write_bytes(synth.png_bytes(picture))
+            if folder.is_dir():
+                render_missing(
+                    folder, design, {f"q_{q:02d}.png": q for q in range(args.queries)}, True
+                )
     # Validation X-rays for adapt (--val-xrays): other draws of the same generator
     # (view numbers from 1000, never a measured query), so its early stopping and
     # checkpoint choice follow X-ray-like images rather than saturated catalogue views.
     kept = synth.design_systems(args.systems, args.seed)[: args.systems - args.unknown]
     for design in kept:
         folder = root / "val-xrays" / design.manufacturer / design.name
-        for v in range(args.val_xrays):
-            path = folder / f"v_{v:02d}.png"
-            if not path.exists():
-                folder.mkdir(parents=True, exist_ok=True)
-                picture = synth.render_view(
-                    design,
-                    seed=args.seed,
-                    query=True,
-                    size=(int(width), int(height)),
-                    view=1000 + v,
-                )
-                path.write_bytes(synth.png_bytes(picture))
+        names = {f"v_{v:02d}.png": 1000 + v for v in range(args.val_xrays)}
+        render_missing(folder, design, names, True)
     # --extra-systems: more designs of the same generator, drawn after the catalogue's
     # and the unknown ones (never those), as catalogue-style views: `adapt
     # --extra-labels` trains on them and nothing searches them.
     extra = synth.design_systems(args.systems + args.extra_systems, args.seed)[args.systems :]
     for design in extra:
         folder = root / "extra" / design.manufacturer / design.name
-        for v in range(args.views):
-            path = folder / f"view_{v:02d}.png"
-            if not path.exists():
-                folder.mkdir(parents=True, exist_ok=True)
-                picture = synth.render_view(
-                    design, seed=args.seed, query=False, size=(int(width), int(height)), view=v
-                )
-                path.write_bytes(synth.png_bytes(picture))
+        render_missing(folder, design, {f"view_{v:02d}.png": v for v in range(args.views)}, False)
     return root / "catalogue", root / "queries", root / "unknown"
 
 

@@ -186,17 +186,18 @@ def test_rank_metrics_rank_implants_by_their_best_image() -> None:
     assert m["mrr"] == pytest.approx((1 + 0.5 + 1) / 3)
 
 
+def _items(key: str, tag: str, kind: str, *, implants: int, each: int) -> list[adapt.Item]:
+    """`each` images of `implants` implants keyed key+k, their sha256 tag+"k-v"."""
+    return [
+        adapt.Item(f"{key}{k}", f"{tag}{k}-{v}", kind, f"{tag or 'i'}{k}/{v}")
+        for k in range(implants)
+        for v in range(each)
+    ]
+
+
 def test_splits_hold_out_whole_implants_and_never_train_on_queries() -> None:
-    items = [
-        adapt.Item(f"m/s/i{k}", f"{k}-{v}", "catalogue", f"i{k}/{v}")
-        for k in range(10)
-        for v in range(4)
-    ]
-    xrays = [
-        adapt.Item(f"m/s/i{k}", f"x{k}-{v}", "xray", f"x{k}/{v}")
-        for k in range(10)
-        for v in range(2)
-    ]
+    items = _items("m/s/i", "", "catalogue", implants=10, each=4)
+    xrays = _items("m/s/i", "x", "xray", implants=10, each=2)
     data = adapt.split_data(items, xrays, [], adapt.AdaptOptions(), np.random.default_rng(0))
     assert len(data.held_out) == 2
     trained = {i.sha256 for v in data.train.values() for i in v}
@@ -214,16 +215,8 @@ def test_extra_designs_only_train_and_never_those_of_a_held_out_implant() -> Non
     """--extra-labels: designs outside the catalogue join training as implants of their
     own; none is searched or validated on, and an extra image of a catalogue implant
     held out of training is left out (it would leak into the unseen validation)."""
-    items = [
-        adapt.Item(f"m/s/i{k}", f"{k}-{v}", "catalogue", f"i{k}/{v}")
-        for k in range(10)
-        for v in range(4)
-    ]
-    extra = [
-        adapt.Item(f"extra:other/design {k}", f"e{k}-{v}", "extra", f"e{k}/{v}")
-        for k in range(30)
-        for v in range(3)
-    ]
+    items = _items("m/s/i", "", "catalogue", implants=10, each=4)
+    extra = _items("extra:other/design ", "e", "extra", implants=30, each=3)
     options = adapt.AdaptOptions()
     plain = adapt.split_data(items, [], [], options, np.random.default_rng(0))
     extra += [adapt.Item(key, f"more-{key}", "extra", key) for key in ("m/s/i0", *plain.held_out)]
