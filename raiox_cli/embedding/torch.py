@@ -5,6 +5,7 @@ chooser (embedding/__init__) and the ONNX exporter import it."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -37,6 +38,18 @@ HUB_PROBE_TIMEOUT_S = 3.0
 HUB_HOST = "huggingface.co"
 # The precisions torch runs through CUDA autocast (torch dtype names); fp32 runs as is.
 AUTOCAST = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+def cuda_autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to fp16/bf16 on CUDA for those precisions; fp32 runs as is (no context:
+    torch.autocast takes no dtype for "off", and a None one fails before `enabled`)."""
+    import torch
+
+    half = AUTOCAST.get(precision)
+    if half is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=getattr(torch, half))
+
 
 OFFLINE_FIXES = (
     "connect to the network once to cache them, or set RAIOX_WEIGHTS=/path/to/checkpoint "
@@ -81,8 +94,7 @@ class TorchEmbedder(Embedding):
                 if not pixels.is_pinned():
                     pixels = pixels.pin_memory()
                 pixels = pixels.to(self.device, non_blocking=True)
-                half = AUTOCAST.get(self.spec.precision)
-                with torch.autocast("cuda", dtype=getattr(torch, half), enabled=half is not None):
+                with cuda_autocast(self.spec.precision):
                     features = self.model.encode_image(pixels)
             else:
                 features = self.model.encode_image(pixels)

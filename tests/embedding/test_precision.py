@@ -297,3 +297,22 @@ def test_a_precision_the_runtime_cannot_run_is_a_usage_error(
     result = runner.invoke(app, ["embed", str(image)], env=env)
     assert result.exit_code == 2, result.output
     assert says in result.stderr
+
+
+def test_cuda_autocast_runs_fp32_as_is_and_halves_through_autocast() -> None:
+    """fp32 on CUDA must not build an autocast with no dtype (it raised TypeError on the
+    first GPU run: `getattr(torch, None)`); fp16/bf16 autocast to their dtype."""
+    import contextlib
+    import warnings
+
+    import torch
+
+    from raiox_cli.embedding.torch import cuda_autocast
+
+    assert isinstance(cuda_autocast("fp32"), contextlib.nullcontext)
+    with cuda_autocast("fp32"):
+        assert torch.ones(2).sum().item() == 2.0
+    with warnings.catch_warnings():  # "CUDA is not available": this machine has no GPU
+        warnings.simplefilter("ignore", UserWarning)
+        assert cuda_autocast("fp16").fast_dtype == torch.float16
+        assert cuda_autocast("bf16").fast_dtype == torch.bfloat16
