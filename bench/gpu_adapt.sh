@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))" >&2
 WORK="${WORK:-$(mktemp -d)}"
+mkdir -p "$WORK"
 if HF_HUB_OFFLINE=1 "$PY" -c "import open_clip; open_clip.create_model_and_transforms('ViT-B-32', pretrained='laion2b_s34b_b79k')" >/dev/null 2>&1; then
   weights=(--pretrained laion2b_s34b_b79k --train last)
 else

@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))" >&2
 WORK="${WORK:-$(mktemp -d)}"
+mkdir -p "$WORK"
 common=(
   --model ViT-B-32 --images 2048 --size 1000x800 --workers "$(nproc)" --work "$WORK"
 )
