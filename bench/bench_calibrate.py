@@ -15,6 +15,14 @@ show (the floor), the out-of-catalogue false alarms, AUROC (of the statistic in 
 and of the top score) and FPR at 95% TPR; then the labelled calibration again on
 --splits random splits (mean and sd: one split is one draw).
 
+Six unknown designs are too few to judge an AUROC by: one design that happens to
+be a near-twin of a catalogued one moves it by several points, and which designs
+are hard changes from model to model. `--more-unknown M` (30 by default) adds the
+X-ray-like queries of M more designs, drawn from generator design no.
+`--unknown-offset` on (never the catalogue's, the unknown or the extra ones), to
+every out-of-catalogue measure; the AUROC of the run's own six is printed beside
+it, with the 5-95% range over resampled designs.
+
   python bench/bench_calibrate.py --model raiox-tiny                 # random weights
   python bench/bench_calibrate.py --model raiox-small --adapt-steps 600 --val-xrays 10 \
       --patience 10                                                  # trained first
@@ -56,6 +64,12 @@ def _raiox(args: list[str], env: dict[str, str]) -> str:
     if proc.returncode != 0:
         raise SystemExit(f"raiox {args[0]} exited {proc.returncode}")
     return proc.stdout
+
+
+def _more_unknown(args: argparse.Namespace) -> list[synth.ImplantDesign]:
+    """--more-unknown designs, after every design the run draws otherwise."""
+    start = args.unknown_offset
+    return synth.design_systems(start + args.more_unknown, args.seed)[start:]
 
 
 def _data(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path]:
@@ -119,6 +133,9 @@ def _data(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path]:
     for design in extra:
         folder = root / "extra" / design.manufacturer / design.name
         render_missing(folder, design, {f"view_{v:02d}.png": v for v in range(args.views)}, False)
+    for design in _more_unknown(args):
+        folder = root / f"unknown-more-{args.unknown_offset}" / design.manufacturer / design.name
+        render_missing(folder, design, {f"q_{q:02d}.png": q for q in range(args.queries)}, True)
     return root / "catalogue", root / "queries", root / "unknown"
 
 
@@ -183,21 +200,23 @@ def _shape(d: synth.ImplantDesign) -> np.ndarray:
 
 
 def _by_unknown_system(
-    args: argparse.Namespace, unknown_dir: Path, unknown: list, inside_test: list, statistic: Any
+    args: argparse.Namespace,
+    unknown_dirs: list[Path],
+    unknown: list,
+    inside_test: list,
+    statistic: Any,
 ) -> list[dict[str, Any]]:
     """Each implant left out of the catalogue on its own: its queries' AUROC against
     the in-catalogue test queries, and the catalogued design nearest to it in shape
     (an X-ray cannot tell two near-identical designs apart, whatever the statistic)."""
     from raiox_cli.search import measures
-    from raiox_cli.search.evaluate import IMAGE_SUFFIXES
 
-    paths = sorted(
-        p for p in unknown_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    paths = _unknown_paths(unknown_dirs)
     if len(paths) != len(unknown):  # a query could not be read: the order no longer holds
         return []
     designs = synth.design_systems(args.systems, args.seed)
-    known, left_out = designs[: args.systems - args.unknown], designs[args.systems - args.unknown :]
+    known = designs[: args.systems - args.unknown]
+    left_out = designs[args.systems - args.unknown :] + _more_unknown(args)
     extra = synth.design_systems(args.systems + args.extra_systems, args.seed)[args.systems :]
     inside = [statistic(s.scores) for s in inside_test if s.scores]
     rows = []
@@ -205,7 +224,8 @@ def _by_unknown_system(
         mine = [
             statistic(s.scores)
             for s, path in zip(unknown, paths, strict=True)
-            if path.parent.name == design.name and s.scores
+            if (path.parent.parent.name, path.parent.name) == (design.manufacturer, design.name)
+            and s.scores
         ]
         if not mine:
             continue
@@ -215,6 +235,7 @@ def _by_unknown_system(
         rows.append(
             {
                 "implant": design.name,
+                "added": design not in designs,
                 "queries": len(mine),
                 "auroc": round(float(measures.auroc([-x for x in mine], [-x for x in inside])), 3),
                 "nearest_known": twin.name,
@@ -225,6 +246,63 @@ def _by_unknown_system(
             }
         )
     return rows
+
+
+def _unknown_paths(folders: list[Path]) -> list[Path]:
+    """The unknown queries' files in the order evaluate.unknown_samples reads them."""
+    from raiox_cli.search.evaluate import IMAGE_SUFFIXES
+
+    return [
+        p
+        for folder in folders
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    ]
+
+
+def _auroc_over_designs(
+    per_system: list[dict[str, Any]],
+    unknown_dirs: list[Path],
+    inside_test: list,
+    unknown: list,
+    own: int,
+    fitted: Any,
+    args: argparse.Namespace,
+) -> dict[str, Any] | None:
+    """The labelled fit's open-set AUROC over all unknown designs, over the run's own
+    ones, and its spread when the designs themselves are resampled (1000 draws)."""
+    from raiox_cli.search import measures
+
+    if not per_system or not args.more_unknown:
+        return None
+    statistic = fitted.ooc_statistic
+    inside = [-statistic(s.scores) for s in inside_test if s.scores]
+    outside = [-statistic(s.scores) if s.scores else np.inf for s in unknown]
+    paths = _unknown_paths(unknown_dirs)
+    if len(paths) != len(outside):  # a query could not be read: the order no longer holds
+        return None
+    design_of = [(p.parent.parent.name, p.parent.name) for p in paths]
+    groups = [
+        np.array([x for x, d in zip(outside, design_of, strict=True) if d == design])
+        for design in sorted(set(design_of))
+    ]
+    rng = np.random.default_rng(args.seed)
+    draws = [
+        measures.auroc(
+            list(np.concatenate([groups[i] for i in rng.choice(len(groups), len(groups))])),
+            inside,
+        )
+        for _ in range(1000)
+    ]
+    return {
+        "designs": len(groups),
+        "all": round(float(measures.auroc(outside, inside)), 3),
+        "own": round(float(measures.auroc(outside[:own], inside)), 3),
+        "resampled_5_95": [round(float(q), 3) for q in np.quantile(draws, [0.05, 0.95])],
+        "per_design_min_median_max": [
+            round(float(q), 3) for q in np.quantile([r["auroc"] for r in per_system], [0, 0.5, 1])
+        ],
+    }
 
 
 def main() -> None:
@@ -250,10 +328,24 @@ def main() -> None:
         default=0,
         help="more generated designs adapt trains on (--extra-labels), never in the catalogue",
     )
+    parser.add_argument(
+        "--more-unknown",
+        type=int,
+        default=30,
+        help="X-rays of M more designs outside the catalogue in every out-of-catalogue measure",
+    )
+    parser.add_argument(
+        "--unknown-offset",
+        type=int,
+        default=5000,
+        help="generator design number the --more-unknown designs start from",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--splits", type=int, default=50, help="resampled labelled splits")
     parser.add_argument("--work", type=Path, default=None, help="keep data and runs here")
     args = parser.parse_args()
+    if args.more_unknown and args.unknown_offset < args.systems + args.extra_systems:
+        parser.error("--unknown-offset must be at least --systems + --extra-systems")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="raiox-bench-calibrate-"))
     catalogue, known_dir, unknown_dir = _data(args, work)
@@ -310,6 +402,11 @@ def main() -> None:
     with db.connect(settings) as conn:
         known, _ = calibration_data.labels_samples(conn, embedder, settings, known_dir)
         unknown, _ = evaluate.unknown_samples(conn, embedder, settings, unknown_dir)
+        own_unknown = len(unknown)
+        more_dir = work / "synth" / f"unknown-more-{args.unknown_offset}"
+        if args.more_unknown:
+            more, _ = evaluate.unknown_samples(conn, embedder, settings, more_dir)
+            unknown = unknown + more
         day_one, day_one_counts = calibration_data.catalogue_samples(
             conn,
             embedder,
@@ -341,8 +438,11 @@ def main() -> None:
     fitted = calibrate.fit(
         labelled, model_id=embedder.model_id, target=0.9, tta=False, source="labels", counts={}
     )
-    per_system = _by_unknown_system(
-        args, unknown_dir, unknown, test[: len(test) - len(unknown)], fitted.ooc_statistic
+    inside_test = test[: len(test) - len(unknown)]
+    unknown_dirs = [unknown_dir] + ([more_dir] if args.more_unknown else [])
+    per_system = _by_unknown_system(args, unknown_dirs, unknown, inside_test, fitted.ooc_statistic)
+    by_designs = _auroc_over_designs(
+        per_system, unknown_dirs, inside_test, unknown, own_unknown, fitted, args
     )
 
     out = {
@@ -364,6 +464,7 @@ def main() -> None:
             "test": {
                 "in_catalogue": len(test) - len(unknown),
                 "out_of_catalogue": len(unknown),
+                "unknown_designs": args.unknown + args.more_unknown,
             },
             "setup_s": round(setup_s, 1),
             "search_s": round(search_s, 1),
@@ -371,6 +472,7 @@ def main() -> None:
         "results": results,
         "labelled_resampled": {"splits": args.splits, "by_target": resampled},
         "ooc_by_unknown_system": per_system,
+        "ooc_auroc_over_designs": by_designs,
     }
     print(json.dumps(out, indent=1))
     err = sys.stderr
@@ -389,7 +491,7 @@ def main() -> None:
                 f"{m['ooc_fpr_at_95tpr'] or 0:.3f}\n"
             )
     err.write("left out of the catalogue: AUROC of its queries, the nearest catalogued shape\n")
-    for row in per_system:
+    for row in (r for r in per_system if not r["added"]):
         err.write(
             f"  {row['implant']:24} {row['auroc']:.3f}  nearest {row['nearest_known']:24} "
             f"distance {row['shape_distance']:.2f}"
@@ -400,6 +502,15 @@ def main() -> None:
             )
             + f"\n    {row['design']}\n    "
             f"{row['nearest_design']}\n"
+        )
+    if by_designs:
+        err.write(
+            f"open-set AUROC (labelled, 0.9) over {by_designs['designs']} unknown designs: "
+            f"{by_designs['all']:.3f} (designs resampled 5-95%: "
+            f"{by_designs['resampled_5_95'][0]:.3f}-{by_designs['resampled_5_95'][1]:.3f}); "
+            f"the run's own {args.unknown}: {by_designs['own']:.3f}; per design min/median/max "
+            + "/".join(f"{x:.3f}" for x in by_designs["per_design_min_median_max"])
+            + "\n"
         )
     for target, stat in (resampled or {}).items():
         err.write(

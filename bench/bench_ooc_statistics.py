@@ -40,6 +40,17 @@ def main() -> None:
         "bench_calibrate --extra-systems writes DIR/synth/extra): adds the top score against "
         "the nearest of those designs",
     )
+    parser.add_argument(
+        "--more-unknown",
+        type=int,
+        default=0,
+        help="X-rays of M more designs outside the catalogue (generator designs from no. "
+        "--unknown-offset on: never the catalogue's, the run's unknown or extra ones), so that "
+        "the AUROC rests on 6 + M designs instead of 6",
+    )
+    parser.add_argument("--unknown-offset", type=int, default=5000)
+    parser.add_argument("--queries", type=int, default=60, help="X-rays per added design")
+    parser.add_argument("--size", default="160x200", help="as the bench_calibrate run's")
     args = parser.parse_args()
 
     report = json.loads((args.work / "setup.json").read_text())["adapt"]
@@ -101,6 +112,38 @@ def main() -> None:
             np.savez(cache, vectors=background)
         designs = sorted({p.parent for p in paths})
         background_of = np.array([designs.index(p.parent) for p in paths])
+    # Which design each unknown query shows (its folder), for the per-design spread.
+    design_of = [str(p.parent) for p in unknown_paths]
+    if args.more_unknown:
+        from raiox_cli.training import synth
+
+        width, _, height = args.size.partition("x")
+        start = args.unknown_offset
+        designs = synth.design_systems(start + args.more_unknown, args.seed)[start:]
+        more_root = args.work / "synth" / f"unknown-more-{start}"
+        more_paths = []
+        for design in designs:
+            folder = more_root / design.manufacturer / design.name
+            folder.mkdir(parents=True, exist_ok=True)
+            for q in range(args.queries):
+                path = folder / f"q_{q:02d}.png"
+                if not path.exists():
+                    picture = synth.render_view(
+                        design, seed=args.seed, query=True, size=(int(width), int(height)), view=q
+                    )
+                    path.write_bytes(synth.png_bytes(picture))
+                more_paths.append(path)
+        more_cache = args.work / f"ooc-more-{start}-{args.more_unknown}-{args.queries}.npz"
+        if more_cache.exists():
+            more = np.load(more_cache)["vectors"]
+        else:
+            found = list(evaluate._vectors(embedder, more_paths, settings, False))
+            if any(v is None for _, v, _ in found):
+                raise SystemExit("an added unknown query could not be read")
+            more = np.stack([v[0] for _, v, _ in found])
+            np.savez(more_cache, vectors=more)
+        unknown = np.concatenate([unknown, more])
+        design_of += [str(p.parent) for p in more_paths]
     if len(known) != len(labelled):
         raise SystemExit("a labelled query could not be read: the split would differ")
 
@@ -174,13 +217,54 @@ def main() -> None:
         name: round(float(measures.auroc(list(-outside[name]), list(-inside[name]))), 3)
         for name in inside
     }
+    # The AUROC's spread over which designs are unknown: resample designs (with their
+    # queries) 1000 times; the first six are the bench_calibrate run's own.
+    names = sorted(set(design_of))
+    of = np.array([names.index(d) for d in design_of])
+    original = np.isin(of, np.unique(of[: len(unknown_paths)]))
+    rng = np.random.default_rng(args.seed)
+    spread = {}
+    for name in ("top implant's score (in use)", "nearest implant centroid"):
+        draws = []
+        for _ in range(1000 if args.more_unknown else 0):
+            picked = np.concatenate(
+                [np.flatnonzero(of == d) for d in rng.choice(len(names), len(names))]
+            )
+            draws.append(measures.auroc(list(-outside[name][picked]), list(-inside[name])))
+        spread[name] = {
+            "run's own unknown designs": round(
+                float(measures.auroc(list(-outside[name][original]), list(-inside[name]))),
+                3,
+            ),
+            "all designs": rows[name],
+            "designs resampled, 5-95%": [
+                round(float(q), 3) for q in np.quantile(draws, [0.05, 0.95])
+            ]
+            if draws
+            else None,
+            "per design, min/median/max": [
+                round(float(q), 3)
+                for q in np.quantile(
+                    [
+                        measures.auroc(list(-outside[name][of == d]), list(-inside[name]))
+                        for d in range(len(names))
+                    ],
+                    [0, 0.5, 1],
+                )
+            ],
+        }
     top1 = float(np.mean(known_best[test].argmax(axis=1) == truth[test]))
     print(
         json.dumps(
             {
                 "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
                 "model_id": embedder.model_id,
-                "test": {"in_catalogue": len(test), "out_of_catalogue": len(unknown)},
+                "test": {
+                    "in_catalogue": len(test),
+                    "out_of_catalogue": len(unknown),
+                    "unknown_designs": len(names),
+                },
+                "by_unknown_designs": spread,
                 "top1": round(top1, 3),
                 "ooc_auroc": rows,
             },
