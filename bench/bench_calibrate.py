@@ -26,6 +26,8 @@ it, with the 5-95% range over resampled designs.
   python bench/bench_calibrate.py --model raiox-tiny                 # random weights
   python bench/bench_calibrate.py --model raiox-small --adapt-steps 600 --val-xrays 10 \
       --patience 10                                                  # trained first
+  python bench/bench_calibrate.py --model raiox-small --adapt-steps 1500 --val-xrays 10 \
+      --patience 15 --splits 20 --extra-systems 300      # issue 21's figures (~17 min)
 
 A second run with the same --work reuses its data and adapted model (setup.json).
 
